@@ -206,7 +206,7 @@ def generate(
     from ifsteer.generation import generate as run
     from ifsteer.progress import progress_bar
     from ifsteer.prompts import load_queries
-    from ifsteer.steering import Steering
+    from ifsteer.steering import Steering, check_steering
     from ifsteer.vectors import load_vector
 
     texts = list(prompt or []) + (load_queries(prompts_file) if prompts_file else [])
@@ -217,6 +217,7 @@ def generate(
         path, mode, weight = parse_vector_spec(spec)
         steering.append(Steering(load_vector(path, layer), mode=mode, weight=weight))  # type: ignore[arg-type]
     lm = _load(model, dtype)
+    check_steering(lm, steering, allow_transfer=allow_transfer)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     runs = {"steered": steering} if steering else {}
     if not steering or baseline:

@@ -39,9 +39,10 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # always generate max_new_tokens, as benchmarks need
 
     def config(self, lm: LoadedModel) -> GenerationConfig:
-        stop = lm.stop_token_ids()
+        stop = [] if self.ignore_eos else lm.stop_token_ids()
         greedy = self.temperature <= 0.0
         return GenerationConfig(
             max_new_tokens=self.max_new_tokens,
@@ -49,7 +50,7 @@ class Sampling:
             temperature=None if greedy else self.temperature,
             top_p=None if greedy else self.top_p,
             top_k=None,
-            eos_token_id=stop,
+            eos_token_id=stop or None,
             pad_token_id=lm.tokenizer.pad_token_id,
         )
 
@@ -116,7 +117,7 @@ def _generate_batch(
     on_text: OnText | None,
 ) -> list[Completion]:
     batch = lm.tokenize(texts, templated=formatted)
-    stop = set(lm.stop_token_ids())
+    stop = set() if sampling.ignore_eos else set(lm.stop_token_ids())
     streamer = _RowStreamer(lm, len(texts), stop, on_text) if on_text else None
     if sampling.seed is not None:
         torch.manual_seed(sampling.seed)

@@ -98,6 +98,15 @@ class SteeringHandle:
         self.phase = "generated" if filled else "prompt"
 
 
+def check_steering(
+    lm: LoadedModel, steering: Sequence[Steering], *, allow_transfer: bool = False
+) -> None:
+    """Refuse what cannot be applied to `lm`, before any work is spent on it."""
+    for s in steering:
+        s.validate()
+        s.vector.check_fits(lm.model_id, lm.hidden_size, lm.n_layers, allow_transfer=allow_transfer)
+
+
 # Rows of the batch a group applies to (None: all rows) and what is applied to them, in order.
 _Group = tuple[torch.Tensor | None, list[_Applied]]
 
@@ -119,11 +128,7 @@ def steer(
         raise InvalidSteering("give either steering for all rows or per_row, not both")
     rows: Sequence[Sequence[Steering]] = [steering] if per_row is None else per_row
     for row in rows:
-        for s in row:
-            s.validate()
-            s.vector.check_fits(
-                lm.model_id, lm.hidden_size, lm.n_layers, allow_transfer=allow_transfer
-            )
+        check_steering(lm, row, allow_transfer=allow_transfer)
     groups = _group_by_layer(rows, per_row is not None, lm.device)
     handle = SteeringHandle()
     try:

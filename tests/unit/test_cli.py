@@ -1,0 +1,116 @@
+"""The CLI end to end on a tiny model saved as a local Hugging Face directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from ifsteer.cli import main, parse_vector_spec
+from ifsteer.errors import InvalidSteering
+from ifsteer.vectors import load_vector, load_vectors, save_vectors
+from tests.unit.test_vectors import make_vector
+
+
+def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["ifsteer", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tiny_lm):
+    path = tmp_path_factory.mktemp("models") / "tiny"
+    tiny_lm.model.save_pretrained(path)
+    tiny_lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_extract_show_generate(monkeypatch, capsys, tmp_path, model_dir):
+    out = tmp_path / "lower.safetensors"
+    code, _, err = run(
+        monkeypatch, capsys, "extract", "--model", str(model_dir), "--instruction-id",
+        "change_case:english_lowercase", "--instruction", "Answer in lowercase.",
+        "--n-pairs", "6", "--layers", "1,2", "--layer", "2", "--out", str(out),
+    )
+    assert code == 0, err
+    vectors, default = load_vectors(out)
+    assert sorted(vectors) == [1, 2] and default == 2
+    v = vectors[2]
+    assert v.model_id == "tiny" and v.n_pairs == 6 and v.phrasings[0] == "Answer in lowercase."
+    assert len(v.phrasings) > 1  # the catalogue's phrasings follow the user's
+
+    code, shown, _ = run(monkeypatch, capsys, "vectors", "show", str(out), "--json")
+    info = json.loads(shown)
+    assert code == 0 and info["default_layer"] == 2 and set(info["layers"]) == {"1", "2"}
+
+    code, printed, err = run(
+        monkeypatch, capsys, "generate", "--model", str(model_dir), "-p", "Plan a picnic.",
+        "-v", f"{out}:additive:30", "--max-new-tokens", "4", "--json",
+    )
+    assert code == 0, err
+    row = json.loads(printed.splitlines()[-1])
+    assert row["prompt"] == "Plan a picnic." and {"unsteered", "steered"} <= row.keys()
+
+
+def test_free_text_instruction(monkeypatch, capsys, tmp_path, model_dir):
+    out = tmp_path / "pirate.safetensors"
+    code, _, err = run(
+        monkeypatch, capsys, "extract", "--model", str(model_dir), "--instruction",
+        "Talk like a pirate.", "--mode", "additive", "--n-pairs", "4", "--layers", "1",
+        "--layer", "1", "--out", str(out),
+    )
+    assert code == 0, err
+    v = load_vector(out)
+    assert v.instruction_id == "free:talk-like-a-pirate" and v.mode == "additive"
+    assert v.weight == pytest.approx(v.norm)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda p: save_vectors(p, [make_vector(1, hidden=32)]), "hidden size 32"),
+        (lambda p: save_vectors(p, [make_vector(1, model_id="someone-else")]), "allow-transfer"),
+        (lambda p: p.write_text("garbage"), "not a safetensors file"),
+    ],
+)
+def test_bad_vectors_are_one_line_and_exit_2(monkeypatch, capsys, tmp_path, model_dir, make, message):
+    path = tmp_path / "v.safetensors"
+    make(path)
+    code, _, err = run(
+        monkeypatch, capsys, "generate", "--model", str(model_dir), "-p", "Hi.",
+        "-v", str(path), "--max-new-tokens", "2",
+    )
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_layer_out_of_range_and_unknown_instruction(monkeypatch, capsys, tmp_path, model_dir):
+    path = save_vectors(tmp_path / "v.safetensors", [make_vector(1, model_id="tiny")])
+    code, _, err = run(monkeypatch, capsys, "generate", "--model", str(model_dir), "-p", "Hi.",
+                       "-v", str(path), "--layer", "9")
+    assert code == 2 and "holds layers [1], not 9" in err
+    code, _, err = run(monkeypatch, capsys, "extract", "--model", str(model_dir),
+                       "--instruction-id", "change_case:english_lowercas", "--out", str(path))
+    assert code == 2 and "change_case:english_lowercase" in err  # suggested
+    code, _, err = run(monkeypatch, capsys, "extract", "--model", str(model_dir),
+                       "--instruction", "x", "--layers", "1,99", "--out", str(path))
+    assert code == 2 and "out of range" in err
+    code, _, err = run(monkeypatch, capsys, "generate", "--model", str(tmp_path / "nope"), "-p", "Hi.")
+    assert code == 2 and "no model at" in err
+
+
+def test_parse_vector_spec():
+    assert parse_vector_spec("a.safetensors") == ("a.safetensors", None, None)
+    assert parse_vector_spec("a.safetensors:additive:8") == ("a.safetensors", "additive", 8.0)
+    assert parse_vector_spec("a.safetensors:-2.5") == ("a.safetensors", None, -2.5)
+    with pytest.raises(InvalidSteering, match="expected PATH"):
+        parse_vector_spec("a.safetensors:sideways")
+    with pytest.raises(InvalidSteering, match="finite"):
+        parse_vector_spec("a.safetensors:inf")

@@ -1,0 +1,229 @@
+"""The front end of the vLLM adapter: an `ifsteer.backends.Engine` over vLLM's `AsyncLLM`.
+
+The HTTP face (`ifsteer.server.build_app`) parses requests and resolves their `steering` with
+the same code as the Hugging Face server; this engine then
+
+- registers each vector once on every worker (`collective_rpc("ifsteer_register")`), keyed by
+  a hash of its direction, layer and target;
+- sends each request's steerings as `SamplingParams.extra_args["ifsteer"]`, which vLLM ships
+  with the request to every worker, where `worker.SteeringWorkerExtension` applies them;
+- salts the prefix cache with a hash of the steerings (`cache_salt`), so a steered prompt never
+  reuses KV blocks computed under other steering (or none), while identical steered requests
+  still share theirs.
+
+vLLM is imported inside functions only: importing this module never needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ifsteer.backends import Job, OnText, prompt_ids
+from ifsteer.errors import IfsteerError, InvalidSteering
+from ifsteer.generation import Completion
+from ifsteer.instructions import Instruction
+from ifsteer.steering import Steering
+from ifsteer.vectors import SteeringVector
+
+from .worker import EXTRA_ARGS_KEY
+
+VLLM_VERSION = "0.11.0"
+WORKER_EXTENSION = "ifsteer.backends.vllm.worker.SteeringWorkerExtension"
+
+
+def vector_key(vector: SteeringVector) -> str:
+    """Same direction, layer and target, same key: what a worker's bank is indexed by."""
+    digest = hashlib.sha256(vector.direction.detach().float().cpu().numpy().tobytes())
+    digest.update(f"{vector.layer}:{vector.target!r}:{vector.hidden_size}".encode())
+    return digest.hexdigest()[:24]
+
+
+def bank_entry(vector: SteeringVector) -> dict[str, Any]:
+    """A vector as `ifsteer_register` receives it (plain lists: nothing is pickled as torch)."""
+    return {
+        "key": vector_key(vector), "layer": vector.layer, "target": vector.target,
+        "direction": vector.direction.detach().float().cpu().tolist(),
+    }
+
+
+def steering_args(steering: Sequence[Steering]) -> list[dict[str, Any]]:
+    """A request's steerings as they travel to the workers, in the order they apply."""
+    return [
+        {"key": vector_key(s.vector), "mode": s.effective_mode, "weight": s.effective_weight}
+        for s in steering
+    ]
+
+
+def cache_salt(steering: Sequence[Steering]) -> str | None:
+    """Prefix-cache namespace of a steering: None (shared) when unsteered."""
+    if not steering:
+        return None
+    canonical = json.dumps(steering_args(steering), sort_keys=True)
+    return "ifsteer:" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """The HF path's stop set (EOS and end-of-turn markers), so both backends stop alike."""
+    from ifsteer.models import _END_OF_TURN
+
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+    return sorted(ids)
+
+
+def require_vllm() -> Any:
+    try:
+        import vllm
+    except ImportError:
+        raise IfsteerError(
+            "the vLLM backend needs vLLM: pip install 'ifsteer[vllm]' "
+            f"(targets vllm=={VLLM_VERSION}, Linux with CUDA)"
+        ) from None
+    if vllm.__version__ != VLLM_VERSION:
+        import warnings
+
+        warnings.warn(
+            f"ifsteer's vLLM adapter targets vllm=={VLLM_VERSION}, found {vllm.__version__}; "
+            "its worker hooks read runner internals that change between releases",
+            stacklevel=2,
+        )
+    return vllm
+
+
+class VLLMEngine:
+    """Steered generation on vLLM: tensor and pipeline parallel, one node or many (Ray).
+
+    `model` is a local Hugging Face directory; `model_id` defaults to its directory name, as
+    `ifsteer.models.load_model` names it, so vectors extracted with the HF backend fit.
+    Other keyword arguments go to `vllm.AsyncEngineArgs` (e.g. `max_model_len`,
+    `gpu_memory_utilization`, `distributed_executor_backend="ray"` for several nodes).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        model_id: str | None = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        dtype: str = "auto",
+        **engine_kwargs: Any,
+    ) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        if engine_kwargs.get("enforce_eager") is False:
+            raise InvalidSteering(
+                "the vLLM adapter steers through module hooks, which CUDA graphs and "
+                "torch.compile do not run: enforce_eager must stay True"
+            )
+        path = Path(model).expanduser()
+        self.model_path = str(path)
+        self.model_id = model_id or path.resolve().name
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
+        config = AutoConfig.from_pretrained(self.model_path, local_files_only=True)
+        text_config = getattr(config, "text_config", None) or config
+        self.n_layers = int(text_config.num_hidden_layers)
+        self.hidden_size = int(text_config.hidden_size)
+        self.context_length = engine_kwargs.get("max_model_len") or getattr(
+            text_config, "max_position_embeddings", None
+        )
+        self._args = {
+            "model": self.model_path, "tokenizer": self.model_path, "dtype": dtype,
+            "tensor_parallel_size": tensor_parallel_size,
+            "pipeline_parallel_size": pipeline_parallel_size,
+            "enable_prefix_caching": True, **engine_kwargs,
+            "enforce_eager": True, "worker_extension_cls": WORKER_EXTENSION,
+        }
+        self._stop = stop_token_ids(self.tokenizer)
+        self._llm: Any = None
+        self._registered: set[str] = set()
+        self._register_lock = asyncio.Lock()
+        self._stats = {"requests": 0, "registered_vectors": 0}
+
+    async def start(self) -> None:
+        require_vllm()
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self._args))
+        infos = await self._llm.collective_rpc("ifsteer_install")
+        sizes = {info["hidden_size"] for info in infos}
+        if sizes != {self.hidden_size}:
+            raise IfsteerError(
+                f"workers report hidden sizes {sizes}, the config says {self.hidden_size}"
+            )
+
+    async def close(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    async def register(self, vectors: Sequence[SteeringVector]) -> None:
+        """Put vectors in every worker's bank (once each)."""
+        async with self._register_lock:
+            new = {vector_key(v): v for v in vectors if vector_key(v) not in self._registered}
+            if new:
+                entries = [bank_entry(v) for v in new.values()]
+                await self._llm.collective_rpc("ifsteer_register", args=(entries,))
+                self._registered.update(new)
+                self._stats["registered_vectors"] = len(self._registered)
+
+    async def generate(self, job: Job, on_text: OnText | None = None) -> Completion:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        if self._llm is None:
+            raise IfsteerError("the vLLM engine is not started")
+        await self.register([s.vector for s in job.steering])
+        s = job.sampling
+        params = SamplingParams(
+            max_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p if s.temperature > 0 else 1.0,
+            seed=s.seed,
+            stop_token_ids=self._stop,
+            skip_special_tokens=True,
+            output_kind=RequestOutputKind.DELTA,
+            extra_args={EXTRA_ARGS_KEY: steering_args(job.steering)} if job.steering else None,
+        )
+        ids = prompt_ids(self.tokenizer, job.prompt)
+        prompt = TokensPrompt(prompt_token_ids=ids)
+        salt = cache_salt(job.steering)
+        if salt is not None:
+            prompt["cache_salt"] = salt
+        pieces: list[str] = []
+        n_tokens, last_token, finish = 0, None, None
+        async for output in self._llm.generate(prompt, params, request_id=uuid.uuid4().hex):
+            choice = output.outputs[0]
+            if choice.text:
+                pieces.append(choice.text)
+                if on_text is not None:
+                    on_text(choice.text)
+            n_tokens += len(choice.token_ids)
+            if choice.token_ids:
+                last_token = choice.token_ids[-1]
+            if output.finished:
+                finish = choice.finish_reason
+        if last_token in self._stop:  # the HF path does not count the stop token
+            n_tokens -= 1
+        self._stats["requests"] += 1
+        return Completion(
+            "".join(pieces), len(ids), n_tokens, "length" if finish == "length" else "stop"
+        )
+
+    async def extract(self, instruction: Instruction, layer: int) -> SteeringVector:
+        raise InvalidSteering(
+            "inline instructions are extracted with the Hugging Face backend only: run "
+            "`ifsteer extract` and start the server with --vectors DIR"
+        )
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._stats)

@@ -69,30 +69,37 @@ def main() -> None:
     lm = load_model(args.model)
     layer = default_layer(lm.n_layers)
     pairs = [PromptPair(f"{q} Answer in lowercase.", q) for q in BASE_QUERIES[:16]]
-    vector = extract_vectors(lm, pairs, [layer], instruction="Answer in lowercase.",
-                             instruction_id="bench")[layer]
+    vector = extract_vectors(
+        lm, pairs, [layer], instruction="Answer in lowercase.", instruction_id="bench"
+    )[layer]
     steering = [Steering(vector)]
     print(f"model {lm.model_id}, layer {layer}, {torch.get_num_threads()} threads")
 
     for batch in (1, 8):
         plain = decode_rate(lm, [], batch, 32, args.repeats)
         steered = decode_rate(lm, steering, batch, 32, args.repeats)
-        print(f"decode batch {batch}: unsteered {plain:.1f} tok/s, steered {steered:.1f} tok/s, "
-              f"ratio steered/unsteered {steered / plain:.3f} (goal >= 0.97)")
+        print(
+            f"decode batch {batch}: unsteered {plain:.1f} tok/s, steered {steered:.1f} tok/s, "
+            f"ratio steered/unsteered {steered / plain:.3f} (goal >= 0.97)"
+        )
     for n in (128, 256):
         sampling = Sampling(max_new_tokens=n, ignore_eos=True)
-        ours = timed(lambda: generate(lm, [PROMPT], steering=steering, sampling=sampling))
-        ref = timed(lambda: reference_loop(lm, steering, n))
-        print(f"{n} new tokens: reference loop {ref:.1f} s, ours {ours:.1f} s, "
-              f"speed-up {ref / ours:.1f}x (goal >= 20x at 256)")
+        ours = timed(lambda s=sampling: generate(lm, [PROMPT], steering=steering, sampling=s))
+        ref = timed(lambda n=n: reference_loop(lm, steering, n))
+        print(
+            f"{n} new tokens: reference loop {ref:.1f} s, ours {ours:.1f} s, "
+            f"speed-up {ref / ours:.1f}x (goal >= 20x at 256)"
+        )
 
     prompts = list(BASE_QUERIES[:32])
     early = statistics.median(
         timed(lambda: last_token_activations(lm, prompts, [layer])) for _ in range(args.repeats)
     )
     full = statistics.median(timed(lambda: full_forward(lm, prompts)) for _ in range(args.repeats))
-    print(f"extraction of 32 prompts at layer {layer}/{lm.n_layers}: early exit {early:.2f} s, "
-          f"full forward with output_hidden_states {full:.2f} s, speed-up {full / early:.2f}x")
+    print(
+        f"extraction of 32 prompts at layer {layer}/{lm.n_layers}: early exit {early:.2f} s, "
+        f"full forward with output_hidden_states {full:.2f} s, speed-up {full / early:.2f}x"
+    )
 
 
 @torch.no_grad()

@@ -72,7 +72,12 @@ def tiny_lm(tiny_tokenizer) -> LoadedModel:
 @pytest.fixture(scope="session")
 def tiny_gpt2(tiny_tokenizer) -> LoadedModel:
     config = GPT2Config(
-        n_embd=64, n_layer=3, n_head=4, vocab_size=TINY_VOCAB, n_positions=512,
-        bos_token_id=0, eos_token_id=0,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        vocab_size=TINY_VOCAB,
+        n_positions=512,
+        bos_token_id=0,
+        eos_token_id=0,
     )
     return make_tiny(config, tiny_tokenizer, "tiny-gpt2")

@@ -60,8 +60,7 @@ class SteeringVector:
     def __post_init__(self) -> None:
         if self.direction.ndim != 1 or self.direction.shape[0] != self.hidden_size:
             raise VectorMismatch(
-                f"direction has shape {tuple(self.direction.shape)}, "
-                f"expected ({self.hidden_size},)"
+                f"direction has shape {tuple(self.direction.shape)}, expected ({self.hidden_size},)"
             )
         if self.mode not in MODES:
             raise InvalidSteering(f"unknown mode {self.mode!r}; choose projection or additive")
@@ -121,7 +120,9 @@ class SteeringVector:
     def __sub__(self, other: SteeringVector) -> SteeringVector:
         return self + (-other)
 
-    def check_fits(self, model_id: str, hidden_size: int, n_layers: int, *, allow_transfer: bool = False) -> None:
+    def check_fits(
+        self, model_id: str, hidden_size: int, n_layers: int, *, allow_transfer: bool = False
+    ) -> None:
         """Refuse a vector that cannot mean anything on this model, with one line that says why."""
         if self.hidden_size != hidden_size:
             raise VectorMismatch(
@@ -340,7 +341,10 @@ def save_vectors(
         "layers": {str(v.layer): {"norm": v.norm, "target": v.target} for v in vectors},
         **shared,
     }
-    tensors = {f"layer.{v.layer}.direction": v.direction.detach().float().contiguous().cpu() for v in vectors}
+    tensors = {
+        f"layer.{v.layer}.direction": v.direction.detach().float().contiguous().cpu()
+        for v in vectors
+    }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -389,7 +393,11 @@ def load_vector(path: str | Path, layer: int | None = None) -> SteeringVector:
 
 
 def update_defaults(
-    path: str | Path, *, layer: int | None = None, weight: float | None = None, mode: Mode | None = None,
+    path: str | Path,
+    *,
+    layer: int | None = None,
+    weight: float | None = None,
+    mode: Mode | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Record a calibrated layer/weight/mode in the file itself, so the choice travels with it."""

@@ -44,7 +44,7 @@ def test_lowercase_vector_raises_lowercase_answers_without_the_instruction(smoll
     sampling = Sampling(max_new_tokens=24)
     rows = [[]] * len(PROMPTS) + [[Steering(vector, weight=3.0)]] * len(PROMPTS)
     out = generate(smollm2, PROMPTS * 2, per_row=rows, sampling=sampling, batch_size=10)
-    passed = [check(LOWER, {}, p, c.text).loose for p, c in zip(PROMPTS * 2, out)]
+    passed = [check(LOWER, {}, p, c.text).loose for p, c in zip(PROMPTS * 2, out, strict=True)]
     unsteered, steered = sum(passed[:10]), sum(passed[10:])
     assert steered > unsteered, [c.text for c in out]
 
@@ -55,15 +55,43 @@ def test_cli_demo_end_to_end(tmp_path):
     vector = tmp_path / "lowercase.safetensors"
     ifsteer = [sys.executable, "-m", "ifsteer.cli"]
     subprocess.run(
-        [*ifsteer, "extract", "--instruction", "Write your whole answer in lowercase letters.",
-         "--instruction-id", LOWER, "--n-pairs", "8", "--layers", "10", "--layer", "10",
-         "--out", str(vector)],
-        check=True, env=env, capture_output=True, text=True,
+        [
+            *ifsteer,
+            "extract",
+            "--instruction",
+            "Write your whole answer in lowercase letters.",
+            "--instruction-id",
+            LOWER,
+            "--n-pairs",
+            "8",
+            "--layers",
+            "10",
+            "--layer",
+            "10",
+            "--out",
+            str(vector),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     done = subprocess.run(
-        [*ifsteer, "generate", "--prompt", "Describe the city of Paris.", "--vector",
-         f"{vector}:projection:3", "--max-new-tokens", "8", "--json"],
-        check=True, env=env, capture_output=True, text=True,
+        [
+            *ifsteer,
+            "generate",
+            "--prompt",
+            "Describe the city of Paris.",
+            "--vector",
+            f"{vector}:projection:3",
+            "--max-new-tokens",
+            "8",
+            "--json",
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     row = json.loads(done.stdout.strip().splitlines()[-1])
     assert row["prompt"] == "Describe the city of Paris."
@@ -81,7 +109,9 @@ def test_base_model_uses_plain_prompts_and_steers():
     assert vector.model_id == "gemma-3-270m" and vector.norm > 0
     sampling = Sampling(max_new_tokens=6)
     plain, steered = generate(
-        lm, ["Why is the sky blue?"] * 2, per_row=[[], [Steering(vector, weight=4.0)]],
+        lm,
+        ["Why is the sky blue?"] * 2,
+        per_row=[[], [Steering(vector, weight=4.0)]],
         sampling=sampling,
     )
     assert plain.completion_tokens > 0 and steered.text != plain.text

@@ -35,9 +35,23 @@ def model_dir(tmp_path_factory, tiny_lm):
 def test_extract_show_generate(monkeypatch, capsys, tmp_path, model_dir):
     out = tmp_path / "lower.safetensors"
     code, _, err = run(
-        monkeypatch, capsys, "extract", "--model", str(model_dir), "--instruction-id",
-        "change_case:english_lowercase", "--instruction", "Answer in lowercase.",
-        "--n-pairs", "6", "--layers", "1,2", "--layer", "2", "--out", str(out),
+        monkeypatch,
+        capsys,
+        "extract",
+        "--model",
+        str(model_dir),
+        "--instruction-id",
+        "change_case:english_lowercase",
+        "--instruction",
+        "Answer in lowercase.",
+        "--n-pairs",
+        "6",
+        "--layers",
+        "1,2",
+        "--layer",
+        "2",
+        "--out",
+        str(out),
     )
     assert code == 0, err
     vectors, default = load_vectors(out)
@@ -51,8 +65,18 @@ def test_extract_show_generate(monkeypatch, capsys, tmp_path, model_dir):
     assert code == 0 and info["default_layer"] == 2 and set(info["layers"]) == {"1", "2"}
 
     code, printed, err = run(
-        monkeypatch, capsys, "generate", "--model", str(model_dir), "-p", "Plan a picnic.",
-        "-v", f"{out}:additive:30", "--max-new-tokens", "4", "--json",
+        monkeypatch,
+        capsys,
+        "generate",
+        "--model",
+        str(model_dir),
+        "-p",
+        "Plan a picnic.",
+        "-v",
+        f"{out}:additive:30",
+        "--max-new-tokens",
+        "4",
+        "--json",
     )
     assert code == 0, err
     row = json.loads(printed.splitlines()[-1])
@@ -62,9 +86,23 @@ def test_extract_show_generate(monkeypatch, capsys, tmp_path, model_dir):
 def test_free_text_instruction(monkeypatch, capsys, tmp_path, model_dir):
     out = tmp_path / "pirate.safetensors"
     code, _, err = run(
-        monkeypatch, capsys, "extract", "--model", str(model_dir), "--instruction",
-        "Talk like a pirate.", "--mode", "additive", "--n-pairs", "4", "--layers", "1",
-        "--layer", "1", "--out", str(out),
+        monkeypatch,
+        capsys,
+        "extract",
+        "--model",
+        str(model_dir),
+        "--instruction",
+        "Talk like a pirate.",
+        "--mode",
+        "additive",
+        "--n-pairs",
+        "4",
+        "--layers",
+        "1",
+        "--layer",
+        "1",
+        "--out",
+        str(out),
     )
     assert code == 0, err
     v = load_vector(out)
@@ -80,12 +118,23 @@ def test_free_text_instruction(monkeypatch, capsys, tmp_path, model_dir):
         (lambda p: p.write_text("garbage"), "not a safetensors file"),
     ],
 )
-def test_bad_vectors_are_one_line_and_exit_2(monkeypatch, capsys, tmp_path, model_dir, make, message):
+def test_bad_vectors_are_one_line_and_exit_2(
+    monkeypatch, capsys, tmp_path, model_dir, make, message
+):
     path = tmp_path / "v.safetensors"
     make(path)
     code, _, err = run(
-        monkeypatch, capsys, "generate", "--model", str(model_dir), "-p", "Hi.",
-        "-v", str(path), "--max-new-tokens", "2",
+        monkeypatch,
+        capsys,
+        "generate",
+        "--model",
+        str(model_dir),
+        "-p",
+        "Hi.",
+        "-v",
+        str(path),
+        "--max-new-tokens",
+        "2",
     )
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
@@ -93,16 +142,49 @@ def test_bad_vectors_are_one_line_and_exit_2(monkeypatch, capsys, tmp_path, mode
 
 def test_layer_out_of_range_and_unknown_instruction(monkeypatch, capsys, tmp_path, model_dir):
     path = save_vectors(tmp_path / "v.safetensors", [make_vector(1, model_id="tiny")])
-    code, _, err = run(monkeypatch, capsys, "generate", "--model", str(model_dir), "-p", "Hi.",
-                       "-v", str(path), "--layer", "9")
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "generate",
+        "--model",
+        str(model_dir),
+        "-p",
+        "Hi.",
+        "-v",
+        str(path),
+        "--layer",
+        "9",
+    )
     assert code == 2 and "holds layers [1], not 9" in err
-    code, _, err = run(monkeypatch, capsys, "extract", "--model", str(model_dir),
-                       "--instruction-id", "change_case:english_lowercas", "--out", str(path))
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "extract",
+        "--model",
+        str(model_dir),
+        "--instruction-id",
+        "change_case:english_lowercas",
+        "--out",
+        str(path),
+    )
     assert code == 2 and "change_case:english_lowercase" in err  # suggested
-    code, _, err = run(monkeypatch, capsys, "extract", "--model", str(model_dir),
-                       "--instruction", "x", "--layers", "1,99", "--out", str(path))
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "extract",
+        "--model",
+        str(model_dir),
+        "--instruction",
+        "x",
+        "--layers",
+        "1,99",
+        "--out",
+        str(path),
+    )
     assert code == 2 and "out of range" in err
-    code, _, err = run(monkeypatch, capsys, "generate", "--model", str(tmp_path / "nope"), "-p", "Hi.")
+    code, _, err = run(
+        monkeypatch, capsys, "generate", "--model", str(tmp_path / "nope"), "-p", "Hi."
+    )
     assert code == 2 and "no model at" in err
 
 

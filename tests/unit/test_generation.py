@@ -22,7 +22,8 @@ def test_per_row_batch_equals_one_by_one(tiny_lm):
     rows = [[Steering(a, weight=6.0)], [], [Steering(b)], [Steering(a, weight=-4.0), Steering(b)]]
     batched = generate(tiny_lm, PROMPTS, per_row=rows, sampling=SHORT, batch_size=4)
     alone = [
-        generate(tiny_lm, [p], steering=r, sampling=SHORT)[0] for p, r in zip(PROMPTS, rows)
+        generate(tiny_lm, [p], steering=r, sampling=SHORT)[0]
+        for p, r in zip(PROMPTS, rows, strict=True)
     ]
     assert [c.text for c in batched] == [c.text for c in alone]
     unsteered = generate(tiny_lm, PROMPTS, sampling=SHORT)
@@ -39,7 +40,10 @@ def test_order_is_kept_whatever_the_batch_size(tiny_lm):
 def test_streamed_text_adds_up_to_the_completion(tiny_lm):
     pieces: dict[int, list[str]] = {}
     out = generate(
-        tiny_lm, PROMPTS[:3], sampling=SHORT, batch_size=2,
+        tiny_lm,
+        PROMPTS[:3],
+        sampling=SHORT,
+        batch_size=2,
         on_text=lambda row, text: pieces.setdefault(row, []).append(text),
     )
     assert {row: "".join(p) for row, p in pieces.items()} == {
@@ -58,7 +62,10 @@ def test_usage_and_finish_reason(tiny_lm):
 
 def test_seeded_sampling_is_reproducible(tiny_lm):
     s = Sampling(max_new_tokens=8, temperature=1.0, seed=3)
-    assert generate(tiny_lm, PROMPTS[:2], sampling=s)[0].text == generate(tiny_lm, PROMPTS[:2], sampling=s)[0].text
+    assert (
+        generate(tiny_lm, PROMPTS[:2], sampling=s)[0].text
+        == generate(tiny_lm, PROMPTS[:2], sampling=s)[0].text
+    )
 
 
 def test_per_row_length_must_match(tiny_lm):
@@ -70,5 +77,8 @@ def test_gpt2_generates_under_steering(tiny_gpt2):
     v = make_vector(layer=1, model_id="tiny-gpt2", mode="additive")
     rows = [[Steering(v, weight=5.0)], []]
     batched = generate(tiny_gpt2, PROMPTS[:2], per_row=rows, sampling=SHORT)
-    alone = [generate(tiny_gpt2, [p], steering=r, sampling=SHORT)[0] for p, r in zip(PROMPTS[:2], rows)]
+    alone = [
+        generate(tiny_gpt2, [p], steering=r, sampling=SHORT)[0]
+        for p, r in zip(PROMPTS[:2], rows, strict=True)
+    ]
     assert [c.text for c in batched] == [c.text for c in alone]

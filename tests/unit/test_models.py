@@ -21,9 +21,16 @@ from tests.conftest import TINY_VOCAB, make_tiny, tiny_llama_config
 from tests.unit.test_vectors import make_vector
 
 COMMON = dict(
-    hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-    intermediate_size=128, vocab_size=TINY_VOCAB, max_position_embeddings=256,
-    bos_token_id=0, eos_token_id=0, pad_token_id=1,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=128,
+    vocab_size=TINY_VOCAB,
+    max_position_embeddings=256,
+    bos_token_id=0,
+    eos_token_id=0,
+    pad_token_id=1,
 )
 CONFIGS = {
     "llama": lambda: tiny_llama_config(layers=3),
@@ -35,8 +42,13 @@ CONFIGS = {
     "gemma3": lambda: Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=8),
     "phi3": lambda: Phi3Config(**COMMON),
     "gpt2": lambda: GPT2Config(
-        n_embd=64, n_layer=3, n_head=4, vocab_size=TINY_VOCAB, n_positions=256,
-        bos_token_id=0, eos_token_id=0,
+        n_embd=64,
+        n_layer=3,
+        n_head=4,
+        vocab_size=TINY_VOCAB,
+        n_positions=256,
+        bos_token_id=0,
+        eos_token_id=0,
     ),
 }
 
@@ -54,11 +66,16 @@ def test_layers_found_and_steering_works(arch, tiny_tokenizer):
         )
         lm.model(**lm.encode(["Plan a picnic.", "Why is the sky blue today?"]))
         hook.remove()
-    torch.testing.assert_close(seen["h"] @ v.direction, torch.full(seen["h"].shape[:2], 1.75), atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        seen["h"] @ v.direction, torch.full(seen["h"].shape[:2], 1.75), atol=1e-4, rtol=0
+    )
     prompts = ["Plan a picnic.", "Why is the sky blue today, and what about sunsets?"]
     rows = [[Steering(v * 2)], []]
     batched = generate(lm, prompts, per_row=rows, sampling=Sampling(max_new_tokens=5))
-    alone = [generate(lm, [p], steering=r, sampling=Sampling(max_new_tokens=5))[0] for p, r in zip(prompts, rows)]
+    alone = [
+        generate(lm, [p], steering=r, sampling=Sampling(max_new_tokens=5))[0]
+        for p, r in zip(prompts, rows, strict=True)
+    ]
     assert [c.text for c in batched] == [c.text for c in alone]
 
 
@@ -73,9 +90,14 @@ def test_base_model_prompt_format(tiny_lm):
 
 
 def test_chat_template_is_used_when_present(tiny_tokenizer):
-    tok = tiny_tokenizer.__class__(tokenizer_object=tiny_tokenizer.backend_tokenizer,
-                                   eos_token="<|endoftext|>", pad_token="<pad>")
-    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    tok = tiny_tokenizer.__class__(
+        tokenizer_object=tiny_tokenizer.backend_tokenizer,
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+    )
+    tok.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+    )
     lm = LoadedModel(make_tiny(tiny_llama_config(), tiny_tokenizer).model, tok, "chat")
     assert lm.format_prompt("Hi") == "<user>Hi<assistant>"
 
@@ -108,5 +130,7 @@ def test_bfloat16_load(tmp_path, tiny_lm):
     lm = load_model(str(tmp_path / "m"), dtype="bfloat16")
     assert lm.dtype == torch.bfloat16
     v = make_vector(layer=1, model_id="m", target=0.5)
-    out = generate(lm, ["Plan a picnic."], steering=[Steering(v)], sampling=Sampling(max_new_tokens=3))
+    out = generate(
+        lm, ["Plan a picnic."], steering=[Steering(v)], sampling=Sampling(max_new_tokens=3)
+    )
     assert out[0].completion_tokens <= 3

@@ -27,6 +27,11 @@ def layer_output(lm, prompts, layer):
 PROMPTS = ["Describe a forest at dawn.", "Plan a picnic."]
 
 
+def installed_hooks(lm) -> list[list[int]]:
+    """Hook ids on the model and its layers (transformers may keep hooks of its own there)."""
+    return [list(lm.model._forward_pre_hooks)] + [list(layer._forward_hooks) for layer in lm.layers]
+
+
 def test_projection_sets_the_component_to_target_everywhere(tiny_lm):
     v = make_vector(layer=1, target=2.25)
     with steer(tiny_lm, [Steering(v)]):
@@ -55,7 +60,9 @@ def test_additive_adds_exactly_w_times_direction(tiny_lm):
     plain = layer_output(tiny_lm, PROMPTS, 0)
     with steer(tiny_lm, [Steering(v, weight=7.0)]):
         steered = layer_output(tiny_lm, PROMPTS, 0)
-    torch.testing.assert_close(steered - plain, (7.0 * v.direction).expand_as(plain), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        steered - plain, (7.0 * v.direction).expand_as(plain), atol=1e-5, rtol=0
+    )
 
 
 def test_vector_times_w_equals_weight_w(tiny_lm):
@@ -80,14 +87,14 @@ def test_two_vectors_at_one_layer_stack(tiny_lm):
 def test_hooks_are_removed_after_the_block_and_after_an_exception(tiny_lm):
     v = make_vector(layer=1)
     plain = layer_output(tiny_lm, PROMPTS, 3)
+    before = installed_hooks(tiny_lm)
     with steer(tiny_lm, [Steering(v)]) as handle:
         assert handle.active
     assert not handle.active
     with pytest.raises(RuntimeError, match="boom"):
         with steer(tiny_lm, [Steering(v)]):
             raise RuntimeError("boom")
-    assert all(not layer._forward_hooks for layer in tiny_lm.layers)
-    assert not tiny_lm.model._forward_pre_hooks
+    assert installed_hooks(tiny_lm) == before
     torch.testing.assert_close(layer_output(tiny_lm, PROMPTS, 3), plain)
 
 
@@ -98,8 +105,12 @@ def test_per_row_steering_touches_only_its_rows(tiny_lm):
     with steer(tiny_lm, per_row=[[Steering(v, weight=5.0)], [], [Steering(v, weight=-1.0)]]):
         steered = layer_output(tiny_lm, prompts, 1)
     torch.testing.assert_close(steered[1], plain[1])
-    torch.testing.assert_close(steered[0] - plain[0], (5.0 * v.direction).expand_as(plain[0]), atol=1e-5, rtol=0)
-    torch.testing.assert_close(steered[2] - plain[2], (-1.0 * v.direction).expand_as(plain[2]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        steered[0] - plain[0], (5.0 * v.direction).expand_as(plain[0]), atol=1e-5, rtol=0
+    )
+    torch.testing.assert_close(
+        steered[2] - plain[2], (-1.0 * v.direction).expand_as(plain[2]), atol=1e-5, rtol=0
+    )
 
 
 def test_per_row_must_match_the_batch(tiny_lm):
@@ -115,15 +126,22 @@ def test_positions_prompt_and_generated(tiny_lm):
 
     plain = generate(tiny_lm, ["Plan a picnic."], sampling=Sampling(max_new_tokens=6))
     only_gen = generate(
-        tiny_lm, ["Plan a picnic."], steering=[Steering(v, weight=40.0, positions="generated")],
+        tiny_lm,
+        ["Plan a picnic."],
+        steering=[Steering(v, weight=40.0, positions="generated")],
         sampling=Sampling(max_new_tokens=6),
     )
     only_prompt = generate(
-        tiny_lm, ["Plan a picnic."], steering=[Steering(v, weight=40.0, positions="prompt")],
+        tiny_lm,
+        ["Plan a picnic."],
+        steering=[Steering(v, weight=40.0, positions="prompt")],
         sampling=Sampling(max_new_tokens=6),
     )
     everywhere = generate(
-        tiny_lm, ["Plan a picnic."], steering=[Steering(v, weight=40.0)], sampling=Sampling(max_new_tokens=6),
+        tiny_lm,
+        ["Plan a picnic."],
+        steering=[Steering(v, weight=40.0)],
+        sampling=Sampling(max_new_tokens=6),
     )
     # Steering the generated positions only cannot change the first token (read at the prompt).
     assert only_gen[0].text != plain[0].text or only_gen[0].completion_tokens <= 1
@@ -133,19 +151,23 @@ def test_positions_prompt_and_generated(tiny_lm):
 
 
 def test_refuses_vectors_that_do_not_fit(tiny_lm):
+    before = installed_hooks(tiny_lm)
     with pytest.raises(VectorMismatch, match="hidden size 32"):
         with steer(tiny_lm, [Steering(make_vector(layer=1, hidden=32))]):
             pass
     with pytest.raises(VectorMismatch, match="extracted from 'other'"):
         with steer(tiny_lm, [Steering(make_vector(layer=1, model_id="other"))]):
             pass
-    assert all(not layer._forward_hooks for layer in tiny_lm.layers)
+    assert installed_hooks(tiny_lm) == before
 
 
 @pytest.mark.parametrize(
     "kw, message",
-    [(dict(mode="sideways"), "unknown mode"), (dict(weight=float("nan")), "finite"),
-     (dict(positions="middle"), "unknown positions")],
+    [
+        (dict(mode="sideways"), "unknown mode"),
+        (dict(weight=float("nan")), "finite"),
+        (dict(positions="middle"), "unknown positions"),
+    ],
 )
 def test_refuses_bad_steering(tiny_lm, kw, message):
     with pytest.raises(InvalidSteering, match=message):

@@ -26,12 +26,19 @@ PAIRS = [
 ]
 
 
-def make_vector(layer: int = 1, hidden: int = 64, model_id: str = "tiny-llama", **kw) -> SteeringVector:
+def make_vector(
+    layer: int = 1, hidden: int = 64, model_id: str = "tiny-llama", **kw
+) -> SteeringVector:
     direction = torch.randn(hidden, generator=torch.Generator().manual_seed(layer))
     direction = direction / direction.norm()
     fields = dict(
-        direction=direction, norm=3.5, layer=layer, target=2.25, model_id=model_id,
-        hidden_size=hidden, instruction="Answer in lowercase.",
+        direction=direction,
+        norm=3.5,
+        layer=layer,
+        target=2.25,
+        model_id=model_id,
+        hidden_size=hidden,
+        instruction="Answer in lowercase.",
         instruction_id="change_case:english_lowercase",
     )
     fields.update(kw)
@@ -47,7 +54,9 @@ def test_early_exit_matches_full_forward(tiny_lm):
     # hidden_states[l + 1] is the output of decoder layer l (index 0 is the embeddings); the
     # last entry has the final norm applied, so compare inner layers only.
     for layer in (0, 2):
-        torch.testing.assert_close(early[layer], full[layer + 1][:, -1].float(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            early[layer], full[layer + 1][:, -1].float(), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_early_exit_stops_after_deepest_layer(tiny_lm):
@@ -69,7 +78,9 @@ def test_extract_is_the_paper_mean_difference(tiny_lm):
         tiny_lm, PAIRS, [1, 3], instruction="Answer in lowercase.", instruction_id="x"
     )
     acts = last_token_activations(
-        tiny_lm, [p.with_instruction for p in PAIRS] + [p.without_instruction for p in PAIRS], [1, 3]
+        tiny_lm,
+        [p.with_instruction for p in PAIRS] + [p.without_instruction for p in PAIRS],
+        [1, 3],
     )
     for layer, v in vectors.items():
         diff = (acts[layer][:3] - acts[layer][3:]).mean(0)
@@ -79,7 +90,9 @@ def test_extract_is_the_paper_mean_difference(tiny_lm):
 
 
 def test_additive_extraction_defaults_weight_to_norm(tiny_lm):
-    v = extract_vectors(tiny_lm, PAIRS, [2], instruction="i", instruction_id="x", mode="additive")[2]
+    v = extract_vectors(tiny_lm, PAIRS, [2], instruction="i", instruction_id="x", mode="additive")[
+        2
+    ]
     assert v.weight == pytest.approx(v.norm)
 
 
@@ -89,14 +102,22 @@ def test_extract_refuses_out_of_range_layer(tiny_lm):
 
 
 def test_round_trip_is_bit_exact(tmp_path):
-    vs = [make_vector(1, phrasings=("a", "b"), n_pairs=7), make_vector(3, n_pairs=7, phrasings=("a", "b"))]
+    vs = [
+        make_vector(1, phrasings=("a", "b"), n_pairs=7),
+        make_vector(3, n_pairs=7, phrasings=("a", "b")),
+    ]
     path = save_vectors(tmp_path / "v.safetensors", vs, default=3)
     loaded, default = load_vectors(path)
     assert default == 3
     for v in vs:
         got = loaded[v.layer]
         assert torch.equal(got.direction, v.direction)
-        assert (got.norm, got.target, got.phrasings, got.n_pairs) == (v.norm, v.target, ("a", "b"), 7)
+        assert (got.norm, got.target, got.phrasings, got.n_pairs) == (
+            v.norm,
+            v.target,
+            ("a", "b"),
+            7,
+        )
     assert load_vector(path).layer == 3
     assert load_vector(path, layer=1).layer == 1
 
@@ -136,8 +157,11 @@ def test_malformed_files_are_refused(tmp_path, content, message):
 
 def test_incomplete_metadata_is_refused(tmp_path):
     path = tmp_path / "v.safetensors"
-    save_file({"layer.1.direction": torch.zeros(4)}, str(path),
-              metadata={"ifsteer": json.dumps({"format": "ifsteer.vector", "format_version": 1})})
+    save_file(
+        {"layer.1.direction": torch.zeros(4)},
+        str(path),
+        metadata={"ifsteer": json.dumps({"format": "ifsteer.vector", "format_version": 1})},
+    )
     with pytest.raises(MalformedVectorFile, match="incomplete"):
         load_vector(path)
 

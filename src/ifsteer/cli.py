@@ -687,6 +687,10 @@ def report_command(
     out.print(f"wrote {path}")
 
 
+def _minutes_text(seconds: float) -> str:
+    return "under a minute" if seconds < 60 else f"{seconds / 60:.0f} min"
+
+
 @app.command("run-paper")
 def run_paper_command(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory (resumable).")],
@@ -754,13 +758,15 @@ def run_paper_command(
         estimate_seconds(full_config(config), full_plan(config, plan, lm.n_layers), n_params)
         .values()
     )
+    big = {k: v for k, v in estimates.items() if v >= 30}
     out.print(
         f"run-paper {lm.model_id}: {len(plan.vector_ids)} vectors, "
         f"{len(plan.groups)} sweeps × layers {plan.sweep_layers} + no steering "
         f"({plan.sweep_generations} answers), {len(plan.evaluation)} evaluation rows × 4 "
         f"settings ({plan.eval_generations} answers), {max_new_tokens} new tokens each.\n"
-        f"Estimated time left: about {sum(estimates.values()) / 60:.0f} min "
-        f"({', '.join(f'{k} {v / 60:.0f}' for k, v in estimates.items() if v >= 30)} min).\n"
+        f"Estimated time left: about {_minutes_text(sum(estimates.values()))}"
+        + (f" ({', '.join(f'{k} {v / 60:.0f}' for k, v in big.items())} min)" if big else "")
+        + ".\n"
         f"Full set (all held-out rows, 256 tokens, 64 pairs), about "
         f"{full_total / 3600:.1f} h here:\n  {full_command(config)}"
     )

@@ -1,0 +1,294 @@
+"""Layer/weight selection on synthetic score tables, the validation split, and a real sweep on a
+tiny random model."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from ifsteer.calibration import (
+    Choice,
+    Fluency,
+    GridPoint,
+    SweepResult,
+    apply_choice,
+    choose,
+    group_vector_files,
+    load_sweep,
+    save_sweep,
+    score_point,
+    split_rows,
+    sweep_filename,
+    sweep_layers,
+    sweep_weights,
+)
+from ifsteer.errors import InvalidSteering, VectorMismatch
+from ifsteer.evaluation import Row
+from ifsteer.generation import Sampling, generate
+from ifsteer.instructions import get_instruction
+from ifsteer.steering import Steering
+from ifsteer.vectors import (
+    default_layer,
+    default_layers,
+    extract_instruction,
+    load_vectors,
+    save_vectors,
+)
+from tests.conftest import make_tiny, tiny_llama_config
+
+LOWER = "change_case:english_lowercase"
+OK = Fluency(repetition=0.0, perplexity=None, degenerate=0.0)
+
+
+def point(layer, score, weight=None, accuracy=None, degenerate=0.0):
+    fluency = Fluency(repetition=0.0, perplexity=None, degenerate=degenerate)
+    return GridPoint(layer, weight, score if accuracy is None else accuracy, fluency, score, 4)
+
+
+def shuffled(grid, seed=0):
+    grid = list(grid)
+    random.Random(seed).shuffle(grid)
+    return grid
+
+
+# --- choose -----------------------------------------------------------------------------------
+
+
+def test_choose_picks_the_best_layer():
+    grid = [point(None, 0.25), point(6, 0.5), point(8, 0.75), point(10, 0.5), point(12, 0.0)]
+    for seed in range(3):
+        assert choose(shuffled(grid, seed)) == Choice(8, None, 0.75)
+
+
+def test_choose_takes_the_lowest_layer_on_ties():
+    grid = [point(None, 0.0), point(14, 0.75), point(8, 0.75), point(20, 0.75), point(6, 0.5)]
+    for seed in range(4):
+        assert choose(shuffled(grid, seed)).layer == 8
+
+
+def test_no_steering_wins_when_no_layer_beats_it():
+    tie = [point(None, 0.5), point(6, 0.5), point(8, 0.25)]
+    assert choose(tie) == Choice(None, None, 0.5)
+    assert not choose(tie).recommended
+    better = [point(None, 0.75), point(6, 0.5), point(8, 0.25)]
+    assert choose(shuffled(better)).layer is None
+    # but a strictly better layer beats it
+    assert choose([point(None, 0.5), point(6, 0.75)]).layer == 6
+
+
+def test_a_degenerate_layer_is_zeroed_and_cannot_win():
+    # layer 10 "follows" the instruction on every prompt, but most answers are loops
+    accuracy, score = score_point([True, True, True, True], [True, True, True, False])
+    assert (accuracy, score) == (1.0, 0.0)
+    grid = [
+        point(None, 0.25),
+        point(8, 0.5),
+        point(10, score, accuracy=accuracy, degenerate=0.75),
+    ]
+    assert choose(grid).layer == 8
+
+
+def test_score_point_counts_only_fluent_passes():
+    assert score_point([True, True, False, False], [False, True, False, False]) == (0.5, 0.25)
+    assert score_point([True, True], [True, False]) == (1.0, 0.5)  # half is not "most"
+    assert score_point([], []) == (0.0, 0.0)
+    with pytest.raises(ValueError):
+        score_point([True], [])
+
+
+def test_weight_grid_ties_go_to_the_lowest_layer_then_smallest_weight():
+    grid = [
+        point(None, 0.0),
+        point(6, 0.75, weight=-120.0), point(6, 0.75, weight=40.0), point(6, 0.75, weight=80.0),
+        point(4, 0.5, weight=20.0), point(8, 0.75, weight=20.0),
+    ]
+    assert choose(shuffled(grid)) == Choice(6, 40.0, 0.75)
+
+
+def test_choose_without_a_baseline_and_empty():
+    assert choose([point(12, 0.0), point(10, 0.0)]).layer == 10
+    with pytest.raises(InvalidSteering):
+        choose([])
+
+
+# --- split ------------------------------------------------------------------------------------
+
+
+def _row(key, instruction=LOWER, kwargs=None):
+    return Row(key, f"Question {key}. Instruction.", f"Question {key}.", (instruction,),
+               (kwargs or {},), f"data.jsonl:{key}")
+
+
+def test_split_is_deterministic_disjoint_and_capped():
+    rows = [_row(i) for i in range(6)] + [_row(100 + i, "punctuation:no_comma") for i in range(3)]
+    rows += [_row(200, "detectable_format:title")]  # a single row: nothing to validate on
+    rows += [
+        _row(300 + i, "language:response_language", {"language": lang})
+        for i, lang in enumerate(["de", "de", "de", "ru", "ko"])
+    ]
+    split = split_rows(rows, 3, seed=1)
+    assert split == split_rows(list(reversed(rows)), 3, seed=1)
+    validation = [r.key for group in split.validation.values() for r in group]
+    evaluation = [r.key for r in split.evaluation]
+    assert not set(validation) & set(evaluation)
+    assert sorted(validation + evaluation) == sorted(r.key for r in rows)
+    assert len(split.validation[LOWER]) == 3
+    assert len(split.validation["punctuation:no_comma"]) == 1  # at most half of 3
+    assert "detectable_format:title" not in split.validation
+    languages = [r.kwargs[0]["language"] for r in split.validation["language:response_language"]]
+    assert len(languages) == 2 and len(set(languages)) == 2  # distinct languages first
+    # round-robin: the first rows of the evaluation cover every instruction
+    first = {r.instruction_id_list[0] for r in split.evaluation[:4]}
+    assert len(first) == 4
+    assert split_rows(rows, 3, seed=2) != split
+
+
+# --- a real sweep on a tiny model -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny10(tiny_tokenizer):
+    return make_tiny(tiny_llama_config(layers=10), tiny_tokenizer, "tiny-llama-10")
+
+
+@pytest.fixture()
+def lower_file(tiny10, tmp_path):
+    layers = sorted({*default_layers(10), default_layer(10)})
+    vectors = extract_instruction(tiny10, get_instruction(LOWER), layers, n_pairs=4)
+    return save_vectors(tmp_path / "lower.safetensors", list(vectors.values()), default=3)
+
+
+ROWS = [
+    Row(1, "Describe a forest. Use only lowercase letters.", "Describe a forest.", (LOWER,),
+        ({},), "d:1"),
+    Row(2, "Plan a picnic. Use only lowercase letters.", "Plan a picnic.", (LOWER,), ({},), "d:2"),
+]
+
+
+def test_sweep_covers_the_paper_grid_and_records_the_choice(tiny10, lower_file, tmp_path):
+    advanced = []
+    result = sweep_layers(
+        tiny10, lower_file, ROWS, sampling=Sampling(max_new_tokens=4), batch_size=1,
+        progress=advanced.append,
+    )
+    assert [p.layer for p in result.grid] == [None, *range(10 // 5, 10, 2)]
+    assert all(p.n == 2 and 0.0 <= p.score <= p.accuracy <= 1.0 for p in result.grid)
+    assert sum(advanced) == 2 * 5 and len(result.responses) == 10
+    assert result.chosen == choose(result.grid)
+    assert result.rows == ["1", "2"] and result.vector_ids == [LOWER]
+
+    # each row really was steered at its point's layer (batch 1: no padding, exact match)
+    vectors, _ = load_vectors(lower_file)
+    at4 = [r for r in result.responses if r["layer"] == 4 and r["key"] == 2][0]
+    alone = generate(tiny10, ["Plan a picnic."], steering=[Steering(vectors[4])],
+                     sampling=Sampling(max_new_tokens=4))
+    assert at4["response"] == alone[0].text
+    plain = [r for r in result.responses if r["layer"] is None and r["key"] == 2][0]
+    assert plain["response"] == generate(tiny10, ["Plan a picnic."],
+                                         sampling=Sampling(max_new_tokens=4))[0].text
+
+    apply_choice(result, [lower_file])
+    vectors, default = load_vectors(lower_file)
+    record = vectors[default].extra["sweep"]
+    assert record["recommended"] == result.chosen.recommended
+    assert default == (result.chosen.layer if result.chosen.recommended else 3)
+
+    written = save_sweep(result, tmp_path / "sweeps")
+    assert written.name == "change_case__english_lowercase.json"
+    data = load_sweep(written)
+    assert data["chosen"]["layer"] == result.chosen.layer
+    assert [p["layer"] for p in data["grid"]] == [None, 2, 4, 6, 8]
+    assert {"accuracy", "fluency", "score", "n", "weight"} <= set(data["grid"][0])
+    assert (tmp_path / "sweeps" / "change_case__english_lowercase.png").stat().st_size > 1000
+    lines = (tmp_path / "sweeps" / "change_case__english_lowercase.responses.jsonl").read_text()
+    assert len(lines.splitlines()) == 10
+
+
+def test_sweep_with_the_instruction_and_a_weight_grid(tiny10, lower_file):
+    result = sweep_weights(
+        tiny10, lower_file, ROWS[:1], weights=[2.0, -2.0], layers=[4, 6],
+        sampling=Sampling(max_new_tokens=3), batch_size=8, with_instruction=True,
+    )
+    assert [(p.layer, p.weight) for p in result.grid] == [
+        (None, None), (4, 2.0), (4, -2.0), (6, 2.0), (6, -2.0)
+    ]
+    assert result.with_instruction and result.mode == "additive"
+    with pytest.raises(VectorMismatch):
+        sweep_layers(tiny10, lower_file, ROWS, layers=[5], sampling=Sampling(max_new_tokens=2))
+
+
+def _result(layer, weight=None):
+    grid = [point(None, 0.25), point(2, 0.5 if layer == 2 else 0.0, weight=weight)]
+    return SweepResult(LOWER, "tiny-llama-10", False, "projection", grid,
+                       Choice(layer, weight, 0.5 if layer else 0.25), rows=["1"])
+
+
+def test_apply_choice_keeps_the_default_when_no_steering_wins(lower_file):
+    apply_choice(_result(None), [lower_file])
+    vectors, default = load_vectors(lower_file)
+    assert default == 3
+    assert vectors[default].extra["sweep"]["recommended"] is False
+    assert vectors[default].extra["sweep"]["no_steering_score"] == 0.25
+
+    apply_choice(_result(2, 7.5), [lower_file])
+    vectors, default = load_vectors(lower_file)
+    assert default == 2 and vectors[2].weight == 7.5
+    assert vectors[2].extra["sweep"]["recommended"] is True
+
+    with_instruction = _result(4)
+    with_instruction = SweepResult(**{**with_instruction.__dict__, "with_instruction": True})
+    apply_choice(with_instruction, [lower_file])
+    vectors, default = load_vectors(lower_file)
+    assert default == 4  # set_default=True by default
+    assert vectors[4].extra["sweep_with_instruction"]["layer"] == 4
+    assert vectors[4].extra["sweep"]["layer"] == 2  # the earlier record stays
+
+
+def test_group_files_and_names():
+    mapping = {
+        "language:response_language:de": "de.safetensors",
+        "language:response_language:ru": "ru.safetensors",
+        LOWER: "lower.safetensors",
+    }
+    assert set(group_vector_files("language:response_language", mapping)) == {
+        "language:response_language:de", "language:response_language:ru"
+    }
+    assert set(group_vector_files(LOWER, mapping)) == {LOWER}
+    assert sweep_filename("language:response_language") == "language__response_language"
+    json.dumps(_result(2).to_json())  # serialisable as is
+
+
+def test_cli_sweep_writes_the_choice(monkeypatch, capsys, tmp_path, tiny10, lower_file):
+    import sys
+
+    from ifsteer.cli import main
+
+    model_dir = tmp_path / "tiny-llama-10"
+    tiny10.model.save_pretrained(model_dir)
+    tiny10.tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "validation.jsonl"
+    data.write_text("".join(
+        json.dumps({"key": r.key, "prompt": r.prompt,
+                    "prompt_without_instruction": r.prompt_without_instruction,
+                    "instruction_id_list": list(r.instruction_id_list), "kwargs": [{}]}) + "\n"
+        for r in ROWS
+    ))
+    vectors = tmp_path / "vectors"
+    vectors.mkdir()
+    target = lower_file.rename(vectors / "lower.safetensors")
+    monkeypatch.setattr(sys, "argv", [
+        "ifsteer", "sweep", str(target), "--data", str(data), "--model", str(model_dir),
+        "--n-prompts", "1", "--layers", "2,6", "--max-new-tokens", "2",
+    ])
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code in (0, None), capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert LOWER in printed
+    data_ = load_sweep(tmp_path / "sweeps" / "change_case__english_lowercase.json")
+    assert [p["layer"] for p in data_["grid"]] == [None, 2, 6] and data_["rows"] == ["1"]
+    vectors_, default = load_vectors(target)
+    assert vectors_[default].extra["sweep"]["layer"] == data_["chosen"]["layer"]

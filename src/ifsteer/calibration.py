@@ -31,9 +31,8 @@ from typing import Any
 from ifsteer import quality
 from ifsteer.checks import check_row
 from ifsteer.errors import IfsteerError, InvalidSteering, VectorMismatch
-from ifsteer.evaluation import EXCLUDE_ID, Row
+from ifsteer.evaluation import Row
 from ifsteer.generation import Sampling, generate
-from ifsteer.instructions import vector_id_for
 from ifsteer.models import LoadedModel
 from ifsteer.steering import Steering
 from ifsteer.vectors import Mode, SteeringVector, default_layers, load_vectors, update_defaults
@@ -223,16 +222,7 @@ def _rank(seed: int, key: object) -> str:
 
 
 def _served_ids(row: Row) -> list[str]:
-    ids: list[str] = []
-    for instruction_id, kwargs in zip(
-        row.instruction_id_list, row.kwargs or ({},) * len(row.instruction_id_list), strict=True
-    ):
-        try:
-            served = vector_id_for(instruction_id, kwargs)
-        except IfsteerError:
-            continue
-        ids.extend([served] if isinstance(served, str) else served)
-    return ids
+    return [vector_id for vector_id, _ in row.served_vectors()]
 
 
 @dataclass(frozen=True)
@@ -359,16 +349,7 @@ def sweep(
     mapping = _vector_map(vectors, rows)
     usable: list[tuple[Row, list[tuple[str, bool]]]] = []
     for row in rows:
-        served = []
-        for iid, kwargs in zip(
-            row.instruction_id_list, row.kwargs or ({},) * len(row.instruction_id_list),
-            strict=True,
-        ):
-            try:
-                ids = vector_id_for(iid, kwargs)
-            except IfsteerError:
-                continue
-            served += [(v, iid == EXCLUDE_ID) for v in ([ids] if isinstance(ids, str) else ids)]
+        served = row.served_vectors()
         if served and all(v in mapping for v, _ in served):
             usable.append((row, served))
     if not usable:

@@ -110,7 +110,12 @@ def extract(
     base = load_queries(queries) if queries else BASE_QUERIES
     with progress_bar(f"extract {spec.id}", 2 * n_pairs) as advance:
         vectors = extract_instruction(
-            lm, spec, wanted, n_pairs=n_pairs, queries=base, batch_size=batch_size,
+            lm,
+            spec,
+            wanted,
+            n_pairs=n_pairs,
+            queries=base,
+            batch_size=batch_size,
             progress=advance,
         )
     save_vectors(out_path, list(vectors.values()), default=chosen)
@@ -177,7 +182,9 @@ def parse_vector_spec(spec: str) -> tuple[str, str | None, float | None]:
 
 @app.command()
 def generate(
-    prompt: Annotated[list[str] | None, typer.Option("--prompt", "-p", help="Prompt text (repeatable).")] = None,
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", "-p", help="Prompt text (repeatable).")
+    ] = None,
     prompts_file: Annotated[
         Path | None, typer.Option(help="Prompts, one a line (or jsonl with 'prompt').")
     ] = None,
@@ -226,8 +233,13 @@ def generate(
     with progress_bar("generate", len(texts) * len(runs)) as advance:
         for name, steer_with in runs.items():
             results[name] = run(
-                lm, texts, steering=steer_with, sampling=sampling, batch_size=batch_size,
-                allow_transfer=allow_transfer, progress=advance,
+                lm,
+                texts,
+                steering=steer_with,
+                sampling=sampling,
+                batch_size=batch_size,
+                allow_transfer=allow_transfer,
+                progress=advance,
             )
     _show_generations(texts, results, as_json)
 
@@ -264,7 +276,9 @@ def vectors_show(path: Path, as_json: Annotated[bool, typer.Option("--json")] = 
     table = Table(title=str(path), show_header=False)
     for key, value in info.items():
         if key == "layers":
-            value = ", ".join(f"{k} (‖u‖ {v['norm']:.3g}, c̄ {v['target']:.3g})" for k, v in value.items())
+            value = ", ".join(
+                f"{k} (‖u‖ {v['norm']:.3g}, c̄ {v['target']:.3g})" for k, v in value.items()
+            )
         elif key == "phrasings":
             value = "\n".join(value)
         table.add_row(key, str(value))
@@ -377,8 +391,14 @@ def _eval_tables(summary: dict[str, Any], experiment: str) -> None:
     table.add_column("setting", no_wrap=True)
     table.add_column("n", justify="right")
     table.add_column(f"{kind} (95% CI)", justify="right", no_wrap=True)
-    for column in (other.removeprefix("prompt_"), "instr.", "degen", "ppl",
-                   *(name for name, _ in extra), "s"):
+    for column in (
+        other.removeprefix("prompt_"),
+        "instr.",
+        "degen",
+        "ppl",
+        *(name for name, _ in extra),
+        "s",
+    ):
         table.add_column(column, justify="right", no_wrap=True)
     table.caption = (
         f"prompt-level accuracy; instr. = instruction-level {kind}; degen = share degenerate; "
@@ -388,10 +408,13 @@ def _eval_tables(summary: dict[str, Any], experiment: str) -> None:
         fluency = s["fluency"]
         note = f" ({s['n_unsteered']} unsteered)" if s.get("n_unsteered") else ""
         table.add_row(
-            _EVAL_LABELS.get(name, name) + note, str(s["n"]),
-            _eval_cell(s[metric], interval=True), _eval_cell(s[other]),
+            _EVAL_LABELS.get(name, name) + note,
+            str(s["n"]),
+            _eval_cell(s[metric], interval=True),
+            _eval_cell(s[other]),
             _eval_cell(s[f"instruction_{kind}"]),
-            _eval_number(fluency["degenerate"]), _eval_number(fluency["perplexity"]),
+            _eval_number(fluency["degenerate"]),
+            _eval_number(fluency["perplexity"]),
             *(_eval_number(s.get(key)) for _, key in extra),
             f"{s['seconds']:.0f}",
         )
@@ -419,13 +442,18 @@ def _eval_tables(summary: dict[str, Any], experiment: str) -> None:
 def eval_command(
     data: Annotated[
         Path,
-        typer.Option(help="IFEval-format jsonl: prompt, prompt_without_instruction, "
-                     "instruction_id_list, kwargs."),
+        typer.Option(
+            help="IFEval-format jsonl: prompt, prompt_without_instruction, "
+            "instruction_id_list, kwargs."
+        ),
     ],
     out_dir: Annotated[
         Path,
-        typer.Option("--out", "-o", help="Run directory (responses.jsonl, summary.json); "
-                     "rerun into it to resume."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Run directory (responses.jsonl, summary.json); rerun into it to resume.",
+        ),
     ],
     vectors: Annotated[
         Path | None, typer.Option(help="Directory of vector files, matched by instruction id.")
@@ -433,13 +461,16 @@ def eval_command(
     model: ModelOption = "smollm2-135m-instruct",
     experiment: Annotated[
         str,
-        typer.Option(help="format | keywords_include | keywords_exclude | length | "
-                     "composition | transfer."),
+        typer.Option(
+            help="format | keywords_include | keywords_exclude | length | composition | transfer."
+        ),
     ] = "format",
     settings: Annotated[
         str | None,
-        typer.Option(help="Comma-separated subset of no_instruction,steer,instruction,"
-                     "instruction_steer (default: all four)."),
+        typer.Option(
+            help="Comma-separated subset of no_instruction,steer,instruction,"
+            "instruction_steer (default: all four)."
+        ),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N rows.")] = None,
     max_new_tokens: int = 256,
@@ -449,8 +480,9 @@ def eval_command(
     ] = False,
     weight: Annotated[
         list[str] | None,
-        typer.Option(help="ID=W: weight override by vector id or glob (repeatable); "
-                     "excluded words get -W."),
+        typer.Option(
+            help="ID=W: weight override by vector id or glob (repeatable); excluded words get -W."
+        ),
     ] = None,
     mode: Annotated[
         list[str] | None, typer.Option(help="ID=projection|additive override (repeatable).")
@@ -460,8 +492,10 @@ def eval_command(
     ] = True,
     fluency_model: Annotated[
         str | None,
-        typer.Option(help="Score perplexity under this model instead (e.g. gemma-3-270m); "
-                     "only then does perplexity < 2.5 flag a response as degenerate."),
+        typer.Option(
+            help="Score perplexity under this model instead (e.g. gemma-3-270m); "
+            "only then does perplexity < 2.5 flag a response as degenerate."
+        ),
     ] = None,
     judge_url: Annotated[
         str | None, typer.Option(help="OpenAI-compatible endpoint of an LLM quality judge.")
@@ -503,10 +537,21 @@ def eval_command(
     scorer = _load(fluency_model, dtype) if fluency_model and perplexity else None
     with progress_bar(f"eval {experiment}", pending) as advance:
         summary = run_evaluation(
-            lm, rows, found, out_dir, settings=chosen, experiment=experiment,
-            sampling=Sampling(max_new_tokens=max_new_tokens), batch_size=batch_size,
-            allow_transfer=allow_transfer, weights=weights, modes=modes,  # type: ignore[arg-type]
-            judge=judge, perplexity=perplexity, fluency_lm=scorer, progress=advance,
+            lm,
+            rows,
+            found,
+            out_dir,
+            settings=chosen,
+            experiment=experiment,
+            sampling=Sampling(max_new_tokens=max_new_tokens),
+            batch_size=batch_size,
+            allow_transfer=allow_transfer,
+            weights=weights,
+            modes=modes,  # type: ignore[arg-type]
+            judge=judge,
+            perplexity=perplexity,
+            fluency_lm=scorer,
+            progress=advance,
         )
     if summary.missing_vectors:
         out.print(
@@ -533,8 +578,10 @@ def _csv_floats(text: str | None, option: str) -> list[float] | None:
 
 
 def _sweep_table(result: Any) -> Table:
-    table = Table(title=f"sweep {result.instruction_id} · {len(result.rows)} prompts · "
-                  f"{'with' if result.with_instruction else 'without'} the instruction")
+    table = Table(
+        title=f"sweep {result.instruction_id} · {len(result.rows)} prompts · "
+        f"{'with' if result.with_instruction else 'without'} the instruction"
+    )
     for column in ("layer", "weight", "loose acc.", "score", "repetition", "degenerate", "ppl"):
         table.add_column(column, justify="right")
     for p in result.grid:
@@ -542,7 +589,9 @@ def _sweep_table(result: Any) -> Table:
         table.add_row(
             ("none" if p.layer is None else str(p.layer)) + (" ←" if chosen else ""),
             "–" if p.weight is None else f"{p.weight:g}",
-            f"{p.accuracy:.2f}", f"{p.score:.2f}", f"{p.fluency.repetition:.2f}",
+            f"{p.accuracy:.2f}",
+            f"{p.score:.2f}",
+            f"{p.fluency.repetition:.2f}",
             f"{p.fluency.degenerate:.2f}",
             "–" if p.fluency.perplexity is None else f"{p.fluency.perplexity:.2f}",
         )
@@ -556,13 +605,16 @@ def sweep_command(
     ],
     data: Annotated[
         Path | None,
-        typer.Option(help="Validation rows (IFEval-format jsonl); the first --n-prompts rows "
-                     "of each instruction are used."),
+        typer.Option(
+            help="Validation rows (IFEval-format jsonl); the first --n-prompts rows "
+            "of each instruction are used."
+        ),
     ] = None,
     out_dir: Annotated[
         Path | None,
-        typer.Option("--out", "-o", help="Where sweep JSON/PNG go (default: sweeps/ next to "
-                     "the vectors)."),
+        typer.Option(
+            "--out", "-o", help="Where sweep JSON/PNG go (default: sweeps/ next to the vectors)."
+        ),
     ] = None,
     instruction_id: Annotated[
         str | None, typer.Option(help="Sweep only this instruction (IFEval id).")
@@ -620,8 +672,9 @@ def sweep_command(
 
     def served(row: Any) -> list[str]:
         ids: list[str] = []
-        for iid, kwargs in zip(row.instruction_id_list, row.kwargs or ({},) * len(
-                row.instruction_id_list), strict=True):
+        for iid, kwargs in zip(
+            row.instruction_id_list, row.kwargs or ({},) * len(row.instruction_id_list), strict=True
+        ):
             try:
                 found = vector_id_for(iid, kwargs)
             except IfsteerError:
@@ -632,8 +685,10 @@ def sweep_command(
     groups: dict[str, list[Any]] = {}
     for row in load_rows(data):
         ids = served(row)
-        if ids and all(i in mapping for i in ids) and len(groups.get(group_of(row), [])) < (
-            n_prompts
+        if (
+            ids
+            and all(i in mapping for i in ids)
+            and len(groups.get(group_of(row), [])) < (n_prompts)
         ):
             groups.setdefault(group_of(row), []).append(row)
     if instruction_id is not None:
@@ -649,20 +704,24 @@ def sweep_command(
     lm = _load(model, dtype)
     sampling = Sampling(max_new_tokens=max_new_tokens)
     for group, rows in sorted(groups.items()):
-        n_points = 1 + (len(grid_layers) if grid_layers else len(range(
-            lm.n_layers // 5, lm.n_layers, 2))) * (len(grid_weights) if grid_weights else 1)
+        n_points = 1 + (
+            len(grid_layers) if grid_layers else len(range(lm.n_layers // 5, lm.n_layers, 2))
+        ) * (len(grid_weights) if grid_weights else 1)
         with progress_bar(f"sweep {group}", len(rows) * n_points) as advance:
             options: dict[str, Any] = dict(
-                layers=grid_layers, instruction_id=group, with_instruction=with_instruction,
-                sampling=sampling, batch_size=batch_size, perplexity=perplexity,
+                layers=grid_layers,
+                instruction_id=group,
+                with_instruction=with_instruction,
+                sampling=sampling,
+                batch_size=batch_size,
+                perplexity=perplexity,
                 progress=advance,
             )
             if grid_weights:
                 result = sweep_weights(lm, mapping, rows, weights=grid_weights, **options)
             else:
                 result = sweep_layers(lm, mapping, rows, **options)
-        files = {**group_vector_files(group, mapping),
-                 **{v: mapping[v] for v in result.vector_ids}}
+        files = {**group_vector_files(group, mapping), **{v: mapping[v] for v in result.vector_ids}}
         apply_choice(result, files, set_default=set_default)
         written = save_sweep(result, target)
         out.print(_sweep_table(result))
@@ -718,8 +777,10 @@ def run_paper_command(
     ] = False,
     perplexity: Annotated[
         bool,
-        typer.Option(help="Also score answers' perplexity under the model (slower; flags "
-                     "ppl < 2.5 as degenerate)."),
+        typer.Option(
+            help="Also score answers' perplexity under the model (slower; flags "
+            "ppl < 2.5 as degenerate)."
+        ),
     ] = False,
     dtype: DtypeOption = "float32",
 ) -> None:
@@ -746,17 +807,27 @@ def run_paper_command(
     if limit < 0 or sweep_prompts < 0 or max_new_tokens < 1 or batch_size < 1 or n_pairs < 1:
         raise InvalidSteering("--limit and --sweep-prompts must be ≥ 0, the other sizes ≥ 1")
     config = PaperConfig(
-        data=data, out=out_dir, model=model, limit=limit or None, sweep_prompts=sweep_prompts,
-        layer_step=layer_step, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        n_pairs=n_pairs, with_instruction=with_instruction, perplexity=perplexity, dtype=dtype,
+        data=data,
+        out=out_dir,
+        model=model,
+        limit=limit or None,
+        sweep_prompts=sweep_prompts,
+        layer_step=layer_step,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        n_pairs=n_pairs,
+        with_instruction=with_instruction,
+        perplexity=perplexity,
+        dtype=dtype,
     )
     lm = _load(model, dtype)
     plan = plan_run(config, lm.n_layers)
     n_params = sum(p.numel() for p in lm.model.parameters())
     estimates = estimate_seconds(config, plan, n_params, todo=True)
     full_total = sum(
-        estimate_seconds(full_config(config), full_plan(config, plan, lm.n_layers), n_params)
-        .values()
+        estimate_seconds(
+            full_config(config), full_plan(config, plan, lm.n_layers), n_params
+        ).values()
     )
     big = {k: v for k, v in estimates.items() if v >= 30}
     out.print(
@@ -824,16 +895,23 @@ def serve(
     if backend == "hf":
         lm = _load(model, dtype)
         application = create_app(
-            lm, named, api_key=api_key, batch_window_s=batch_window_ms / 1000,
-            max_batch_size=max_batch_size, limits=limits, allow_transfer=allow_transfer,
+            lm,
+            named,
+            api_key=api_key,
+            batch_window_s=batch_window_ms / 1000,
+            max_batch_size=max_batch_size,
+            limits=limits,
+            allow_transfer=allow_transfer,
             extract_pairs=extract_pairs,
         )
     elif backend == "vllm":
         from ifsteer.backends.vllm import VLLMEngine
 
         engine = VLLMEngine(
-            model, tensor_parallel_size=tensor_parallel_size,
-            pipeline_parallel_size=pipeline_parallel_size, dtype=dtype,
+            model,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            dtype=dtype,
         )
         application = build_app(
             engine, named, api_key=api_key, limits=limits, allow_transfer=allow_transfer
@@ -841,10 +919,14 @@ def serve(
     else:
         raise InvalidSteering(f"unknown backend {backend!r}; choose hf or vllm")
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
-        print(f"warning: serving on {host} without --api-key: anyone who can reach it can "
-              "use it", file=sys.stderr)
-    out.print(f"serving on http://{host}:{port}/v1 with {len(named)} vectors "
-              f"({', '.join(sorted(named)) or 'none'})")
+        print(
+            f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
+            file=sys.stderr,
+        )
+    out.print(
+        f"serving on http://{host}:{port}/v1 with {len(named)} vectors "
+        f"({', '.join(sorted(named)) or 'none'})"
+    )
     run_server(application, host=host, port=port)
 
 

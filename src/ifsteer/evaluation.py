@@ -143,6 +143,22 @@ class Row:
     kwargs: tuple[dict[str, Any], ...] | None
     source: str = field(default="", compare=False)  # "FILE:LINE", for messages
 
+    def served_vectors(self) -> list[tuple[str, bool]]:
+        """(vector id, negated) for each instruction a vector can serve; others are skipped.
+
+        A forbidden word is served by its inclusion vector, negated (PAPER.md §2).
+        """
+        served: list[tuple[str, bool]] = []
+        kwargs_list = self.kwargs or ({},) * len(self.instruction_id_list)
+        for instruction_id, kwargs in zip(self.instruction_id_list, kwargs_list, strict=True):
+            try:
+                ids = vector_id_for(instruction_id, kwargs)
+            except IfsteerError:
+                continue
+            negate = instruction_id == EXCLUDE_ID
+            served += [(v, negate) for v in ([ids] if isinstance(ids, str) else ids)]
+        return served
+
     def prompt_for(self, setting: str) -> str:
         if setting in WITH_INSTRUCTION:
             return self.prompt

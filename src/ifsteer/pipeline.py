@@ -41,7 +41,7 @@ from ifsteer.calibration import (
 from ifsteer.errors import IfsteerError
 from ifsteer.evaluation import Row, load_rows, run_evaluation, vector_directory
 from ifsteer.generation import Sampling
-from ifsteer.instructions import get_instruction, vector_id_for
+from ifsteer.instructions import get_instruction
 from ifsteer.models import LoadedModel
 from ifsteer.vectors import (
     default_layer,
@@ -135,16 +135,7 @@ class Plan:
 
 
 def _served(row: Row) -> list[str]:
-    ids: list[str] = []
-    for instruction_id, kwargs in zip(
-        row.instruction_id_list, row.kwargs or ({},) * len(row.instruction_id_list), strict=True
-    ):
-        try:
-            served = vector_id_for(instruction_id, kwargs)
-        except IfsteerError:
-            continue
-        ids += [served] if isinstance(served, str) else served
-    return ids
+    return [vector_id for vector_id, _ in row.served_vectors()]
 
 
 def _steerable(rows: Sequence[Row]) -> list[Row]:

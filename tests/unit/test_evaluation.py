@@ -2,14 +2,12 @@ from __future__ import annotations
 
 import fcntl
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from safetensors.torch import save_file
 
-from ifsteer.cli import main
 from ifsteer.errors import MalformedVectorFile, VectorMismatch
 from ifsteer.evaluation import (
     SETTINGS,
@@ -31,6 +29,7 @@ from ifsteer.generation import Sampling, generate
 from ifsteer.quality import perplexities
 from ifsteer.steering import Steering
 from ifsteer.vectors import save_vectors
+from tests.unit.test_cli import run as run_cli
 from tests.unit.test_vectors import make_vector
 
 DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -528,15 +527,6 @@ def test_unknown_setting_is_refused(tmp_path, tiny_lm, resume_case):
 # --- CLI ------------------------------------------------------------------------------------
 
 
-def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["ifsteer", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_eval_runs_resumes_and_prints_the_table(monkeypatch, capsys, tmp_path, tiny_lm):

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import torch
 from torch.utils.hooks import RemovableHandle
+from transformers.cache_utils import Cache
 
 from ifsteer.errors import InvalidSteering
 from ifsteer.models import LoadedModel
@@ -93,7 +94,8 @@ class SteeringHandle:
 
     def _track_phase(self, _module: torch.nn.Module, _args: Any, kwargs: dict[str, Any]) -> None:
         # A forward with an empty (or no) cache reads a prompt; any later one extends it.
-        cache = kwargs.get("past_key_values")
+        # Found by type: transformers renamed the argument (past_key_values, then cache).
+        cache = next((v for v in kwargs.values() if isinstance(v, Cache)), None)
         filled = cache is not None and cache.get_seq_length() > 0
         self.phase = "generated" if filled else "prompt"
 

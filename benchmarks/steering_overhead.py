@@ -33,20 +33,27 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def decode_rate(lm, steering, batch: int, tokens: int, repeats: int) -> float:
-    """Tokens/s of the decode phase alone: time(n tokens) - time(1 token) cancels the prefill."""
+def decode_rates(lm, steering, batch: int, tokens: int, repeats: int) -> tuple[float, float]:
+    """Median tokens/s unsteered and steered, runs interleaved so load drifts hit both alike.
+
+    Every run generates exactly `tokens` tokens per row (end-of-turn ignored), so both sides do
+    the same work; the short prefill is included in both.
+    """
     prompts = [PROMPT] * batch
-
-    def run(n: int) -> None:
-        sampling = Sampling(max_new_tokens=n, ignore_eos=True)
-        generate(lm, prompts, steering=steering, sampling=sampling, batch_size=batch)
-
-    rates = []
-    for _ in range(repeats):
-        long = timed(lambda: run(tokens))
-        short = timed(lambda: run(1))
-        rates.append(batch * (tokens - 1) / max(long - short, 1e-9))
-    return statistics.median(rates)
+    sampling = Sampling(max_new_tokens=tokens, ignore_eos=True)
+    times: dict[str, list[float]] = {"plain": [], "steered": []}
+    for i in range(repeats):
+        order = [("plain", []), ("steered", steering)]
+        for name, steer_with in order if i % 2 == 0 else order[::-1]:
+            times[name].append(
+                timed(
+                    lambda s=steer_with: generate(
+                        lm, prompts, steering=s, sampling=sampling, batch_size=batch
+                    )
+                )
+            )
+    rate = lambda name: batch * tokens / statistics.median(times[name])  # noqa: E731
+    return rate("plain"), rate("steered")
 
 
 @torch.no_grad()
@@ -63,7 +70,7 @@ def reference_loop(lm, steering, n_tokens: int) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     torch.manual_seed(0)
     lm = load_model(args.model)
@@ -76,8 +83,7 @@ def main() -> None:
     print(f"model {lm.model_id}, layer {layer}, {torch.get_num_threads()} threads")
 
     for batch in (1, 8):
-        plain = decode_rate(lm, [], batch, 32, args.repeats)
-        steered = decode_rate(lm, steering, batch, 32, args.repeats)
+        plain, steered = decode_rates(lm, steering, batch, 48, args.repeats)
         print(
             f"decode batch {batch}: unsteered {plain:.1f} tok/s, steered {steered:.1f} tok/s, "
             f"ratio steered/unsteered {steered / plain:.3f} (goal >= 0.97)"

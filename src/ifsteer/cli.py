@@ -654,7 +654,7 @@ def sweep_command(
     from ifsteer.generation import Sampling
     from ifsteer.instructions import vector_id_for
     from ifsteer.progress import progress_bar
-    from ifsteer.vectors import load_vectors
+    from ifsteer.vectors import default_layers, load_vectors
 
     if data is None:
         raise InvalidSteering(
@@ -704,9 +704,9 @@ def sweep_command(
     lm = _load(model, dtype)
     sampling = Sampling(max_new_tokens=max_new_tokens)
     for group, rows in sorted(groups.items()):
-        n_points = 1 + (
-            len(grid_layers) if grid_layers else len(range(lm.n_layers // 5, lm.n_layers, 2))
-        ) * (len(grid_weights) if grid_weights else 1)
+        n_points = 1 + (len(grid_layers or default_layers(lm.n_layers))) * (
+            len(grid_weights) if grid_weights else 1
+        )
         with progress_bar(f"sweep {group}", len(rows) * n_points) as advance:
             options: dict[str, Any] = dict(
                 layers=grid_layers,

@@ -155,7 +155,8 @@ def _group_by_layer(
     for row_index, row in enumerate(rows):
         per_layer: dict[int, list[int]] = {}
         for s in row:
-            resolved.setdefault(id(s), _resolve(s, device))
+            if id(s) not in resolved:
+                resolved[id(s)] = _resolve(s, device)
             per_layer.setdefault(s.vector.layer, []).append(id(s))
         for layer, keys in per_layer.items():
             by_layer.setdefault(layer, {}).setdefault(tuple(keys), []).append(row_index)

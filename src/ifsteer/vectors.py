@@ -403,9 +403,7 @@ def update_defaults(
     """Record a calibrated layer/weight/mode in the file itself, so the choice travels with it."""
     vectors, default = load_vectors(path)
     updated = [
-        v.with_defaults(mode=mode, weight=weight)
-        if extra is None
-        else replace(v.with_defaults(mode=mode, weight=weight), extra={**v.extra, **extra})
+        replace(v.with_defaults(mode=mode, weight=weight), extra={**v.extra, **(extra or {})})
         for v in vectors.values()
     ]
     return save_vectors(path, updated, default if layer is None else layer)

@@ -29,6 +29,7 @@ import langdetect
 import nltk
 
 from ifsteer.errors import UnknownInstruction
+from ifsteer.paths import cache_home
 
 __all__ = [
     "CheckResult",
@@ -83,11 +84,6 @@ if langdetect.DetectorFactory.seed is None:  # a caller's own seed wins
     langdetect.DetectorFactory.seed = 0
 
 
-def _cache_home() -> Path:
-    # Same rule as models.cache_home(), restated so this module does not import torch.
-    return Path(os.environ.get("IFSTEER_HOME", Path.home() / ".cache" / "ifsteer"))
-
-
 def ensure_punkt() -> Path:
     """Make nltk's English sentence splitter work offline; return the nltk data dir used.
 
@@ -96,7 +92,7 @@ def ensure_punkt() -> Path:
     ``punkt_tab`` text files, under ``<IFSTEER_HOME>/nltk_data``, and that dir is added to
     ``nltk.data.path``. Safe to call any number of times, from several processes.
     """
-    root = _cache_home() / "nltk_data"
+    root = cache_home() / "nltk_data"
     english = root / "tokenizers" / "punkt_tab" / "english"
     if not all((english / name).is_file() for name in _PUNKT_FILES):
         _write_english_punkt(english)

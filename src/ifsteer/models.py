@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from transformers import (
 )
 
 from ifsteer.errors import ModelNotFound, UnsupportedArchitecture
+from ifsteer.paths import cache_home
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DTYPES: dict[str, torch.dtype] = {
@@ -97,10 +97,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         ),
     )
 }
-
-
-def cache_home() -> Path:
-    return Path(os.environ.get("IFSTEER_HOME", Path.home() / ".cache" / "ifsteer"))
 
 
 @dataclass

@@ -1,0 +1,14 @@
+"""Where ifsteer keeps what it derives once: converted models, nltk data, assembled GGUFs.
+
+A module of its own, free of torch, so the IFEval checks can use it without loading a model
+stack.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("IFSTEER_HOME", Path.home() / ".cache" / "ifsteer"))

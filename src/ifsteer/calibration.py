@@ -1,4 +1,4 @@
-"""Choosing where (layer) and how hard (weight) to steer, on validation prompts (PAPER.md §3).
+"""Choosing where (layer) and how hard (weight) to steer, on validation prompts (docs/method.md).
 
 A sweep answers a few validation prompts once per grid point: "no steering", then every layer
 of `range(L//5, L, 2)` (and, for additive vectors, every weight). All points of all prompts go
@@ -12,18 +12,18 @@ layer (then smallest weight) on ties. The choice is written into the vector file
 travels with them; a sweep where no steering wins records `recommended: false` and keeps the
 file's default layer.
 
-Validation rows are the caller's: the paper validates on held-out prompts, and for the format
-set we have only the 163 test prompts, so `split_rows` sets a few rows of each instruction
-aside for sweeps and leaves the rest for evaluation, deterministically and without overlap.
+Validation rows are the caller's (`ifsteer.rows.split_rows` sets some aside). Only rows every
+one of whose instructions a vector steers can calibrate (`Row.fully_served`); `calibrate` runs
+one group's sweep and records it, for the CLI and the paper pipeline alike. Figures of a sweep
+are the report's (`ifsteer.report.plot_sweep`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,36 +31,42 @@ from typing import Any
 from ifsteer import quality
 from ifsteer.checks import check_row
 from ifsteer.errors import IfsteerError, InvalidSteering, VectorMismatch
-from ifsteer.evaluation import Row
 from ifsteer.generation import Sampling, generate
 from ifsteer.models import LoadedModel
+from ifsteer.rows import Row, group_of
+from ifsteer.rundir import file_stem, sweep_path, write_json
 from ifsteer.steering import Steering
-from ifsteer.vectors import Mode, SteeringVector, default_layers, load_vectors, update_defaults
+from ifsteer.vectors import (
+    Mode,
+    SteeringVector,
+    VectorFile,
+    default_layers,
+    load_vector_directory,
+    read_vector_file,
+    update_defaults,
+)
 
 __all__ = [
     "Choice",
     "Fluency",
     "GridPoint",
-    "Split",
     "SweepResult",
     "apply_choice",
+    "calibrate",
     "choose",
-    "draw_sweep",
-    "group_of",
     "group_vector_files",
     "load_sweep",
-    "plot_sweep",
     "save_sweep",
     "score_point",
-    "split_rows",
     "sweep",
     "sweep_filename",
     "sweep_layers",
     "sweep_weights",
+    "validation_groups",
 ]
 
 Progress = Callable[[int], None]
-VectorSource = str | Path | Mapping[str, str | Path]
+VectorSource = str | Path | Mapping[str, "str | Path | VectorFile"]
 # A response whose trigrams repeat more than this, or whose perplexity under the unsteered
 # model is below MIN_PERPLEXITY (when measured), is degenerate (ifsteer.quality).
 MAX_REPETITION = 0.5
@@ -146,7 +152,7 @@ class SweepResult:
 
 def sweep_filename(instruction_id: str) -> str:
     """`sweeps/<id>.json` with ':' replaced by '__', so ids are valid file names everywhere."""
-    return instruction_id.replace(":", "__").replace("/", "_")
+    return file_stem(instruction_id)
 
 
 # --- selection (pure) -----------------------------------------------------------------------
@@ -202,113 +208,46 @@ def best_steered(grid: Sequence[GridPoint]) -> GridPoint | None:
     return min(steered, key=lambda p: (-round(p.score, 9), p.layer, abs(p.weight or 0.0)))
 
 
-# --- validation split -----------------------------------------------------------------------
-
-
-def group_of(row: Row) -> str:
-    """The sweep a row belongs to: its first IFEval instruction id.
-
-    All response-language rows form one group ("language:response_language"): with one or two
-    rows per language there is too little to sweep each language alone (the paper's sweep also
-    uses one row per language), so the languages share one layer.
-    """
-    if not row.instruction_id_list:
-        raise IfsteerError(f"{row.source}: row {row.key!r} has no instruction to sweep")
-    return row.instruction_id_list[0]
-
-
-def _rank(seed: int, key: object) -> str:
-    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
-
-
-def _served_ids(row: Row) -> list[str]:
-    return [vector_id for vector_id, _ in row.served_vectors()]
-
-
-@dataclass(frozen=True)
-class Split:
-    """Validation rows per group (for sweeps) and the evaluation rows, never overlapping.
-
-    `evaluation` interleaves the groups round-robin, so its first N rows cover every
-    instruction about equally: `--limit N` takes a prefix, and a larger limit extends it.
-    """
-
-    validation: dict[str, list[Row]]
-    evaluation: list[Row]
-    per_group: int
-    seed: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "per_group": self.per_group,
-            "seed": self.seed,
-            "rule": "per instruction, rows ranked by sha256(seed:key); the first "
-            "min(per_group, n // 2) preferring distinct vectors go to validation, "
-            "the rest to evaluation (interleaved round-robin across instructions)",
-            "validation": {g: [r.key for r in rows] for g, rows in self.validation.items()},
-            "evaluation": [r.key for r in self.evaluation],
-        }
-
-
-def split_rows(rows: Sequence[Row], per_group: int, *, seed: int = 0) -> Split:
-    """Set aside up to `per_group` rows of each instruction for its sweep (never more than half
-    of that instruction's rows), the rest for evaluation. Same rows and seed, same split.
-
-    Within the language group, distinct languages are preferred, so a sweep sees several.
-    """
-    if per_group < 0:
-        raise InvalidSteering(f"per_group must be at least 0, got {per_group}")
-    groups: dict[str, list[Row]] = {}
-    for row in rows:
-        groups.setdefault(group_of(row), []).append(row)
-    validation: dict[str, list[Row]] = {}
-    rest: dict[str, list[Row]] = {}
-    for group, members in sorted(groups.items()):
-        ranked = sorted(members, key=lambda r: _rank(seed, r.key))
-        take = min(per_group, len(ranked) // 2)
-        chosen: list[Row] = []
-        seen: set[tuple[str, ...]] = set()
-        for row in ranked:  # first pass: one row per distinct vector set
-            ids = tuple(_served_ids(row))
-            if len(chosen) < take and ids not in seen:
-                chosen.append(row)
-                seen.add(ids)
-        for row in ranked:  # then fill up in rank order
-            if len(chosen) < take and row not in chosen:
-                chosen.append(row)
-        if chosen:
-            validation[group] = chosen
-        rest[group] = [r for r in ranked if r not in chosen]
-    evaluation: list[Row] = []
-    depth = max((len(v) for v in rest.values()), default=0)
-    for i in range(depth):
-        evaluation.extend(members[i] for members in rest.values() if i < len(members))
-    return Split(validation, evaluation, per_group, seed)
-
-
 # --- running a sweep ------------------------------------------------------------------------
 
 
-def _vector_map(vectors: VectorSource, rows: Sequence[Row]) -> dict[str, Path]:
+def _vector_files(vectors: VectorSource, rows: Sequence[Row]) -> dict[str, VectorFile]:
     """Vector files by id: a directory, a mapping, or one file that serves every row."""
     if isinstance(vectors, Mapping):
-        return {k: Path(v) for k, v in vectors.items()}
+        return {
+            k: v if isinstance(v, VectorFile) else read_vector_file(v) for k, v in vectors.items()
+        }
     path = Path(vectors)
     if path.is_dir():
-        from ifsteer.evaluation import vector_directory
-
-        return vector_directory(path)
-    loaded, default = load_vectors(path)
-    own = loaded[default].instruction_id
-    mapping = {own: path}
+        return load_vector_directory(path)
+    file = read_vector_file(path)
+    mapping = {file.instruction_id: file}
     for row in rows:  # a single file serves every row, whatever id the row asks for
-        for vector_id in _served_ids(row):
-            mapping.setdefault(vector_id, path)
+        for vector_id in row.vector_ids():
+            mapping.setdefault(vector_id, file)
     return mapping
 
 
+def validation_groups(
+    rows: Sequence[Row], available: Collection[str], n_prompts: int,
+    instruction_id: str | None = None,
+) -> dict[str, list[Row]]:
+    """The first `n_prompts` rows of each sweep group that the `available` vectors fully serve
+    (only `instruction_id`'s group when given)."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        if not row.fully_served(available):
+            continue
+        members = groups.setdefault(group_of(row), [])
+        if len(members) < n_prompts:
+            members.append(row)
+    if instruction_id is not None:
+        groups = {g: members for g, members in groups.items() if g == instruction_id}
+    return groups
+
+
 def _layers_for(
-    files: Mapping[str, dict[int, SteeringVector]], layers: Sequence[int] | None, n_layers: int
+    files: Mapping[str, Mapping[int, SteeringVector]], layers: Sequence[int] | None, n_layers: int
 ) -> list[int]:
     common = set.intersection(*(set(v) for v in files.values()))
     if layers is not None:
@@ -346,19 +285,15 @@ def sweep(
     """
     if not points:
         raise InvalidSteering("a sweep needs at least one (layer, weight) point")
-    mapping = _vector_map(vectors, rows)
-    usable: list[tuple[Row, list[tuple[str, bool]]]] = []
-    for row in rows:
-        served = row.served_vectors()
-        if served and all(v in mapping for v, _ in served):
-            usable.append((row, served))
+    mapping = _vector_files(vectors, rows)
+    usable = [(row, row.served_vectors()) for row in rows if row.fully_served(mapping)]
     if not usable:
         raise IfsteerError(
             "no validation row has a vector file for its instruction; extract the vectors first "
             f"(have: {', '.join(sorted(mapping)) or 'none'})"
         )
     needed = sorted({v for _, served in usable for v, _ in served})
-    files = {v: load_vectors(mapping[v])[0] for v in needed}
+    files = {v: mapping[v].layers for v in needed}
     for loaded in files.values():
         any_vector = next(iter(loaded.values()))
         any_vector.check_fits(lm.model_id, lm.hidden_size, lm.n_layers)
@@ -464,10 +399,8 @@ def sweep_layers(
     the vector files (or `layers`), at the files' default weight, on the first `n_prompts`
     rows. Options as for `sweep`."""
     rows = list(rows)[:n_prompts] if n_prompts is not None else list(rows)
-    mapping = _vector_map(vectors, rows)
-    files = {v: load_vectors(p)[0] for v, p in mapping.items() if _serves_any(v, rows)}
-    grid = _layers_for(files or {k: load_vectors(p)[0] for k, p in mapping.items()}, layers,
-                       lm.n_layers)
+    mapping = _vector_files(vectors, rows)
+    grid = _layers_for(_serving(mapping, rows), layers, lm.n_layers)
     points: list[tuple[int | None, float | None]] = [(None, None)] + [(la, None) for la in grid]
     return sweep(lm, mapping, rows, points, **options)
 
@@ -490,35 +423,45 @@ def sweep_weights(
     if not weights:
         raise InvalidSteering("give at least one weight for a weight grid")
     rows = list(rows)[:n_prompts] if n_prompts is not None else list(rows)
-    mapping = _vector_map(vectors, rows)
-    files = {v: load_vectors(p)[0] for v, p in mapping.items() if _serves_any(v, rows)}
-    grid = _layers_for(files or {k: load_vectors(p)[0] for k, p in mapping.items()}, layers,
-                       lm.n_layers)
+    mapping = _vector_files(vectors, rows)
+    grid = _layers_for(_serving(mapping, rows), layers, lm.n_layers)
     points: list[tuple[int | None, float | None]] = [(None, None)]
     points += [(la, float(w)) for la in grid for w in weights]
     options.setdefault("mode", "additive")
     return sweep(lm, mapping, rows, points, **options)
 
 
-def _serves_any(vector_id: str, rows: Sequence[Row]) -> bool:
-    return any(vector_id in _served_ids(r) for r in rows)
+def _serving(
+    mapping: Mapping[str, VectorFile], rows: Sequence[Row]
+) -> dict[str, Mapping[int, SteeringVector]]:
+    """The layers of the files some row uses (of every file, when no row uses one)."""
+    used = {v for row in rows for v in row.vector_ids()}
+    files = {v: f.layers for v, f in mapping.items() if v in used}
+    return files or {v: f.layers for v, f in mapping.items()}
 
 
 # --- recording the choice -------------------------------------------------------------------
 
 
-def group_vector_files(group: str, mapping: Mapping[str, str | Path]) -> dict[str, Path]:
+def group_vector_files(
+    group: str, mapping: Mapping[str, str | Path | VectorFile]
+) -> dict[str, Path]:
     """The files a group's choice applies to: the group's own id, or its per-value vectors
     (`language:response_language` → every `language:response_language:<code>` file)."""
     return {
-        vector_id: Path(path)
-        for vector_id, path in mapping.items()
+        vector_id: _path(file)
+        for vector_id, file in mapping.items()
         if vector_id == group or vector_id.startswith(group + ":")
     }
 
 
+def _path(file: str | Path | VectorFile) -> Path:
+    return file.path if isinstance(file, VectorFile) else Path(file)
+
+
 def apply_choice(
-    result: SweepResult, files: Sequence[str | Path] | Mapping[str, str | Path],
+    result: SweepResult,
+    files: Sequence[str | Path | VectorFile] | Mapping[str, str | Path | VectorFile],
     *, set_default: bool = True,
 ) -> list[Path]:
     """Write a sweep's choice into vector files.
@@ -528,7 +471,7 @@ def apply_choice(
     for a sweep with the instruction in the prompt) records the choice, `recommended` and the
     best steered point. When "no steering" wins, the default layer stays as it was.
     """
-    paths = list(files.values()) if isinstance(files, Mapping) else list(files)
+    paths = [_path(f) for f in (files.values() if isinstance(files, Mapping) else files)]
     best = best_steered(result.grid)
     baseline = next((p for p in result.grid if p.layer is None), None)
     record = {
@@ -560,24 +503,17 @@ def apply_choice(
     return written
 
 
-def save_sweep(result: SweepResult, directory: str | Path, *, plot: bool = True) -> Path:
-    """Write `<dir>/<id>.json` (grid and choice), `<id>.responses.jsonl` (every validation
-    answer, for a look at what each layer did) and `<id>.png` (accuracy and fluency vs layer).
-    The JSON is written last: its presence means the sweep is complete."""
+def save_sweep(result: SweepResult, directory: str | Path) -> Path:
+    """Write `<dir>/<id>.json` (grid and choice) and `<id>.responses.jsonl` (every validation
+    answer, for a look at what each layer did). The JSON is written last: its presence means
+    the sweep is complete."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     stem = sweep_filename(result.instruction_id)
     with (directory / f"{stem}.responses.jsonl").open("w", encoding="utf-8") as handle:
         for record in result.responses:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    data = result.to_json()
-    if plot:
-        plot_sweep(data, directory / f"{stem}.png")
-    target = directory / f"{stem}.json"
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(target)
-    return target
+    return write_json(sweep_path(directory, result.instruction_id), result.to_json())
 
 
 def load_sweep(path: str | Path) -> dict[str, Any]:
@@ -591,81 +527,27 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     return data
 
 
-# --- plots ----------------------------------------------------------------------------------
+def calibrate(
+    lm: LoadedModel,
+    files: Mapping[str, VectorFile],
+    group: str,
+    rows: Sequence[Row],
+    sweeps_dir: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    set_default: bool = True,
+    **options: Any,
+) -> tuple[SweepResult, dict[str, Path], Path]:
+    """One group's sweep, its choice written into the files it concerns and the sweep saved.
 
-
-def draw_sweep(ax: Any, data: Mapping[str, Any], *, legend: bool = True) -> list[Any]:
-    """Accuracy and the fluency-filtered score vs layer on `ax`, the degenerate share as bars on
-    a twin axis. "No steering" sits at the left, at x "none", with a dashed line at its score
-    (what a layer must beat); the chosen point is ringed. One accuracy line per weight.
-    Returns the legend handles (of both axes)."""
-    grid = data["grid"]
-    steered = [p for p in grid if p["layer"] is not None]
-    baseline = next((p for p in grid if p["layer"] is None), None)
-    layers = sorted({p["layer"] for p in steered})
-    gap = min((b - a for a, b in zip(layers, layers[1:], strict=False)), default=2)
-    none_x = (layers[0] - gap) if layers else 0
-    weights = sorted({p["weight"] for p in steered}, key=lambda w: (w is None, w or 0.0))
-    colours = ["#1f77b4", "#9467bd", "#2ca02c", "#8c564b", "#e377c2", "#17becf"]
-    for i, weight in enumerate(weights):
-        points = sorted((p for p in steered if p["weight"] == weight), key=lambda p: p["layer"])
-        label = "accuracy" if weight is None else f"accuracy, w={weight:g}"
-        ax.plot([p["layer"] for p in points], [p["accuracy"] for p in points], "o-",
-                color=colours[i % len(colours)], label=label)
-        if len(weights) == 1:
-            ax.plot([p["layer"] for p in points], [p["score"] for p in points], "s:",
-                    color="#ff7f0e", label="score (fluency-filtered)", markersize=4)
-    if baseline is not None:
-        ax.axhline(baseline["score"], color="grey", linestyle="--", linewidth=1,
-                   label="no steering (score)")
-        ax.plot([none_x], [baseline["accuracy"]], "o", color="grey")
-        ax.plot([none_x], [baseline["score"]], "s", color="#ff7f0e", markersize=4)
-    chosen = data["chosen"]
-    if chosen.get("layer") is not None:
-        ax.plot([chosen["layer"]], [chosen["score"]], "o", markersize=14, fillstyle="none",
-                color="crimson", label=f"chosen: layer {chosen['layer']}")
-    ax.set_ylim(-0.05, 1.05)
-    ticks = ([none_x] if baseline is not None else []) + layers
-    ax.set_xticks(ticks)
-    ax.set_xticklabels((["none"] if baseline is not None else []) + [str(la) for la in layers],
-                       fontsize=7)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("loose accuracy")
-    handles = ax.get_legend_handles_labels()[0]
-    title = data["instruction_id"]
-    if chosen.get("layer") is None:
-        title += "  (no steering wins)"
-    ax.set_title(title, fontsize=9)
-    twin = ax.twinx()
-    worst: dict[float, float] = {}
-    for p in grid:
-        x = none_x if p["layer"] is None else p["layer"]
-        worst[x] = max(worst.get(x, 0.0), p["fluency"]["degenerate"])
-    twin.bar(list(worst), list(worst.values()), width=0.4 * gap, alpha=0.18, color="red",
-             label="degenerate share")
-    twin.set_ylim(0, 1.0)
-    twin.set_ylabel("degenerate share", color="#b22222", fontsize=8)
-    twin.tick_params(axis="y", labelsize=7, colors="#b22222")
-    ax.set_zorder(twin.get_zorder() + 1)
-    ax.patch.set_visible(False)
-    handles += twin.get_legend_handles_labels()[0]
-    if legend:
-        ax.legend(handles=handles, fontsize=7, loc="upper right")
-    return handles
-
-
-def plot_sweep(data: Mapping[str, Any], path: str | Path) -> Path:
-    """One sweep as a PNG (Agg backend, no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=110)
-    try:
-        draw_sweep(ax, data)
-        fig.tight_layout()
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return Path(path)
+    A layer sweep, or a layer × weight grid when `weights` are given. The choice goes into the
+    group's own files and into every file the sweep steered with (it was measured with them).
+    Returns the result, the files updated and the sweep's JSON. Options as for `sweep`.
+    """
+    if weights:
+        result = sweep_weights(lm, files, rows, weights=weights, instruction_id=group, **options)
+    else:
+        result = sweep_layers(lm, files, rows, instruction_id=group, **options)
+    updated = {**group_vector_files(group, files), **{v: files[v].path for v in result.vector_ids}}
+    apply_choice(result, updated, set_default=set_default)
+    return result, updated, save_sweep(result, sweeps_dir)

@@ -19,15 +19,15 @@ from ifsteer.calibration import (
     load_sweep,
     save_sweep,
     score_point,
-    split_rows,
     sweep_filename,
     sweep_layers,
     sweep_weights,
 )
 from ifsteer.errors import InvalidSteering, VectorMismatch
-from ifsteer.evaluation import Row
 from ifsteer.generation import Sampling, generate
 from ifsteer.instructions import get_instruction
+from ifsteer.report import plot_sweep
+from ifsteer.rows import Row, split_rows
 from ifsteer.steering import Steering
 from ifsteer.vectors import (
     default_layer,
@@ -196,6 +196,7 @@ def test_sweep_covers_the_paper_grid_and_records_the_choice(tiny10, lower_file, 
     assert default == (result.chosen.layer if result.chosen.recommended else 3)
 
     written = save_sweep(result, tmp_path / "sweeps")
+    plot_sweep(load_sweep(written), written.with_suffix(".png"))
     assert written.name == "change_case__english_lowercase.json"
     data = load_sweep(written)
     assert data["chosen"]["layer"] == result.chosen.layer

@@ -8,27 +8,27 @@ from typing import Any
 import pytest
 from safetensors.torch import save_file
 
-from ifsteer.errors import MalformedVectorFile, VectorMismatch
+from ifsteer.errors import EvaluationError, MalformedVectorFile, VectorMismatch
 from ifsteer.evaluation import (
-    SETTINGS,
-    EvaluationError,
-    Row,
-    composition_row,
     count_pending,
-    length_row,
-    load_rows,
-    prepare_rows,
     read_responses,
     run_evaluation,
-    sentence_limit,
     summarize,
-    vector_directory,
     wilson_interval,
 )
 from ifsteer.generation import Sampling, generate
 from ifsteer.quality import perplexities
+from ifsteer.rows import (
+    SETTINGS,
+    Row,
+    composition_row,
+    length_row,
+    load_rows,
+    prepare_rows,
+    sentence_limit,
+)
 from ifsteer.steering import Steering
-from ifsteer.vectors import save_vectors
+from ifsteer.vectors import load_vector_directory, save_vectors
 from tests.unit.test_cli import run as run_cli
 from tests.unit.test_vectors import make_vector
 
@@ -270,27 +270,27 @@ def test_shared_data_files_load_and_prepare(name, experiment, n):
 # --- vectors --------------------------------------------------------------------------------
 
 
-def test_vector_directory_maps_ids_to_files(tmp_path):
+def test_load_vector_directory_maps_ids_to_files(tmp_path):
     a = make_vector(instruction_id=LOWER)
     b = make_vector(instruction_id=NO_COMMA)
     save_vector_dir(tmp_path, a, b)
     (tmp_path / "notes.txt").write_text("not a vector, and not a .safetensors file either")
-    found = vector_directory(tmp_path)
+    found = load_vector_directory(tmp_path)
     assert set(found) == {LOWER, NO_COMMA}
-    assert found[LOWER].name == "change_case_english_lowercase.safetensors"
+    assert found[LOWER].path.name == "change_case_english_lowercase.safetensors"
     save_vectors(tmp_path / "copy.safetensors", [a])
     with pytest.raises(EvaluationError, match="both hold 'change_case:english_lowercase'"):
-        vector_directory(tmp_path)
+        load_vector_directory(tmp_path)
 
 
-def test_vector_directory_names_a_file_that_is_not_a_vector(tmp_path):
+def test_load_vector_directory_names_a_file_that_is_not_a_vector(tmp_path):
     import torch
 
     save_file({"x": torch.zeros(2)}, str(tmp_path / "stray.safetensors"))
     with pytest.raises(MalformedVectorFile, match="stray.safetensors"):
-        vector_directory(tmp_path)
+        load_vector_directory(tmp_path)
     with pytest.raises(EvaluationError, match="not a directory"):
-        vector_directory(tmp_path / "nope")
+        load_vector_directory(tmp_path / "nope")
 
 
 def test_each_row_gets_its_own_vectors(tmp_path, tiny_lm):

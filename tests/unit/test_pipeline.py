@@ -13,11 +13,11 @@ from ifsteer.pipeline import (
     DEFAULTS,
     PaperConfig,
     PipelineError,
-    Stages,
     estimate_seconds,
     plan_run,
     run_paper,
 )
+from ifsteer.progress import Stages
 from ifsteer.vectors import load_vectors
 from tests.conftest import make_tiny, tiny_llama_config
 
@@ -141,8 +141,7 @@ def test_a_different_split_is_refused_on_resume(tiny10, data, tmp_path):
     out = tmp_path / "run"
     plan_run(_config(data, out), 10)
     (out).mkdir()
-    from ifsteer.calibration import split_rows
-    from ifsteer.evaluation import load_rows
+    from ifsteer.rows import load_rows, split_rows
 
     (out / "split.json").write_text(json.dumps(split_rows(load_rows(data), 1).to_json()))
     plan_run(_config(data, out), 10)  # same options: fine

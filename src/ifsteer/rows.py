@@ -75,10 +75,13 @@ MAX_SENTENCES = 5
 @dataclass(frozen=True)
 class Need:
     """One instruction of a row and the vectors that serve it: (vector id, negated) pairs,
-    empty when no vector can (the instruction then runs unsteered)."""
+    empty when no vector can (the instruction then runs unsteered). `problem` says why kwargs
+    name no vector (a language row without its language): a sweep skips such a row, an
+    evaluation refuses it, since IFEval cannot check it either."""
 
     instruction_id: str
     vectors: tuple[tuple[str, bool], ...]
+    problem: str | None = None
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,7 @@ class Row:
         """The one answer to "which vectors serve this row", instruction by instruction.
 
         A forbidden word is served by its inclusion vector, negated (docs/method.md). An
-        instruction no vector serves has no vectors; kwargs that name no vector at all (a
-        language row without its language) are refused, since no run can use that row.
+        instruction no vector serves has no vectors.
         """
         kwargs_list = self.kwargs or ({},) * len(self.instruction_id_list)
         needs = []
@@ -106,6 +108,9 @@ class Row:
                 ids = vector_id_for(instruction_id, kwargs)
             except UnknownInstruction:
                 needs.append(Need(instruction_id, ()))
+                continue
+            except IfsteerError as exc:
+                needs.append(Need(instruction_id, (), f"{self.source}: {exc}"))
                 continue
             negate = instruction_id == EXCLUDE_ID
             served = [ids] if isinstance(ids, str) else ids

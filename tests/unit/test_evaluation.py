@@ -181,6 +181,14 @@ def test_rows_without_query_are_refused_for_no_instruction_settings(tmp_path, ti
     assert summary.generated == 1
 
 
+
+def test_a_row_whose_kwargs_name_no_vector_is_refused_with_its_line(tmp_path, tiny_lm):
+    data = write_jsonl(tmp_path / "d.jsonl", [ifeval_row(1, "language:response_language")])
+    rows = load_rows(data)
+    with pytest.raises(EvaluationError, match=r"d.jsonl:1: .*lacks its 'language' argument"):
+        run_evaluation(tiny_lm, rows, None, tmp_path / "run", settings=["instruction"])
+
+
 # --- vectors --------------------------------------------------------------------------------
 
 

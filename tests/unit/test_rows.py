@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ifsteer.errors import EvaluationError, IfsteerError
+from ifsteer.errors import EvaluationError
 from ifsteer.rows import (
     Need,
     Row,
@@ -135,10 +135,12 @@ def test_a_row_mixing_served_and_unserved_instructions_is_not_fully_served():
     assert not Row(3, "p", "q", (), ()).fully_served()
 
 
-def test_kwargs_that_name_no_vector_are_refused():
+def test_kwargs_that_name_no_vector_leave_the_instruction_unserved_with_the_reason():
     row = Row(1, "p", "q", ("language:response_language",), ({},), "d.jsonl:1")
-    with pytest.raises(IfsteerError, match="lacks its 'language'"):
-        row.needs()
+    (need,) = row.needs()
+    assert need.vectors == () and not row.fully_served()
+    assert need.problem is not None and need.problem.startswith("d.jsonl:1: ")
+    assert "lacks its 'language'" in need.problem
 
 
 # --- split ------------------------------------------------------------------------------------

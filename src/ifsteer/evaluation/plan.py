@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ifsteer.errors import InvalidSteering
+from ifsteer.errors import EvaluationError, InvalidSteering
 from ifsteer.models import LoadedModel
 from ifsteer.rows import Row
 from ifsteer.steering import Steering
@@ -81,6 +81,8 @@ def plan_vectors(
         key = str(row.key)
         plan.steerings[key], plan.records[key], plan.missing[key] = [], [], []
         for need in row.needs():
+            if need.problem is not None:
+                raise EvaluationError(need.problem)
             if not need.vectors:
                 plan.missing[key].append(need.instruction_id)  # no vector can serve it
             for vector_id, negate in need.vectors:

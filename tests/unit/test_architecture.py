@@ -140,3 +140,14 @@ def test_modules_that_read_finished_runs_import_without_torch(module):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr or f"{module} imported torch"
+
+
+def test_the_public_names_resolve_from_the_root():
+    import ifsteer
+
+    assert ifsteer.__all__[0] == "__version__"
+    for name in ifsteer.__all__:
+        value = getattr(ifsteer, name)
+        assert getattr(value, "__name__", name) == name or name == "__version__"
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        ifsteer.nope  # noqa: B018

@@ -5,7 +5,7 @@ instruction ids and their kwargs. Evaluation answers rows, sweeps validate on th
 paper pipeline splits them; all three ask the same question of a row, "which vectors serve
 it?", and get the one answer `Row.needs` gives: per instruction, the vector ids that steer it
 (`ifsteer.instructions.vector_id_for`), each marked negated for a forbidden word (its inclusion
-vector with the weight negated, docs/method.md), or none when no vector can serve it.
+vector with the weight negated, docs/method.md §2), or none when no vector can serve it.
 
 Experiments differ in how rows are prepared (`prepare_rows`):
 
@@ -98,7 +98,7 @@ class Row:
     def needs(self) -> list[Need]:
         """The one answer to "which vectors serve this row", instruction by instruction.
 
-        A forbidden word is served by its inclusion vector, negated (docs/method.md). An
+        A forbidden word is served by its inclusion vector, negated (docs/method.md §2). An
         instruction no vector serves has no vectors.
         """
         kwargs_list = self.kwargs or ({},) * len(self.instruction_id_list)

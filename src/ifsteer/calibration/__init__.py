@@ -1,7 +1,8 @@
-"""Choosing where (layer) and how hard (weight) to steer, on validation prompts (docs/method.md).
+"""Choosing where (layer) and how hard (weight) to steer, on validation prompts.
 
-A sweep answers a few validation prompts once per grid point: "no steering", then every layer
-of `range(L//5, L, 2)` (and, for additive vectors, every weight). All points of all prompts go
+The paper's sweep (docs/method.md §3) answers a few validation prompts once per grid point:
+"no steering", then every layer of `range(L//5, L, 2)` (and, for additive vectors, every
+weight). All points of all prompts go
 through one batched `generate` call, each row steered at its own layer by per-row steering.
 Each response is checked with IFEval's *loose* checkers and scored for fluency: a response
 that repeats itself (more than half of its word trigrams seen before), or optionally that the

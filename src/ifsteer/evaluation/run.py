@@ -1,4 +1,4 @@
-"""The paper's four settings over a set of rows, resumable (docs/method.md).
+"""The paper's four settings over a set of rows, resumable (docs/method.md §5).
 
 Every row is answered in up to four settings: **no_instruction** (the query alone), **steer**
 (the query plus the row's vectors), **instruction** (the full IFEval prompt) and

@@ -22,7 +22,7 @@ __all__ = ["HEADLINE_METRIC", "PAPER_RESULTS", "summarize", "wilson_interval", "
 
 Z_95 = 1.959963984540054
 
-# The paper's published four-setting numbers (docs/method.md), for tables that show ours beside
+# The paper's published four-setting numbers (docs/method.md §6), for tables that show ours beside
 # theirs: (no_instruction, steer, instruction, instruction_steer), in the metric of
 # HEADLINE_METRIC. Length and composition are Phi-3 at "at most N sentences".
 PAPER_RESULTS: dict[str, dict[str, tuple[float, float, float, float]]] = {

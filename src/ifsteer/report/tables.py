@@ -105,7 +105,7 @@ def paper_table(summary: Mapping[str, Any], experiment: str) -> TextTable | None
     metric = HEADLINE_METRIC.get(experiment, "prompt_loose")
     settings = result["settings"]
     table = TextTable(
-        title=f"{metric.replace('_', ' ')}: ours beside the paper's (docs/method.md)",
+        title=f"{metric.replace('_', ' ')}: ours beside the paper's (docs/method.md §6)",
         columns=[
             Column("model", right=False, no_wrap=False),
             *(Column(SHORT_LABELS[name], no_wrap=False) for name in SETTINGS),

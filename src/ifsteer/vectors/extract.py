@@ -1,7 +1,7 @@
 """Extraction: one batched forward over prompt pairs gives a vector for every layer.
 
 The forward stops after the deepest requested layer, so the directions of the whole sweep grid
-cost one partial pass (docs/method.md).
+cost one partial pass (docs/method.md §1).
 """
 
 from __future__ import annotations

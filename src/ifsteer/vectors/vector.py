@@ -1,7 +1,7 @@
 """A steering vector as a value: one instruction's direction at one layer, with its algebra.
 
 A vector is the mean difference of residual-stream activations at the last prompt token, at the
-output of one decoder layer, between prompts with and without an instruction (docs/method.md).
+output of one decoder layer, between prompts with and without an instruction (docs/method.md §1).
 We keep it as a unit direction û plus its norm, and the mean with-instruction projection c̄ that
 projection steering sets every position to.
 """

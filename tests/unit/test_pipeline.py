@@ -198,3 +198,11 @@ def test_cli_run_paper_prints_the_plan_and_finishes(monkeypatch, capsys, tmp_pat
     assert (out / "report.html").is_file()
     run = json.loads((out / "run.json").read_text())
     assert run["sweep_layers"] == [2, 6] and run["config"]["limit"] is None
+
+
+def test_minutes_text_is_the_one_way_durations_are_said():
+    from ifsteer.pipeline import minutes_text
+
+    assert minutes_text(59) == "under a minute"
+    assert minutes_text(600) == "10 min" and minutes_text(5399) == "90 min"
+    assert minutes_text(7200) == "2.0 h"

@@ -236,6 +236,7 @@ def sweep_command(
     from ifsteer.report import plot_sweep
     from ifsteer.report.tables import sweep_table
     from ifsteer.rows import load_rows
+    from ifsteer.rundir import SWEEPS
     from ifsteer.vectors import default_layers, load_vector_files
 
     if data is None:
@@ -255,7 +256,7 @@ def sweep_command(
         )
     grid_layers = csv_ints(layers)
     grid_weights = csv_floats(weights, "--weights")
-    target = out_dir or (vectors if vectors.is_dir() else vectors.parent).parent / "sweeps"
+    target = out_dir or (vectors if vectors.is_dir() else vectors.parent).parent / SWEEPS
     lm = load(model, dtype)
     sampling = Sampling(max_new_tokens=max_new_tokens)
     n_points = 1 + len(grid_layers or default_layers(lm.n_layers)) * len(grid_weights or [None])

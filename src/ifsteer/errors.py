@@ -33,3 +33,7 @@ class MalformedVectorFile(IfsteerError):
 
 class InvalidSteering(IfsteerError):
     """A steering request that cannot be applied (mode, weight, positions, batch rows)."""
+
+
+class EvaluationError(IfsteerError):
+    """Evaluation input that cannot be used: a malformed data row, a mismatched resume."""

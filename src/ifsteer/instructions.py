@@ -18,6 +18,7 @@ from typing import Literal, get_args
 from ifsteer.errors import IfsteerError, UnknownInstruction
 
 Mode = Literal["projection", "additive"]
+MODES: tuple[Mode, ...] = get_args(Mode)
 
 
 @dataclass(frozen=True)

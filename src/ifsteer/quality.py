@@ -4,10 +4,10 @@ Steering can buy instruction-following with fluency, so every evaluated response
 offline fluency score: the share of repeated word n-grams, and its perplexity under the model
 itself, unsteered. A response the model finds implausibly predictable (perplexity < 2.5, the
 paper's threshold) or that keeps repeating itself is *degenerate*: calibration zeroes such
-layers, evaluation reports their share. The optional LLM judge follows the paper (PAPER.md §5):
-the judge writes up to five yes/no quality questions for a request, then answers them for a
-response; the score is the share of "yes". It talks to any OpenAI-compatible endpoint and never
-stops a run: a failing endpoint gives `None` and a warning.
+layers, evaluation reports their share. The optional LLM judge follows the paper
+(docs/method.md §5): the judge writes up to five yes/no quality questions for a request, then
+answers them for a response; the score is the share of "yes". It talks to any OpenAI-compatible
+endpoint and never stops a run: a failing endpoint gives `None` and a warning.
 """
 
 from __future__ import annotations

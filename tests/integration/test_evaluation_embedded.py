@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from ifsteer.evaluation import SETTINGS, load_rows, read_responses, run_evaluation
+from ifsteer.evaluation import read_responses, run_evaluation
 from ifsteer.generation import Sampling
 from ifsteer.instructions import get_instruction
+from ifsteer.rows import SETTINGS, load_rows
 from ifsteer.vectors import default_layer, extract_instruction, save_vectors
 
 pytestmark = [

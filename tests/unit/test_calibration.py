@@ -19,15 +19,16 @@ from ifsteer.calibration import (
     load_sweep,
     save_sweep,
     score_point,
-    split_rows,
     sweep_filename,
     sweep_layers,
     sweep_weights,
+    validation_groups,
 )
-from ifsteer.errors import InvalidSteering, VectorMismatch
-from ifsteer.evaluation import Row
+from ifsteer.errors import IfsteerError, InvalidSteering, VectorMismatch
 from ifsteer.generation import Sampling, generate
 from ifsteer.instructions import get_instruction
+from ifsteer.report import plot_sweep
+from ifsteer.rows import Row
 from ifsteer.steering import Steering
 from ifsteer.vectors import (
     default_layer,
@@ -113,38 +114,6 @@ def test_choose_without_a_baseline_and_empty():
         choose([])
 
 
-# --- split ------------------------------------------------------------------------------------
-
-
-def _row(key, instruction=LOWER, kwargs=None):
-    return Row(key, f"Question {key}. Instruction.", f"Question {key}.", (instruction,),
-               (kwargs or {},), f"data.jsonl:{key}")
-
-
-def test_split_is_deterministic_disjoint_and_capped():
-    rows = [_row(i) for i in range(6)] + [_row(100 + i, "punctuation:no_comma") for i in range(3)]
-    rows += [_row(200, "detectable_format:title")]  # a single row: nothing to validate on
-    rows += [
-        _row(300 + i, "language:response_language", {"language": lang})
-        for i, lang in enumerate(["de", "de", "de", "ru", "ko"])
-    ]
-    split = split_rows(rows, 3, seed=1)
-    assert split == split_rows(list(reversed(rows)), 3, seed=1)
-    validation = [r.key for group in split.validation.values() for r in group]
-    evaluation = [r.key for r in split.evaluation]
-    assert not set(validation) & set(evaluation)
-    assert sorted(validation + evaluation) == sorted(r.key for r in rows)
-    assert len(split.validation[LOWER]) == 3
-    assert len(split.validation["punctuation:no_comma"]) == 1  # at most half of 3
-    assert "detectable_format:title" not in split.validation
-    languages = [r.kwargs[0]["language"] for r in split.validation["language:response_language"]]
-    assert len(languages) == 2 and len(set(languages)) == 2  # distinct languages first
-    # round-robin: the first rows of the evaluation cover every instruction
-    first = {r.instruction_id_list[0] for r in split.evaluation[:4]}
-    assert len(first) == 4
-    assert split_rows(rows, 3, seed=2) != split
-
-
 # --- a real sweep on a tiny model -----------------------------------------------------------
 
 
@@ -196,6 +165,7 @@ def test_sweep_covers_the_paper_grid_and_records_the_choice(tiny10, lower_file, 
     assert default == (result.chosen.layer if result.chosen.recommended else 3)
 
     written = save_sweep(result, tmp_path / "sweeps")
+    plot_sweep(load_sweep(written), written.with_suffix(".png"))
     assert written.name == "change_case__english_lowercase.json"
     data = load_sweep(written)
     assert data["chosen"]["layer"] == result.chosen.layer
@@ -204,6 +174,24 @@ def test_sweep_covers_the_paper_grid_and_records_the_choice(tiny10, lower_file, 
     assert (tmp_path / "sweeps" / "change_case__english_lowercase.png").stat().st_size > 1000
     lines = (tmp_path / "sweeps" / "change_case__english_lowercase.responses.jsonl").read_text()
     assert len(lines.splitlines()) == 10
+
+
+def test_rows_with_an_unserved_instruction_do_not_calibrate(tiny10, lower_file):
+    # The CLI's grouping and the library's sweep apply one rule: a row one of whose
+    # instructions no vector steers passes or fails for reasons no layer changes.
+    unserved = "length_constraints:number_words"
+    mixed = Row(3, "Describe a lake. Use only lowercase letters. Use at most 20 words.",
+                "Describe a lake.", (LOWER, unserved),
+                ({}, {"num_words": 20, "relation": "less than"}), "d:3")
+    rows = [mixed, *ROWS]
+    assert validation_groups(rows, {LOWER}, n_prompts=5) == {LOWER: ROWS}
+    assert validation_groups(rows, {LOWER}, n_prompts=1) == {LOWER: ROWS[:1]}
+    assert validation_groups(rows, set(), n_prompts=5) == {}
+    result = sweep_layers(tiny10, lower_file, rows, layers=[4],
+                          sampling=Sampling(max_new_tokens=2), batch_size=4)
+    assert result.rows == ["1", "2"]
+    with pytest.raises(IfsteerError, match="no validation row has a vector file"):
+        sweep_layers(tiny10, lower_file, [mixed], layers=[4], sampling=Sampling(max_new_tokens=2))
 
 
 def test_sweep_with_the_instruction_and_a_weight_grid(tiny10, lower_file):

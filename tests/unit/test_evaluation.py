@@ -8,27 +8,22 @@ from typing import Any
 import pytest
 from safetensors.torch import save_file
 
-from ifsteer.errors import MalformedVectorFile, VectorMismatch
+from ifsteer.errors import EvaluationError, MalformedVectorFile, VectorMismatch
 from ifsteer.evaluation import (
-    SETTINGS,
-    EvaluationError,
-    Row,
-    composition_row,
     count_pending,
-    length_row,
-    load_rows,
-    prepare_rows,
     read_responses,
     run_evaluation,
-    sentence_limit,
     summarize,
-    vector_directory,
     wilson_interval,
 )
 from ifsteer.generation import Sampling, generate
 from ifsteer.quality import perplexities
+from ifsteer.rows import (
+    SETTINGS,
+    load_rows,
+)
 from ifsteer.steering import Steering
-from ifsteer.vectors import save_vectors
+from ifsteer.vectors import load_vector_directory, save_vectors
 from tests.unit.test_cli import run as run_cli
 from tests.unit.test_vectors import make_vector
 
@@ -174,42 +169,6 @@ def test_four_setting_table_from_a_fixed_jsonl(tmp_path):
 # --- data -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("line", "message"),
-    [
-        ("{not json", "not valid JSON"),
-        ("[1, 2]", "expected a JSON object"),
-        ('{"instruction_id_list": []}', "'prompt' must be a non-empty string"),
-        ('{"prompt": "Hi", "instruction_id_list": "x"}', "'instruction_id_list' must be a list"),
-        ('{"prompt": "Hi", "instruction_id_list": ["a"], "kwargs": []}', "list of 1 objects"),
-        ('{"prompt": "Hi", "instruction_id_list": [], "key": [1]}', "'key' must be a number"),
-    ],
-)
-def test_load_rows_names_file_and_line(tmp_path, line, message):
-    path = tmp_path / "data.jsonl"
-    path.write_text(json.dumps(ifeval_row(1)) + "\n\n" + line + "\n")
-    with pytest.raises(EvaluationError, match=message) as err:
-        load_rows(path)
-    assert f"{path}:3" in str(err.value) and "\n" not in str(err.value)
-
-
-def test_load_rows_reads_rows_and_limit(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [ifeval_row(k) for k in (7, 8, 9)])
-    rows = load_rows(path)
-    assert [r.key for r in rows] == [7, 8, 9]
-    assert rows[0].instruction_id_list == (LOWER,) and rows[0].kwargs == ({},)
-    assert [r.key for r in load_rows(path, limit=2)] == [7, 8]
-    with pytest.raises(EvaluationError, match="no such data file"):
-        load_rows(tmp_path / "missing.jsonl")
-
-
-def test_repeated_keys_get_their_own_suffix(tmp_path):
-    # The shared keyword sets reuse one IFEval key per word; resuming needs unique keys.
-    path = write_jsonl(tmp_path / "d.jsonl", [ifeval_row(5), ifeval_row(5), ifeval_row(6),
-                                              ifeval_row(5)])
-    assert [r.key for r in load_rows(path)] == [5, "5-2", 6, "5-3"]
-
-
 def test_rows_without_query_are_refused_for_no_instruction_settings(tmp_path, tiny_lm):
     row = ifeval_row(1)
     del row["prompt_without_instruction"]
@@ -222,75 +181,38 @@ def test_rows_without_query_are_refused_for_no_instruction_settings(tmp_path, ti
     assert summary.generated == 1
 
 
-def test_length_and_composition_rows():
-    row = Row(42, "Describe a forest. No commas.", "Describe a forest.", (NO_COMMA,), ({},))
-    n = sentence_limit(42)
-    assert 1 <= n <= 5 and n == sentence_limit("42")
-    length = length_row(row)
-    assert length.prompt == f"Describe a forest. Answer in at most {n} sentence{'s' * (n > 1)}."
-    assert length.instruction_id_list == ("length_constraints:number_sentences",)
-    assert length.kwargs == ({"relation": "less than", "num_sentences": n + 1},)
-    assert length_row(length) == length  # already an "at most" row
-    both = composition_row(row)
-    assert both.prompt.startswith(row.prompt + " Answer in at most")
-    assert both.instruction_id_list == (NO_COMMA, "length_constraints:number_sentences")
-    assert both.prompt_without_instruction == "Describe a forest."
-    assert composition_row(both) == both
-    assert {sentence_limit(k) for k in range(50)} == {1, 2, 3, 4, 5}
 
-
-def test_prepare_rows_checks_experiment_and_rows():
-    row = Row(1, "Hi. Use lowercase.", "Hi.", (LOWER,), ({},), "d.jsonl:1")
-    with pytest.raises(EvaluationError, match="d.jsonl:1: the keywords_include experiment needs"):
-        prepare_rows([row], "keywords_include")
-    with pytest.raises(EvaluationError, match="unknown experiment 'fromat'"):
-        prepare_rows([row], "fromat")
-    with pytest.raises(EvaluationError, match="no checker for 'made:up'"):
-        prepare_rows([Row(1, "Hi.", None, ("made:up",), ({},), "d.jsonl:1")], "format")
-    with pytest.raises(EvaluationError, match="has no 'kwargs'"):
-        prepare_rows([Row(1, "Hi.", None, (LOWER,), None, "d.jsonl:1")], "format")
-
-
-@pytest.mark.skipif(not DATA.is_dir(), reason="shared development data not present")
-@pytest.mark.parametrize(
-    ("name", "experiment", "n"),
-    [
-        ("ifeval_single_instr_format.jsonl", "format", 163),
-        ("ifeval_single_instr_format.jsonl", "composition", 163),
-        ("ifeval_single_keyword_include.jsonl", "keywords_include", 86),
-        ("ifeval_single_keyword_exclude.jsonl", "keywords_exclude", 117),
-        ("ifeval_wo_instructions.jsonl", "length", 541),
-    ],
-)
-def test_shared_data_files_load_and_prepare(name, experiment, n):
-    rows = prepare_rows(load_rows(DATA / name), experiment)
-    assert len(rows) == n and all(r.prompt_without_instruction for r in rows)
+def test_a_row_whose_kwargs_name_no_vector_is_refused_with_its_line(tmp_path, tiny_lm):
+    data = write_jsonl(tmp_path / "d.jsonl", [ifeval_row(1, "language:response_language")])
+    rows = load_rows(data)
+    with pytest.raises(EvaluationError, match=r"d.jsonl:1: .*lacks its 'language' argument"):
+        run_evaluation(tiny_lm, rows, None, tmp_path / "run", settings=["instruction"])
 
 
 # --- vectors --------------------------------------------------------------------------------
 
 
-def test_vector_directory_maps_ids_to_files(tmp_path):
+def test_load_vector_directory_maps_ids_to_files(tmp_path):
     a = make_vector(instruction_id=LOWER)
     b = make_vector(instruction_id=NO_COMMA)
     save_vector_dir(tmp_path, a, b)
     (tmp_path / "notes.txt").write_text("not a vector, and not a .safetensors file either")
-    found = vector_directory(tmp_path)
+    found = load_vector_directory(tmp_path)
     assert set(found) == {LOWER, NO_COMMA}
-    assert found[LOWER].name == "change_case_english_lowercase.safetensors"
+    assert found[LOWER].path.name == "change_case_english_lowercase.safetensors"
     save_vectors(tmp_path / "copy.safetensors", [a])
     with pytest.raises(EvaluationError, match="both hold 'change_case:english_lowercase'"):
-        vector_directory(tmp_path)
+        load_vector_directory(tmp_path)
 
 
-def test_vector_directory_names_a_file_that_is_not_a_vector(tmp_path):
+def test_load_vector_directory_names_a_file_that_is_not_a_vector(tmp_path):
     import torch
 
     save_file({"x": torch.zeros(2)}, str(tmp_path / "stray.safetensors"))
     with pytest.raises(MalformedVectorFile, match="stray.safetensors"):
-        vector_directory(tmp_path)
+        load_vector_directory(tmp_path)
     with pytest.raises(EvaluationError, match="not a directory"):
-        vector_directory(tmp_path / "nope")
+        load_vector_directory(tmp_path / "nope")
 
 
 def test_each_row_gets_its_own_vectors(tmp_path, tiny_lm):

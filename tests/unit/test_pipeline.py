@@ -13,11 +13,11 @@ from ifsteer.pipeline import (
     DEFAULTS,
     PaperConfig,
     PipelineError,
-    Stages,
     estimate_seconds,
     plan_run,
     run_paper,
 )
+from ifsteer.progress import Stages
 from ifsteer.vectors import load_vectors
 from tests.conftest import make_tiny, tiny_llama_config
 
@@ -141,8 +141,7 @@ def test_a_different_split_is_refused_on_resume(tiny10, data, tmp_path):
     out = tmp_path / "run"
     plan_run(_config(data, out), 10)
     (out).mkdir()
-    from ifsteer.calibration import split_rows
-    from ifsteer.evaluation import load_rows
+    from ifsteer.rows import load_rows, split_rows
 
     (out / "split.json").write_text(json.dumps(split_rows(load_rows(data), 1).to_json()))
     plan_run(_config(data, out), 10)  # same options: fine
@@ -199,3 +198,11 @@ def test_cli_run_paper_prints_the_plan_and_finishes(monkeypatch, capsys, tmp_pat
     assert (out / "report.html").is_file()
     run = json.loads((out / "run.json").read_text())
     assert run["sweep_layers"] == [2, 6] and run["config"]["limit"] is None
+
+
+def test_minutes_text_is_the_one_way_durations_are_said():
+    from ifsteer.pipeline import minutes_text
+
+    assert minutes_text(59) == "under a minute"
+    assert minutes_text(600) == "10 min" and minutes_text(5399) == "90 min"
+    assert minutes_text(7200) == "2.0 h"

@@ -1,4 +1,4 @@
-"""A run directory as one self-contained HTML page, plus its figures as PNGs.
+"""A run directory as one self-contained HTML page (its figures come from `figures`).
 
 `render_report(run_dir)` reads what evaluation and calibration leave there (`summary.json`,
 `responses.jsonl`, `sweeps/*.json`, and the pipeline's `run.json` / `split.json` if present)
@@ -27,22 +27,18 @@ from pathlib import Path
 from typing import Any
 
 from ifsteer.errors import IfsteerError
+from ifsteer.evaluation.store import read_responses
+from ifsteer.evaluation.summary import HEADLINE_METRIC, PAPER_RESULTS
+from ifsteer.report.figures import (
+    SETTING_LABELS,
+    plot_overall,
+    plot_per_instruction,
+    plot_sweeps,
+)
+from ifsteer.rundir import FIGURES, REPORT, RESPONSES, RUN, SPLIT, SUMMARY, SWEEPS
 
 __all__ = ["ReportError", "render_report"]
 
-SETTING_LABELS = {
-    "no_instruction": "no instruction",
-    "steer": "steer",
-    "instruction": "instruction",
-    "instruction_steer": "instruction + steer",
-}
-SETTING_COLOURS = {
-    "no_instruction": "#b0b7c3",
-    "steer": "#f28e2b",
-    "instruction": "#4e79a7",
-    "instruction_steer": "#59a14f",
-}
-FIGURES = "figures"
 EXAMPLES_PER_INSTRUCTION = 2
 MAX_EXAMPLES = 40
 
@@ -64,7 +60,7 @@ def _read_json(path: Path) -> Any:
 def _read_run(run_dir: Path) -> dict[str, Any]:
     if not run_dir.is_dir():
         raise ReportError(f"{run_dir}: no such run directory")
-    summary_path = run_dir / "summary.json"
+    summary_path = run_dir / SUMMARY
     if not summary_path.is_file():
         raise ReportError(
             f"{run_dir} has no summary.json: run `ifsteer eval --out {run_dir}` or "
@@ -74,156 +70,20 @@ def _read_run(run_dir: Path) -> dict[str, Any]:
     if not isinstance(summary, dict) or not isinstance(summary.get("experiments"), dict):
         raise ReportError(f"{summary_path}: not an ifsteer summary (no 'experiments')")
     responses: list[dict[str, Any]] = []
-    responses_path = run_dir / "responses.jsonl"
+    responses_path = run_dir / RESPONSES
     if responses_path.is_file():
-        from ifsteer.evaluation import read_responses
-
         responses = read_responses(responses_path)
     sweeps = []
-    for path in sorted((run_dir / "sweeps").glob("*.json")):
+    for path in sorted((run_dir / SWEEPS).glob("*.json")):
         data = _read_json(path)
         if isinstance(data, dict) and "grid" in data and "chosen" in data:
             sweeps.append(data)
     optional = {
-        name: _read_json(run_dir / f"{name}.json")
-        for name in ("run", "split")
-        if (run_dir / f"{name}.json").is_file()
+        name: _read_json(run_dir / file)
+        for name, file in (("run", RUN), ("split", SPLIT))
+        if (run_dir / file).is_file()
     }
     return {"summary": summary, "responses": responses, "sweeps": sweeps, **optional}
-
-
-# --- figures --------------------------------------------------------------------------------
-
-
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _metric_of(experiment: str) -> str:
-    from ifsteer.evaluation import HEADLINE_METRIC
-
-    return HEADLINE_METRIC.get(experiment, "prompt_loose")
-
-
-def _errors(stats: Sequence[Mapping[str, Any]]) -> list[list[float]]:
-    low, high = [], []
-    for s in stats:
-        mean = s.get("mean")
-        if mean is None:
-            low.append(0.0)
-            high.append(0.0)
-            continue
-        low.append(max(0.0, mean - (s.get("low") if s.get("low") is not None else mean)))
-        high.append(max(0.0, (s.get("high") if s.get("high") is not None else mean) - mean))
-    return [low, high]
-
-
-def plot_overall(experiment: str, data: Mapping[str, Any], model: str, path: Path) -> Path:
-    """Four bars (one per setting) of the headline metric, with 95% Wilson intervals."""
-    plt = _pyplot()
-    metric = _metric_of(experiment)
-    settings = list(data["settings"])
-    stats = [data["settings"][s][metric] for s in settings]
-    means = [s["mean"] or 0.0 for s in stats]
-    fig, ax = plt.subplots(figsize=(6.0, 3.8), dpi=120)
-    try:
-        bars = ax.bar(
-            [SETTING_LABELS.get(s, s) for s in settings], means,
-            color=[SETTING_COLOURS.get(s, "#999999") for s in settings],
-            yerr=_errors(stats), capsize=5, edgecolor="#333333", linewidth=0.6,
-        )
-        for bar, mean, s, stat in zip(bars, means, settings, stats, strict=True):
-            n = data["settings"][s].get("n", "")
-            top = max(mean, stat.get("high") or 0.0)
-            ax.annotate(f"{mean:.2f}\nn={n}", (bar.get_x() + bar.get_width() / 2, top),
-                        xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
-                        fontsize=8)
-        ax.set_ylim(0, 1.18)
-        ax.set_ylabel(metric.replace("_", " ") + " accuracy")
-        ax.set_title(f"{experiment}: {model}  ({data.get('n_rows', '?')} prompts, 95% CI)",
-                     fontsize=10)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_axisbelow(True)
-        fig.tight_layout()
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return path
-
-
-def _short(instruction_id: str) -> str:
-    return instruction_id.split(":", 1)[-1].replace("_", " ")
-
-
-def plot_per_instruction(experiment: str, data: Mapping[str, Any], path: Path) -> Path | None:
-    """Grouped bars: for every instruction, its loose accuracy in each setting, with 95% CIs."""
-    per = data.get("per_instruction") or {}
-    if not per:
-        return None
-    plt = _pyplot()
-    settings = [s for s in SETTING_LABELS if any(s in v for v in per.values())]
-    settings += sorted({s for v in per.values() for s in v} - set(settings))
-    ids = sorted(per)
-    width = 0.8 / max(len(settings), 1)
-    fig, ax = plt.subplots(figsize=(max(7.0, 0.75 * len(ids) + 2), 4.4), dpi=120)
-    try:
-        for k, setting in enumerate(settings):
-            stats = [per[i].get(setting, {}).get("loose", {"mean": None}) for i in ids]
-            xs = [j + (k - (len(settings) - 1) / 2) * width for j in range(len(ids))]
-            ax.bar(xs, [s.get("mean") or 0.0 for s in stats], width,
-                   yerr=_errors(stats), capsize=2, error_kw={"elinewidth": 0.7},
-                   color=SETTING_COLOURS.get(setting, "#999999"),
-                   label=SETTING_LABELS.get(setting, setting), edgecolor="#333333",
-                   linewidth=0.4)
-        counts = [max((v.get("n", 0) for v in per[i].values()), default=0) for i in ids]
-        ax.set_xticks(range(len(ids)))
-        ax.set_xticklabels([f"{_short(i)}\n(n={n})" for i, n in zip(ids, counts, strict=True)],
-                           rotation=40, ha="right", fontsize=7.5)
-        ax.set_ylim(0, 1.05)
-        ax.set_ylabel("loose accuracy")
-        ax.set_title(f"{experiment}: per instruction (95% CI)", fontsize=10, pad=22)
-        ax.legend(fontsize=8, ncol=len(settings), loc="lower center",
-                  bbox_to_anchor=(0.5, 1.0), frameon=False)
-        ax.grid(axis="y", alpha=0.3)
-        ax.set_axisbelow(True)
-        fig.tight_layout()
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return path
-
-
-def plot_sweeps(sweeps: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
-    """Every sweep's curve, small multiples in one figure."""
-    if not sweeps:
-        return None
-    from ifsteer.calibration import draw_sweep
-
-    plt = _pyplot()
-    cols = min(3, len(sweeps))
-    rows = math.ceil(len(sweeps) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.1 * rows), dpi=100,
-                             squeeze=False)
-    try:
-        for ax in list(axes.flat)[len(sweeps):]:
-            ax.axis("off")
-        seen: dict[str, Any] = {}
-        for ax, data in zip(axes.flat, sweeps, strict=False):
-            for handle in draw_sweep(ax, data, legend=False):
-                label = handle.get_label()
-                seen.setdefault("chosen layer" if label.startswith("chosen") else label, handle)
-        fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=len(seen),
-                   fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.04, 1, 1))
-        fig.savefig(path)
-    finally:
-        plt.close(fig)
-    return path
 
 
 # --- HTML -----------------------------------------------------------------------------------
@@ -302,8 +162,6 @@ def _settings_table(data: Mapping[str, Any]) -> str:
 
 
 def _paper_table(experiment: str) -> str:
-    from ifsteer.evaluation import HEADLINE_METRIC, PAPER_RESULTS
-
     published = PAPER_RESULTS.get(experiment)
     if not published:
         return ""
@@ -520,6 +378,6 @@ loose unless stated; bars show 95% Wilson intervals.</p>
 {_run_meta(run.get('run'), run.get('split'))}
 </body></html>
 """
-    target = run_dir / "report.html"
+    target = run_dir / REPORT
     target.write_text(page, encoding="utf-8")
     return target

@@ -1,0 +1,122 @@
+"""Recording a sweep: its choice written into the vector files, the sweep saved beside them.
+
+The choice travels with the files: a winning layer (and weight) becomes the default, and
+`extra["sweep"]` records what was measured; a sweep where no steering wins records
+`recommended: false` and keeps the file's default layer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ifsteer.calibration.grid import SweepResult, best_steered, sweep_filename
+from ifsteer.calibration.sweep import sweep_layers, sweep_weights
+from ifsteer.models import LoadedModel
+from ifsteer.rows import Row
+from ifsteer.rundir import sweep_path, write_json
+from ifsteer.vectors import VectorFile, update_defaults
+
+__all__ = ["apply_choice", "calibrate", "group_vector_files", "save_sweep"]
+
+
+def group_vector_files(
+    group: str, mapping: Mapping[str, str | Path | VectorFile]
+) -> dict[str, Path]:
+    """The files a group's choice applies to: the group's own id, or its per-value vectors
+    (`language:response_language` → every `language:response_language:<code>` file)."""
+    return {
+        vector_id: _path(file)
+        for vector_id, file in mapping.items()
+        if vector_id == group or vector_id.startswith(group + ":")
+    }
+
+
+def _path(file: str | Path | VectorFile) -> Path:
+    return file.path if isinstance(file, VectorFile) else Path(file)
+
+
+def apply_choice(
+    result: SweepResult,
+    files: Sequence[str | Path | VectorFile] | Mapping[str, str | Path | VectorFile],
+    *, set_default: bool = True,
+) -> list[Path]:
+    """Write a sweep's choice into vector files.
+
+    A winning layer becomes the default layer (and a winning weight the default weight) unless
+    `set_default` is False; either way `extra["sweep"]` (or `extra["sweep_with_instruction"]`
+    for a sweep with the instruction in the prompt) records the choice, `recommended` and the
+    best steered point. When "no steering" wins, the default layer stays as it was.
+    """
+    paths = [_path(f) for f in (files.values() if isinstance(files, Mapping) else files)]
+    best = best_steered(result.grid)
+    baseline = next((p for p in result.grid if p.layer is None), None)
+    record = {
+        "layer": result.chosen.layer,
+        "weight": result.chosen.weight,
+        "score": result.chosen.score,
+        "recommended": result.chosen.recommended,
+        "best_layer": None if best is None else best.layer,
+        "best_weight": None if best is None else best.weight,
+        "best_score": None if best is None else best.score,
+        "no_steering_score": None if baseline is None else baseline.score,
+        "with_instruction": result.with_instruction,
+        "group": result.instruction_id,
+        "n_prompts": len(result.rows),
+        "max_new_tokens": result.max_new_tokens,
+    }
+    key = "sweep_with_instruction" if result.with_instruction else "sweep"
+    write = set_default and result.chosen.recommended
+    written = []
+    for path in paths:
+        written.append(
+            update_defaults(
+                path,
+                layer=result.chosen.layer if write else None,
+                weight=result.chosen.weight if write else None,
+                extra={key: record},
+            )
+        )
+    return written
+
+
+def save_sweep(result: SweepResult, directory: str | Path) -> Path:
+    """Write `<dir>/<id>.json` (grid and choice) and `<id>.responses.jsonl` (every validation
+    answer, for a look at what each layer did). The JSON is written last: its presence means
+    the sweep is complete."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = sweep_filename(result.instruction_id)
+    with (directory / f"{stem}.responses.jsonl").open("w", encoding="utf-8") as handle:
+        for record in result.responses:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return write_json(sweep_path(directory, result.instruction_id), result.to_json())
+
+
+def calibrate(
+    lm: LoadedModel,
+    files: Mapping[str, VectorFile],
+    group: str,
+    rows: Sequence[Row],
+    sweeps_dir: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    set_default: bool = True,
+    **options: Any,
+) -> tuple[SweepResult, dict[str, Path], Path]:
+    """One group's sweep, its choice written into the files it concerns and the sweep saved.
+
+    A layer sweep, or a layer × weight grid when `weights` are given. The choice goes into the
+    group's own files and into every file the sweep steered with (it was measured with them).
+    Returns the result, the files updated and the sweep's JSON. Options as for `sweep`.
+    """
+    if weights:
+        result = sweep_weights(lm, files, rows, weights=weights, instruction_id=group, **options)
+    else:
+        result = sweep_layers(lm, files, rows, instruction_id=group, **options)
+    updated = {**group_vector_files(group, files), **{v: files[v].path for v in result.vector_ids}}
+    apply_choice(result, updated, set_default=set_default)
+    return result, updated, save_sweep(result, sweeps_dir)
+

@@ -1,0 +1,5 @@
+"""`python -m ifsteer.cli`, as the `ifsteer` script."""
+
+from ifsteer.cli.app import main
+
+main()

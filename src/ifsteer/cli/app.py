@@ -1,0 +1,108 @@
+"""The typer application every command registers on, and what the commands share.
+
+Every command turns an `IfsteerError` into one line on stderr and exit code 2, so a wrong model,
+a layer out of range or a malformed file never shows a traceback. Commands import the library
+inside their bodies, so `ifsteer --help` answers without loading torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ifsteer.errors import IfsteerError, InvalidSteering
+
+app = typer.Typer(
+    help="Make language models follow instructions better by activation steering.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+vectors_app = typer.Typer(help="Inspect and convert vector files.", no_args_is_help=True)
+app.add_typer(vectors_app, name="vectors")
+out = Console()
+
+ModelOption = Annotated[
+    str,
+    typer.Option(
+        "--model", "-m", help="Embedded model name, local Hugging Face directory, or .gguf file."
+    ),
+]
+DtypeOption = Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")]
+
+
+def main() -> None:
+    """Console-script entry point."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    try:
+        app()
+    except IfsteerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def load(model: str, dtype: str) -> Any:
+    from transformers.utils import logging as hf_logging
+
+    from ifsteer.models import load_model
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    with out.status(f"loading {model}…"):
+        return load_model(model, dtype)
+
+
+def csv_ints(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InvalidSteering(f"--layers takes comma-separated integers, got {text!r}") from None
+
+
+def csv_floats(text: str | None, option: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise InvalidSteering(f"{option} takes comma-separated numbers, got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise InvalidSteering(f"{option} takes finite numbers, got {text!r}")
+    return values
+
+
+def check_mode(mode: str) -> str:
+    """A mode name given on the command line, refused with one line when unknown."""
+    from ifsteer.instructions import MODES
+
+    if mode not in MODES:
+        raise InvalidSteering(f"unknown mode {mode!r}; choose {' or '.join(MODES)}")
+    return mode
+
+
+def print_table(table: Any, *, simple: bool = True) -> None:
+    """Draw a `ifsteer.report.tables.TextTable` with rich (a light frame when `simple`)."""
+    from rich import box
+
+    drawn = Table(title=table.title, caption=table.caption)
+    if simple:
+        drawn.box = box.SIMPLE
+    for column in table.columns:
+        drawn.add_column(
+            column.name, justify="right" if column.right else "left", no_wrap=column.no_wrap
+        )
+    for row in table.rows:
+        drawn.add_row(*row)
+    out.print(drawn)

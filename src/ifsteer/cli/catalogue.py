@@ -1,0 +1,98 @@
+"""`ifsteer vectors show|export-gguf`, `ifsteer models`, `ifsteer instructions`: what there is."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from ifsteer.cli.app import app, out, vectors_app
+from ifsteer.errors import InvalidSteering
+
+
+@vectors_app.command("show")
+def vectors_show(path: Path, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Metadata of a vector file: model, layers, instruction, defaults."""
+    from ifsteer.vectors import describe, read_vector_file
+
+    file = read_vector_file(path)
+    info = describe(file.default)
+    info["default_layer"] = file.default_layer
+    info["layers"] = {
+        layer: {"norm": v.norm, "target": v.target} for layer, v in sorted(file.layers.items())
+    }
+    del info["layer"], info["norm"], info["target"]
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    table = Table(title=str(path), show_header=False)
+    for key, value in info.items():
+        if key == "layers":
+            value = ", ".join(
+                f"{k} (‖u‖ {v['norm']:.3g}, c̄ {v['target']:.3g})" for k, v in value.items()
+            )
+        elif key == "phrasings":
+            value = "\n".join(value)
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+@app.command()
+def models() -> None:
+    """Models available offline: embedded ones and whether their cache is ready."""
+    from ifsteer.models import EMBEDDED_MODELS, cache_dir
+
+    table = Table()
+    for column in ("name", "package", "cached", "description"):
+        table.add_column(column)
+    for m in EMBEDDED_MODELS.values():
+        cached = (cache_dir(m.name) / "config.json").is_file()
+        table.add_row(m.name, m.package, "yes" if cached else "on first use", m.description)
+    out.print(table)
+    out.print("Any local Hugging Face directory or .gguf file also works: --model PATH")
+
+
+@app.command()
+def instructions() -> None:
+    """The built-in instruction catalogue (free-text instructions work too)."""
+    from ifsteer.instructions import list_instructions
+
+    table = Table()
+    for column in ("id", "mode", "canonical phrasing"):
+        table.add_column(column)
+    for ins in list_instructions():
+        table.add_row(ins.id, ins.mode, ins.phrasings[0])
+    out.print(table)
+    out.print('Also: keywords:existence:<word>, or --instruction "any text" for your own.')
+
+
+@vectors_app.command("export-gguf")
+def vectors_export_gguf(
+    path: Annotated[Path, typer.Argument(metavar="FILE", help="ifsteer vector file.")],
+    out_path: Annotated[Path, typer.Argument(metavar="OUT", help="GGUF file to write.")],
+    layer: Annotated[
+        int | None, typer.Option(help="Layer to export (default: the file's default layer).")
+    ] = None,
+    weight: Annotated[
+        float | None, typer.Option(help="Weight in the vector's own mode (default: stored).")
+    ] = None,
+) -> None:
+    """Write a vector as a llama.cpp control vector (use with --control-vector)."""
+    from ifsteer.gguf_export import additive_coefficient, to_gguf
+    from ifsteer.vectors import load_vector
+
+    vector = load_vector(path, layer)
+    if weight is not None:
+        if not math.isfinite(weight):
+            raise InvalidSteering(f"--weight must be finite, got {weight}")
+        vector = vector.with_defaults(weight=weight)
+    to_gguf([vector], out_path)
+    how = "additive" if vector.mode == "additive" else "projection as its additive equivalent"
+    out.print(
+        f"wrote {out_path}: direction.{vector.layer} = {additive_coefficient(vector):.4g}·û "
+        f"({how}); llama.cpp: --control-vector {out_path}"
+    )

@@ -1,0 +1,87 @@
+"""`ifsteer run-paper`: the paper's format experiment end to end (ifsteer.pipeline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ifsteer.cli.app import DtypeOption, ModelOption, app, load, out
+from ifsteer.errors import InvalidSteering
+
+
+@app.command("run-paper")
+def run_paper_command(
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory (resumable).")],
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            help="IFEval format set, e.g. ../shared/data/ifeval_single_instr_format.jsonl"
+        ),
+    ] = None,
+    model: ModelOption = "smollm2-135m-instruct",
+    limit: Annotated[
+        int, typer.Option(help="Evaluation rows, spread over all instructions; 0 = all.")
+    ] = 80,
+    sweep_prompts: Annotated[
+        int, typer.Option(help="Validation rows per instruction for its layer sweep.")
+    ] = 3,
+    layer_step: Annotated[
+        int, typer.Option(help="Sweep every Nth layer of range(L//5, L) (the paper: 2).")
+    ] = 2,
+    max_new_tokens: int = 64,
+    batch_size: int = 16,
+    n_pairs: Annotated[int, typer.Option(help="Prompt pairs per vector.")] = 32,
+    with_instruction: Annotated[
+        bool, typer.Option(help="Sweep with the instruction text in the prompt.")
+    ] = False,
+    perplexity: Annotated[
+        bool,
+        typer.Option(
+            help="Also score answers' perplexity under the model (slower; flags "
+            "ppl < 2.5 as degenerate)."
+        ),
+    ] = False,
+    dtype: DtypeOption = "float32",
+) -> None:
+    """The paper's format experiment end to end: extract, sweep, evaluate, report."""
+    import logging
+
+    from ifsteer.pipeline import PaperConfig, plan_run, preview, run_paper
+    from ifsteer.progress import RichStages
+
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
+    if data is None:
+        raise InvalidSteering(
+            "give --data PATH to IFEval's single-instruction format set, e.g. "
+            "--data ../shared/data/ifeval_single_instr_format.jsonl"
+        )
+    if limit < 0 or sweep_prompts < 0 or max_new_tokens < 1 or batch_size < 1 or n_pairs < 1:
+        raise InvalidSteering("--limit and --sweep-prompts must be ≥ 0, the other sizes ≥ 1")
+    config = PaperConfig(
+        data=data,
+        out=out_dir,
+        model=model,
+        limit=limit or None,
+        sweep_prompts=sweep_prompts,
+        layer_step=layer_step,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        n_pairs=n_pairs,
+        with_instruction=with_instruction,
+        perplexity=perplexity,
+        dtype=dtype,
+    )
+    lm = load(model, dtype)
+    plan = plan_run(config, lm.n_layers)
+    estimates, text = preview(config, plan, lm)
+    out.print(text)
+    stages = RichStages()
+    stages.start(estimates)
+    try:
+        report = run_paper(lm, config, stages=stages, plan=plan)
+    finally:
+        stages.stop()
+    out.print(f"done: open {report}")
+

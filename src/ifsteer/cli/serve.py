@@ -1,0 +1,90 @@
+"""`ifsteer serve`: the OpenAI-compatible server (ifsteer.server, ifsteer.backends)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ifsteer.cli.app import DtypeOption, ModelOption, app, out
+from ifsteer.cli.app import load as _load
+from ifsteer.errors import InvalidSteering
+
+
+@app.command()
+def serve(
+    model: ModelOption = "smollm2-135m-instruct",
+    vectors: Annotated[
+        Path | None,
+        typer.Option(help="Directory of vector files, each named by its file stem."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 127.0.0.1 keeps it local.")] = (
+        "127.0.0.1"
+    ),
+    port: int = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(envvar="IFSTEER_API_KEY", help="Require 'Authorization: Bearer KEY'."),
+    ] = None,
+    max_batch_size: Annotated[int, typer.Option(help="Requests generated as one batch.")] = 32,
+    batch_window_ms: Annotated[
+        float, typer.Option(help="Longest gap between requests that join one batch.")
+    ] = 20.0,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted.")] = 4096,
+    max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens accepted.")] = 1024,
+    extract_pairs: Annotated[
+        int, typer.Option(help="Prompt pairs for an instruction extracted on request.")
+    ] = 64,
+    allow_transfer: Annotated[
+        bool, typer.Option(help="Apply vectors extracted from another model of equal size.")
+    ] = False,
+    backend: Annotated[str, typer.Option(help="hf (this process) | vllm (GPU, extra).")] = "hf",
+    tensor_parallel_size: Annotated[int, typer.Option(help="vLLM only: GPUs per replica.")] = 1,
+    pipeline_parallel_size: Annotated[int, typer.Option(help="vLLM only: pipeline stages.")] = 1,
+    dtype: DtypeOption = "float32",
+) -> None:
+    """Serve an OpenAI-compatible API whose requests can carry a `steering` field."""
+    from ifsteer.backends import Limits, load_vector_dir
+    from ifsteer.server import build_app, create_app
+    from ifsteer.server import serve as run_server
+
+    named = load_vector_dir(vectors) if vectors else {}
+    limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit)
+    if backend == "hf":
+        lm = _load(model, dtype)
+        application = create_app(
+            lm,
+            named,
+            api_key=api_key,
+            batch_window_s=batch_window_ms / 1000,
+            max_batch_size=max_batch_size,
+            limits=limits,
+            allow_transfer=allow_transfer,
+            extract_pairs=extract_pairs,
+        )
+    elif backend == "vllm":
+        from ifsteer.backends.vllm import VLLMEngine
+
+        engine = VLLMEngine(
+            model,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            dtype=dtype,
+        )
+        application = build_app(
+            engine, named, api_key=api_key, limits=limits, allow_transfer=allow_transfer
+        )
+    else:
+        raise InvalidSteering(f"unknown backend {backend!r}; choose hf or vllm")
+    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+        print(
+            f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
+            file=sys.stderr,
+        )
+    out.print(
+        f"serving on http://{host}:{port}/v1 with {len(named)} vectors "
+        f"({', '.join(sorted(named)) or 'none'})"
+    )
+    run_server(application, host=host, port=port)

@@ -1,0 +1,143 @@
+"""Which steerings each row gets: the vectors that serve it, loaded once, with overrides.
+
+Vectors are picked per row by `Row.needs` from a directory of vector files (or a mapping of
+id to file or vector); rows of different instructions share a batch through per-row steering.
+An instruction whose vector has no file runs unsteered, and is recorded as missing, so a
+partial vector set still gives a full, honest table.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ifsteer.errors import EvaluationError, InvalidSteering
+from ifsteer.models import LoadedModel
+from ifsteer.rows import Row
+from ifsteer.steering import Steering
+from ifsteer.vectors import (
+    MODES,
+    Mode,
+    SteeringVector,
+    VectorFile,
+    load_vector_directory,
+    read_vector_file,
+)
+
+__all__ = ["VectorPlan", "VectorSource", "plan_vectors"]
+
+VectorSource = str | Path | Mapping[str, "str | Path | VectorFile | SteeringVector"]
+
+
+@dataclass(frozen=True)
+class VectorPlan:
+    """What steers each row: steerings by row key, their JSON records, ids without a file."""
+
+    steerings: dict[str, list[Steering]]
+    records: dict[str, list[dict[str, Any]]]
+    missing: dict[str, list[str]]
+
+    @property
+    def missing_ids(self) -> tuple[str, ...]:
+        return tuple(sorted({i for ids in self.missing.values() for i in ids}))
+
+
+def _override(table: Mapping[str, Any], vector_id: str) -> Any:
+    """Exact id first, then the first glob pattern (`keywords:*`) that matches it."""
+    if vector_id in table:
+        return table[vector_id]
+    for pattern, value in table.items():
+        if fnmatch.fnmatchcase(vector_id, pattern):
+            return value
+    return None
+
+
+def plan_vectors(
+    lm: LoadedModel,
+    rows: Sequence[Row],
+    source: VectorSource | None,
+    *,
+    weights: Mapping[str, float],
+    modes: Mapping[str, Mode],
+    layers: Mapping[str, int],
+    allow_transfer: bool,
+) -> VectorPlan:
+    """Each vector is read (or taken) once, checked against the model once, and shared by
+    every row it serves."""
+    available: Mapping[str, str | Path | VectorFile | SteeringVector]
+    if source is None:
+        available = {}
+    elif isinstance(source, str | Path):
+        available = load_vector_directory(source)
+    else:
+        available = source
+    loaded: dict[str, SteeringVector] = {}
+    made: dict[tuple[str, bool], tuple[Steering, dict[str, Any]]] = {}
+    plan = VectorPlan({}, {}, {})
+    for row in rows:
+        key = str(row.key)
+        plan.steerings[key], plan.records[key], plan.missing[key] = [], [], []
+        for need in row.needs():
+            if need.problem is not None:
+                raise EvaluationError(need.problem)
+            if not need.vectors:
+                plan.missing[key].append(need.instruction_id)  # no vector can serve it
+            for vector_id, negate in need.vectors:
+                if vector_id not in available:
+                    plan.missing[key].append(vector_id)
+                    continue
+                if (vector_id, negate) not in made:
+                    if vector_id not in loaded:
+                        vector = _load(available[vector_id], _override(layers, vector_id))
+                        vector.check_fits(
+                            lm.model_id, lm.hidden_size, lm.n_layers, allow_transfer=allow_transfer
+                        )
+                        loaded[vector_id] = vector
+                    made[(vector_id, negate)] = _steering(
+                        loaded[vector_id], vector_id, negate, weights, modes
+                    )
+                steering, record = made[(vector_id, negate)]
+                plan.steerings[key].append(steering)
+                plan.records[key].append(record)
+    return plan
+
+
+def _load(item: str | Path | VectorFile | SteeringVector, layer: int | None) -> SteeringVector:
+    if isinstance(item, SteeringVector):
+        if layer is not None and layer != item.layer:
+            raise InvalidSteering(
+                f"vector {item.instruction_id!r} is at layer {item.layer}; pass its file to "
+                f"choose layer {layer}"
+            )
+        return item
+    file = item if isinstance(item, VectorFile) else read_vector_file(item)
+    return file.at(layer)
+
+
+def _steering(
+    vector: SteeringVector,
+    vector_id: str,
+    negate: bool,
+    weights: Mapping[str, float],
+    modes: Mapping[str, Mode],
+) -> tuple[Steering, dict[str, Any]]:
+    mode = _override(modes, vector_id)
+    if mode is not None and mode not in MODES:
+        raise InvalidSteering(
+            f"unknown mode {mode!r} for {vector_id!r}; choose projection or additive"
+        )
+    weight = _override(weights, vector_id)
+    weight = vector.weight if weight is None else float(weight)
+    steering = Steering(vector, mode=mode, weight=-weight if negate else weight)
+    steering.validate()
+    record = {
+        "instruction_id": vector_id,
+        "layer": vector.layer,
+        "mode": steering.effective_mode,
+        "weight": steering.effective_weight,
+        "model": vector.model_id,
+    }
+    return steering, record

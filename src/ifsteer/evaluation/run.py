@@ -1,0 +1,292 @@
+"""The paper's four settings over a set of rows, resumable (docs/method.md §5).
+
+Every row is answered in up to four settings: **no_instruction** (the query alone), **steer**
+(the query plus the row's vectors), **instruction** (the full IFEval prompt) and
+**instruction_steer** (both). Each response is checked with IFEval's strict and loose checkers,
+scored for fluency, and appended to ``responses.jsonl`` as soon as its batch is done; a rerun
+into the same directory skips what is there, so a killed run resumes where it stopped.
+
+A row whose vector has no file runs unsteered in the steered settings, is recorded with
+``vectors: []`` and its missing ids, and counted in the summary (``n_unsteered``). Experiments
+reuse this one loop and differ only in how rows are prepared (`ifsteer.rows.prepare_rows`);
+``transfer`` also accepts vectors of another model of the same hidden size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ifsteer import quality
+from ifsteer.checks import check_row, ensure_punkt
+from ifsteer.errors import EvaluationError
+from ifsteer.evaluation.plan import VectorPlan, VectorSource, plan_vectors
+from ifsteer.evaluation.store import check_resume, done_key, open_for_append, read_responses
+from ifsteer.evaluation.summary import write_summary
+from ifsteer.generation import Sampling, generate
+from ifsteer.models import LoadedModel
+from ifsteer.rows import SETTINGS, STEERED, WITH_INSTRUCTION, Row, prepare_rows
+from ifsteer.rundir import RESPONSES, SUMMARY
+from ifsteer.vectors import Mode
+
+__all__ = ["DEFAULT_SAMPLING", "Summary", "count_pending", "run_evaluation"]
+
+log = logging.getLogger("ifsteer.evaluation")
+
+# Greedy, as in the paper; long enough for most IFEval answers to finish.
+DEFAULT_SAMPLING = Sampling(max_new_tokens=256)
+Progress = Callable[[int], None]
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a run left in `out_dir`: the summary (as in summary.json) and what this call did."""
+
+    data: dict[str, Any]
+    out_dir: Path
+    generated: int
+    skipped: int
+    missing_vectors: tuple[str, ...] = ()
+
+    @property
+    def responses_path(self) -> Path:
+        return self.out_dir / RESPONSES
+
+    @property
+    def summary_path(self) -> Path:
+        return self.out_dir / SUMMARY
+
+    def experiment(self, name: str) -> dict[str, Any]:
+        return dict(self.data["experiments"].get(name, {}))
+
+
+def _check_settings(settings: Sequence[str]) -> tuple[str, ...]:
+    unknown = [s for s in settings if s not in SETTINGS]
+    if unknown or not settings:
+        raise EvaluationError(
+            f"unknown settings {unknown or '(none)'}; choose among {', '.join(SETTINGS)}"
+        )
+    return tuple(s for s in SETTINGS if s in settings)
+
+
+def count_pending(
+    out_dir: str | Path, rows: Sequence[Row], *, experiment: str = "format",
+    settings: Sequence[str] = SETTINGS,
+) -> int:
+    """How many responses a `run_evaluation` into `out_dir` still has to generate."""
+    done = {done_key(r) for r in read_responses(Path(out_dir) / RESPONSES)}
+    return sum(
+        (experiment, s, str(r.key)) not in done for s in _check_settings(settings) for r in rows
+    )
+
+
+def _sentences(text: str) -> int:
+    import nltk  # type: ignore[import-untyped]
+
+    return len(nltk.sent_tokenize(text)) if text.strip() else 0
+
+
+def run_evaluation(
+    lm: LoadedModel,
+    rows: Sequence[Row],
+    vectors: VectorSource | None,
+    out_dir: str | Path,
+    *,
+    settings: Sequence[str] = SETTINGS,
+    experiment: str = "format",
+    sampling: Sampling = DEFAULT_SAMPLING,
+    batch_size: int = 8,
+    allow_transfer: bool = False,
+    weights: Mapping[str, float] | None = None,
+    modes: Mapping[str, Mode] | None = None,
+    layers: Mapping[str, int] | None = None,
+    judge: quality.Judge | None = None,
+    perplexity: bool = True,
+    fluency_lm: LoadedModel | None = None,
+    progress: Progress | None = None,
+) -> Summary:
+    """Answer `rows` in each setting, append every response to out_dir/responses.jsonl, and
+    write out_dir/summary.json; responses already in the file are skipped (resume).
+
+    `vectors` is a vector directory or a mapping from vector id to file (or SteeringVector).
+    `weights`, `modes`, `layers` override what the files store, by vector id or glob
+    (`{"keywords:*": 100}`); an excluded word always gets the negated weight. `transfer`
+    (or `allow_transfer`) accepts vectors of another model with the same hidden size.
+    Perplexity is computed unsteered under `fluency_lm` (default: `lm` itself). Greedy text
+    is likely under the model that wrote it by construction (SmolLM2's own greedy answers score
+    1.2-2.5), so the paper's "perplexity < 2.5 is degenerate" rule, made for an independent
+    scorer (GPT-2), is applied only when `fluency_lm` is another model; with `lm` itself a
+    response is degenerate by repetition alone. `progress(n)` is called after each batch is
+    on disk.
+    """
+    started = time.perf_counter()
+    settings = _check_settings(settings)
+    rows = prepare_rows(rows, experiment)
+    if batch_size < 1:
+        raise EvaluationError("batch_size must be at least 1")
+    if any(s not in WITH_INSTRUCTION for s in settings):
+        lacking = [r for r in rows if r.prompt_without_instruction is None]
+        if lacking:
+            raise EvaluationError(
+                f"{len(lacking)} rows (first: {lacking[0].source}) have no "
+                "'prompt_without_instruction', which the no_instruction and steer settings "
+                "need; run only --settings instruction,instruction_steer"
+            )
+    allow_transfer = allow_transfer or experiment == "transfer"
+    steered = [s for s in settings if s in STEERED]
+    if steered and vectors is None:
+        raise EvaluationError(
+            f"settings {', '.join(steered)} need vectors: pass a vector directory (--vectors)"
+        )
+    plan = plan_vectors(
+        lm, rows, vectors if steered else None, weights=weights or {}, modes=modes or {},
+        layers=layers or {}, allow_transfer=allow_transfer,
+    )
+    if steered and plan.missing_ids:
+        n_rows = sum(bool(m) for m in plan.missing.values())
+        log.warning(
+            "no vector file for %s: %d of %d rows run unsteered (or partly steered) in the "
+            "steered settings", ", ".join(plan.missing_ids), n_rows, len(rows),
+        )
+    ensure_punkt()
+    out = Path(out_dir)
+    path = out / RESPONSES
+    sampling_record = {
+        "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
+        "top_p": sampling.top_p, "seed": sampling.seed,
+    }
+    generated = skipped = 0
+    with open_for_append(path) as (handle, existing):
+        check_resume(existing, experiment, lm.model_id, sampling_record, plan.records, path)
+        done = {done_key(r) for r in existing}
+        batches = _schedule(lm, rows, settings, experiment, done, batch_size)
+        skipped = len(rows) * len(settings) - sum(len(chunk) for _, chunk in batches)
+        for number, (setting, chunk) in enumerate(batches, start=1):
+            records = _answer(
+                lm, chunk, setting, experiment, plan, sampling, sampling_record,
+                judge=judge, perplexity=perplexity, fluency_lm=fluency_lm,
+            )
+            payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            handle.write(payload.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+            generated += len(chunk)
+            if progress is not None:
+                progress(len(chunk))
+            if number % (4 * len(settings)) == 0:
+                write_summary(out)  # a partial table to look at while a long run goes on
+    data = write_summary(out)
+    elapsed = time.perf_counter() - started
+    log.info("evaluation %s: %d responses in %.1fs", experiment, generated, elapsed)
+    return Summary(data, out, generated, skipped, plan.missing_ids if steered else ())
+
+
+def _schedule(
+    lm: LoadedModel,
+    rows: Sequence[Row],
+    settings: Sequence[str],
+    experiment: str,
+    done: set[tuple[str, str, str]],
+    batch_size: int,
+) -> list[tuple[str, list[Row]]]:
+    """The batches still to run, a batch of every setting in turn.
+
+    Rows go longest prompt first, so a batch holds prompts of similar length; taking the
+    settings in turn means a run stopped at any point has answered about the same rows in
+    every setting, so its partial table already compares like with like.
+    """
+    length = {str(r.key): len(lm.tokenizer(r.prompt).input_ids) for r in rows}
+    ordered = sorted(rows, key=lambda r: -length[str(r.key)])
+    per_setting = []
+    for setting in settings:
+        todo = [r for r in ordered if (experiment, setting, str(r.key)) not in done]
+        per_setting.append(
+            [(setting, todo[i : i + batch_size]) for i in range(0, len(todo), batch_size)]
+        )
+    rounds = max((len(chunks) for chunks in per_setting), default=0)
+    return [chunks[i] for i in range(rounds) for chunks in per_setting if i < len(chunks)]
+
+
+def _answer(
+    lm: LoadedModel,
+    rows: Sequence[Row],
+    setting: str,
+    experiment: str,
+    plan: VectorPlan,
+    sampling: Sampling,
+    sampling_record: Mapping[str, Any],
+    *,
+    judge: quality.Judge | None,
+    perplexity: bool,
+    fluency_lm: LoadedModel | None,
+) -> list[dict[str, Any]]:
+    """One batch: generate (per-row steering), check, score fluency; records in row order."""
+    t0 = time.perf_counter()
+    prompts = [r.prompt_for(setting) for r in rows]
+    steer = setting in STEERED
+    per_row = [plan.steerings[str(r.key)] if steer else [] for r in rows]
+    completions = generate(
+        lm, prompts, per_row=per_row, sampling=sampling, batch_size=len(rows),
+        allow_transfer=True,  # every vector was checked against the model when planned
+    )
+    texts = [c.text for c in completions]
+    scorer = fluency_lm or lm
+    independent = scorer is not lm
+    ppl: list[float | None] = (
+        list(quality.perplexities(scorer, prompts, texts, batch_size=len(rows)))
+        if perplexity
+        else [None] * len(rows)
+    )
+    records = []
+    for row, prompt, completion, p in zip(rows, prompts, completions, ppl, strict=True):
+        results = check_row(row.instruction_id_list, row.kwargs or (), row.prompt, completion.text)
+        p = None if p is None or math.isnan(p) else p
+        score = None
+        if judge is not None:
+            score = judge.score(row.prompt_without_instruction or row.prompt, completion.text)
+        records.append(
+            {
+                "experiment": experiment,
+                "setting": setting,
+                "key": row.key,
+                "instruction_id_list": list(row.instruction_id_list),
+                "kwargs": list(row.kwargs or ()),
+                "prompt": prompt,
+                "response": completion.text,
+                "strict": [r.strict for r in results],
+                "loose": [r.loose for r in results],
+                "vectors": plan.records[str(row.key)] if steer else [],
+                "missing_vectors": plan.missing[str(row.key)] if steer else [],
+                "fluency": {
+                    "repetition": quality.repetition_rate(completion.text),
+                    "perplexity": p,
+                    "degenerate": quality.is_degenerate(
+                        completion.text, p if independent else None
+                    ),
+                },
+                "fluency_model": scorer.model_id if perplexity else None,
+                "judge": score,
+                "sentences": _sentences(completion.text),
+                "completion_tokens": completion.completion_tokens,
+                "finish_reason": completion.finish_reason,
+                "sampling": dict(sampling_record),
+                "model": lm.model_id,
+            }
+        )
+    seconds = (time.perf_counter() - t0) / len(rows)
+    for record in records:
+        record["seconds"] = round(seconds, 4)
+    return records
+
+
+# --- summary --------------------------------------------------------------------------------

@@ -1,0 +1,273 @@
+"""What `ifsteer run-paper` will do, and how long it will take, before any model work.
+
+`plan_run` reads the data, keeps the rows ifsteer can steer, splits them (or checks the split a
+resumed run recorded) and sizes every stage; `estimate_seconds` prices a plan from constants
+measured on the embedded model, and `preview` says all of that in a few lines.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ifsteer.errors import IfsteerError
+from ifsteer.instructions import get_instruction
+from ifsteer.models import LoadedModel
+from ifsteer.rows import SETTINGS, Row, Split, load_rows, split_rows
+from ifsteer.rundir import SPLIT, SWEEPS, sweep_path, vector_path
+
+__all__ = [
+    "DEFAULTS",
+    "PaperConfig",
+    "PipelineError",
+    "Plan",
+    "estimate_seconds",
+    "full_command",
+    "full_config",
+    "full_plan",
+    "minutes_text",
+    "plan_run",
+    "preview",
+    "sweep_grid",
+]
+
+# Seconds on the embedded SmolLM2-135M (fp32, one thread) on the 2-core development machine,
+# from the CPU time of each stage of a measured run (docs/report.md); wall time on a machine
+# shared with other jobs was about 1.3x these. Other models scale by parameter count.
+REFERENCE_PARAMS = 134_515_008
+SECONDS_LOAD = 10.0
+SECONDS_PER_EXTRACT_PROMPT = 0.20  # one forward up to the deepest grid layer, batch 16
+SECONDS_PER_TOKEN_ROW = 0.030  # one decoding step of one row at batch 16 (measured 0.022)
+SECONDS_PER_EVAL_ROW = 0.2  # IFEval checks and bookkeeping per evaluated answer
+SECONDS_PER_PERPLEXITY_ROW = 0.9  # the extra forward that scores an answer's perplexity
+
+
+class PipelineError(IfsteerError):
+    """Options or an output directory that a run cannot use."""
+
+
+@dataclass(frozen=True)
+class PaperConfig:
+    """Options of one run; the defaults fit the 90-minute budget on the embedded model."""
+
+    data: Path
+    out: Path
+    model: str = "smollm2-135m-instruct"
+    limit: int | None = 80  # evaluation rows (stratified prefix); None = all
+    sweep_prompts: int = 3  # validation rows per instruction (at most half of its rows)
+    layer_step: int = 2  # sweep range(L//5, L, layer_step): the paper's grid
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    n_pairs: int = 32
+    with_instruction: bool = False  # sweep with the instruction in the prompt
+    # Perplexity under the model itself flags most greedy answers of a small model as
+    # degenerate (< 2.5) and costs a forward per answer; repetition alone decides by default.
+    perplexity: bool = False
+    dtype: str = "float32"
+    seed: int = 0
+
+    def record(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+DEFAULTS = PaperConfig(data=Path("DATA"), out=Path("OUT"))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do: rows, vectors and grid sizes, before any model work."""
+
+    split: Split
+    evaluation: list[Row]
+    vector_ids: list[str]
+    sweep_layers: list[int]
+    groups: list[str]
+
+    @property
+    def sweep_generations(self) -> int:
+        return sum(len(self.split.validation[g]) for g in self.groups) * (
+            len(self.sweep_layers) + 1
+        )
+
+    @property
+    def eval_generations(self) -> int:
+        return len(SETTINGS) * len(self.evaluation)
+
+
+
+# --- planning -------------------------------------------------------------------------------
+
+
+def _steerable(rows: Sequence[Row]) -> list[Row]:
+    """Rows every one of whose instructions has a catalogue vector (format and language)."""
+    kept = []
+    for row in rows:
+        if not row.fully_served():
+            continue
+        try:
+            for vector_id in row.vector_ids():
+                get_instruction(vector_id)
+        except IfsteerError:
+            continue
+        kept.append(row)
+    return kept
+
+
+def sweep_grid(n_layers: int, step: int) -> list[int]:
+    """The layers a sweep visits: the paper's `range(L//5, L, 2)` at step 2, a subset above."""
+    if step < 2 or step % 2:
+        raise PipelineError(f"--layer-step must be an even number ≥ 2, got {step}")
+    return list(range(n_layers // 5, n_layers, step))
+
+
+def plan_run(config: PaperConfig, n_layers: int) -> Plan:
+    """Read the data, split it (or reuse the recorded split) and size every stage."""
+    if not config.data.is_file():
+        raise PipelineError(
+            f"{config.data}: no such data file; pass --data PATH to an IFEval-format jsonl, "
+            "e.g. --data ../shared/data/ifeval_single_instr_format.jsonl"
+        )
+    rows = _steerable(load_rows(config.data))
+    if not rows:
+        raise PipelineError(
+            f"{config.data}: no row has a format or language instruction that ifsteer can steer"
+        )
+    split = split_rows(rows, config.sweep_prompts, seed=config.seed)
+    _check_recorded_split(config.out / SPLIT, split)
+    evaluation = split.evaluation if config.limit is None else split.evaluation[: config.limit]
+    needed = [r for rows_ in split.validation.values() for r in rows_] + evaluation
+    vector_ids = sorted({v for row in needed for v in row.vector_ids()})
+    return Plan(
+        split=split,
+        evaluation=evaluation,
+        vector_ids=vector_ids,
+        sweep_layers=sweep_grid(n_layers, config.layer_step),
+        groups=sorted(split.validation),
+    )
+
+
+def _check_recorded_split(path: Path, split: Split) -> None:
+    if not path.is_file():
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise PipelineError(f"{path} is damaged; remove it (and the run's outputs)") from None
+    if old.get("validation") != split.to_json()["validation"]:
+        raise PipelineError(
+            f"{path.parent} was split with --sweep-prompts {old.get('per_group')} "
+            f"(seed {old.get('seed')}) on other data; rerun with the same options and --data "
+            "to resume, or use a new --out"
+        )
+
+
+# --- estimates ------------------------------------------------------------------------------
+
+
+def _scale(n_params: int | None) -> float:
+    return 1.0 if not n_params else max(n_params / REFERENCE_PARAMS, 0.05)
+
+
+def estimate_seconds(
+    config: PaperConfig, plan: Plan, n_params: int | None = None, *, todo: bool = False,
+    out: Path | None = None,
+) -> dict[str, float]:
+    """Seconds per stage for this plan, from constants measured on the embedded model.
+
+    With `todo`, only the work not already in `out` (a resumed run) is counted.
+    """
+    scale = _scale(n_params)
+    directory = out or config.out
+    vector_ids = plan.vector_ids
+    groups = plan.groups
+    eval_rows = len(plan.evaluation) * 4
+    if todo:
+        vector_ids = [v for v in vector_ids if not vector_path(directory, v).is_file()]
+        groups = [g for g in groups if not sweep_path(directory / SWEEPS, g).is_file()]
+        from ifsteer.evaluation import count_pending
+
+        eval_rows = count_pending(directory, plan.evaluation)
+    sweep_rows = sum(len(plan.split.validation[g]) for g in groups) * (len(plan.sweep_layers) + 1)
+    per_row = SECONDS_PER_TOKEN_ROW * config.max_new_tokens * _batch_factor(config.batch_size)
+    return {
+        "load": SECONDS_LOAD * scale,
+        "extract": len(vector_ids) * 2 * config.n_pairs * SECONDS_PER_EXTRACT_PROMPT * scale,
+        "sweep": sweep_rows * per_row * scale,
+        "evaluate": eval_rows * scale * (
+            per_row + SECONDS_PER_EVAL_ROW
+            + (SECONDS_PER_PERPLEXITY_ROW if config.perplexity else 0.0)
+        ),
+        "report": 15.0,
+    }
+
+
+def _batch_factor(batch_size: int) -> float:
+    """Cost of a row relative to batch 16: small batches pay the per-step overhead more."""
+    return 0.5 + 8.0 / max(batch_size, 1)
+
+
+def full_command(config: PaperConfig) -> str:
+    """The command that runs the whole held-out set with longer answers and more pairs."""
+    return (
+        f"ifsteer run-paper --model {config.model} --data {config.data} --out {config.out}-full "
+        "--limit 0 --max-new-tokens 256 --n-pairs 64"
+    )
+
+
+def full_config(config: PaperConfig) -> PaperConfig:
+    return replace(
+        config, out=Path(f"{config.out}-full"), limit=None, max_new_tokens=256, n_pairs=64
+    )
+
+
+def minutes_text(seconds: float) -> str:
+    """A duration as people say it: under a minute, minutes, or hours past an hour and a half."""
+    if seconds < 60:
+        return "under a minute"
+    if seconds >= 5400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.0f} min"
+
+
+def full_plan(config: PaperConfig, plan: Plan, n_layers: int) -> Plan:
+    """The plan `full_config(config)` would follow on the same data."""
+    full = full_config(config)
+    split = split_rows(
+        [r for rows in plan.split.validation.values() for r in rows] + plan.split.evaluation,
+        full.sweep_prompts, seed=full.seed,
+    )
+    return Plan(
+        split=split,
+        evaluation=split.evaluation,
+        vector_ids=sorted({v for r in split.evaluation for v in r.vector_ids()}
+                          | {v for rows in split.validation.values() for r in rows
+                             for v in r.vector_ids()}),
+        sweep_layers=sweep_grid(n_layers, full.layer_step),
+        groups=sorted(split.validation),
+    )
+
+
+def preview(config: PaperConfig, plan: Plan, lm: LoadedModel) -> tuple[dict[str, float], str]:
+    """The seconds each stage has left, and the lines that tell the user what is coming."""
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    estimates = estimate_seconds(config, plan, n_params, todo=True)
+    full_total = sum(
+        estimate_seconds(full_config(config), full_plan(config, plan, lm.n_layers), n_params)
+        .values()
+    )
+    big = {k: v for k, v in estimates.items() if v >= 30}
+    text = (
+        f"run-paper {lm.model_id}: {len(plan.vector_ids)} vectors, "
+        f"{len(plan.groups)} sweeps × layers {plan.sweep_layers} + no steering "
+        f"({plan.sweep_generations} answers), {len(plan.evaluation)} evaluation rows × 4 "
+        f"settings ({plan.eval_generations} answers), {config.max_new_tokens} new tokens each.\n"
+        f"Estimated time left: about {minutes_text(sum(estimates.values()))}"
+        + (f" ({', '.join(f'{k} {v / 60:.0f}' for k, v in big.items())} min)" if big else "")
+        + ".\n"
+        f"Full set (all held-out rows, 256 tokens, 64 pairs), about "
+        f"{full_total / 3600:.1f} h here:\n  {full_command(config)}"
+    )
+    return estimates, text

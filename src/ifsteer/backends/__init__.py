@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ifsteer.chat import BASE_PROMPT_FORMAT
 from ifsteer.errors import (
     IfsteerError,
     InvalidSteering,
@@ -28,7 +29,6 @@ from ifsteer.errors import (
 )
 from ifsteer.generation import Completion, Sampling
 from ifsteer.instructions import Instruction, Mode, custom_instruction, get_instruction
-from ifsteer.models import BASE_PROMPT_FORMAT
 from ifsteer.steering import Steering
 from ifsteer.vectors import SteeringVector, default_layer, describe, load_vectors
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ifsteer.backends import Job, OnText, prompt_ids
+from ifsteer.chat import stop_token_ids
 from ifsteer.errors import IfsteerError, InvalidSteering
 from ifsteer.generation import Completion
 from ifsteer.instructions import Instruction
@@ -66,16 +67,6 @@ def cache_salt(steering: Sequence[Steering]) -> str | None:
         return None
     canonical = json.dumps(steering_args(steering), sort_keys=True)
     return "ifsteer:" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
-
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """The HF path's stop set (EOS and end-of-turn markers), so both backends stop alike."""
-    from ifsteer.models import _END_OF_TURN
-
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
-    return sorted(ids)
 
 
 def require_vllm() -> Any:

@@ -1,7 +1,7 @@
 """The front end of the vLLM adapter: an `ifsteer.backends.Engine` over vLLM's `AsyncLLM`.
 
 The HTTP face (`ifsteer.server.build_app`) parses requests and resolves their `steering` with
-the same code as the Hugging Face server; this engine then
+the same code for every engine; this engine then
 
 - registers each vector once on every worker (`collective_rpc("ifsteer_register")`), keyed by
   a hash of its direction, layer and target;
@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ifsteer.backends import Job, OnText, prompt_ids
-from ifsteer.chat import stop_token_ids
+from ifsteer.backends import Job, OnText
+from ifsteer.chat import prompt_ids, stop_token_ids
 from ifsteer.errors import IfsteerError, InvalidSteering
 from ifsteer.generation import Completion
 from ifsteer.instructions import Instruction

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -216,7 +217,7 @@ def _load_converted(
     if not (directory / "config.json").is_file():
         _convert(locate_gguf(), directory)
     lm = _load_directory(directory, model_id, DTYPES[dtype])
-    upgrade_checkpoint(directory / WEIGHTS, lm.model)
+    upgrade_checkpoint(directory, lm.model)
     return lm
 
 
@@ -241,45 +242,65 @@ def _identity(tensor: torch.Tensor) -> tuple[int, tuple[int, ...]]:
     return tensor.data_ptr(), tuple(tensor.shape)
 
 
-def upgrade_checkpoint(weights: Path, model: nn.Module) -> bool:
-    """Rename tensors a cached file stores under a tied partner's name; True if it rewrote.
+def upgrade_checkpoint(directory: Path, model: nn.Module) -> bool:
+    """Bring a cache written by an older ifsteer to the standard layout; True if it changed.
 
-    Caches written before `checkpoint_tensors` hold the tied embeddings as `lm_head.weight`.
-    The file is renamed tensor by tensor (not re-saved from `model`, which may be loaded in a
-    lower precision) and replaced atomically, so a concurrent reader sees one layout or the
-    other, never half of one.
+    Older caches hold the tied embeddings as `lm_head.weight` and a config without
+    `architectures` (vLLM then guesses a bare `LlamaModel`). Each file is replaced atomically,
+    so a concurrent reader sees one layout or the other, never half of one.
     """
+    renamed = _rename_tied(directory / WEIGHTS, model)
+    named = _name_architecture(directory / "config.json", model)
+    return renamed or named
+
+
+def _rename_tied(weights: Path, model: nn.Module) -> bool:
+    """Store each tensor under its `checkpoint_tensors` name, reading it from the file under
+    whichever tied name it has there (not from `model`, which may be in a lower precision)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     with safe_open(str(weights), framework="pt") as f:
         on_disk = set(f.keys())
-    state = model.state_dict()
     wanted = list(checkpoint_tensors(model))
     if set(wanted) == on_disk:
         return False
+    state = model.state_dict()
     names_of: dict[tuple[int, tuple[int, ...]], list[str]] = {}
     for name, tensor in state.items():
         names_of.setdefault(_identity(tensor), []).append(name)
     sources = {}
     for name in wanted:
-        partners = names_of[_identity(state[name])]
-        found = [n for n in partners if n in on_disk]
+        found = [n for n in names_of[_identity(state[name])] if n in on_disk]
         if not found:
             return False  # not a layout we know how to rename; transformers loaded it anyway
         sources[name] = found[0]
     with safe_open(str(weights), framework="pt") as f:
         tensors = {name: f.get_tensor(source) for name, source in sources.items()}
-    fd, tmp = tempfile.mkstemp(dir=weights.parent, prefix=f".{weights.name}-")
+    _write_atomically(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    return True
+
+
+def _name_architecture(config_file: Path, model: nn.Module) -> bool:
+    config = json.loads(config_file.read_text())
+    if config.get("architectures"):
+        return False
+    config["architectures"] = [type(model).__name__]
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _write_atomically(config_file, lambda tmp: Path(tmp).write_text(text))
+    return True
+
+
+def _write_atomically(path: Path, write: Callable[[str], object]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={"format": "pt"})
-        os.chmod(tmp, weights.stat().st_mode & 0o777)  # mkstemp makes it owner-only
-        os.replace(tmp, weights)
+        write(tmp)
+        os.chmod(tmp, path.stat().st_mode & 0o777)  # as readable as the file it replaces
+        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return True
 
 
 def _convert(gguf: Path, target: Path) -> None:
@@ -315,5 +336,6 @@ def save_checkpoint(
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
+    config.architectures = [type(model).__name__]  # a GGUF-loaded config has none
     config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)

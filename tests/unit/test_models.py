@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -167,6 +169,10 @@ def _tensor_names(directory) -> set[str]:
         return set(f.keys())
 
 
+def _architectures(directory) -> list[str] | None:
+    return json.loads((directory / "config.json").read_text()).get("architectures")
+
+
 def _logits(lm: LoadedModel) -> torch.Tensor:
     with torch.no_grad():
         return lm.model(**lm.encode(["Plan a picnic."])).logits.float()
@@ -174,6 +180,7 @@ def _logits(lm: LoadedModel) -> torch.Tensor:
 
 def test_a_tied_head_is_saved_as_the_embeddings(tmp_path, tied_lm):
     save_checkpoint(tied_lm.model, tied_lm.tokenizer, tmp_path / "m")
+    assert _architectures(tmp_path / "m") == ["LlamaForCausalLM"]
     names = _tensor_names(tmp_path / "m")
     assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
     # Read by name, strictly, as vLLM reads a checkpoint: the only key left out is the tied head.
@@ -194,15 +201,18 @@ def test_a_cache_in_the_old_layout_is_upgraded_on_load(tmp_path, monkeypatch, ti
     directory = cache_dir(DEFAULT_MODEL)
     directory.mkdir(parents=True)
     save_model(tied_lm.model, str(directory / WEIGHTS))  # how ifsteer wrote caches before
+    tied_lm.model.config.architectures = None  # as a GGUF-loaded config has it
     tied_lm.model.config.save_pretrained(directory)
     tied_lm.tokenizer.save_pretrained(directory)
     assert "lm_head.weight" in _tensor_names(directory)  # the layout vLLM cannot read
     assert "model.embed_tokens.weight" not in _tensor_names(directory)
+    assert not _architectures(directory)
     mode = (directory / WEIGHTS).stat().st_mode
 
     lm = load_model(DEFAULT_MODEL, dtype="bfloat16")
     names = _tensor_names(directory)
     assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    assert _architectures(directory) == ["LlamaForCausalLM"]
     assert [p.name for p in directory.iterdir() if p.name.startswith(".")] == []
     with safe_open(str(directory / WEIGHTS), framework="pt") as f:  # full precision kept
         embeddings = f.get_tensor("model.embed_tokens.weight")
@@ -210,7 +220,8 @@ def test_a_cache_in_the_old_layout_is_upgraded_on_load(tmp_path, monkeypatch, ti
     torch.testing.assert_close(_logits(lm), _logits(tied_lm), atol=0.1, rtol=0.05)
 
     assert (directory / WEIGHTS).stat().st_mode == mode  # as readable as before
-    stamp = (directory / WEIGHTS).stat().st_mtime_ns
+    stamps = [(directory / f).stat().st_mtime_ns for f in (WEIGHTS, "config.json")]
     again = load_model(DEFAULT_MODEL)
-    assert (directory / WEIGHTS).stat().st_mtime_ns == stamp  # upgraded once, then left alone
+    # upgraded once, then left alone
+    assert [(directory / f).stat().st_mtime_ns for f in (WEIGHTS, "config.json")] == stamps
     torch.testing.assert_close(_logits(again), _logits(tied_lm))

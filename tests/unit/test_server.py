@@ -23,14 +23,22 @@ import uvicorn
 from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
-import ifsteer.backends as shared
 import ifsteer.backends.vllm as adapter
-import ifsteer.server as server_module
-from ifsteer.backends import Limits, Message, load_vector_dir, render_chat
+from ifsteer.backends import Job
+from ifsteer.backends.hf import BatchingEngine
 from ifsteer.backends.vllm.worker import Entry, VectorBank, apply_plan, build_plan
+from ifsteer.errors import IfsteerError
 from ifsteer.generation import Sampling, generate
 from ifsteer.instructions import custom_instruction
-from ifsteer.server import BatchingEngine, create_app
+from ifsteer.server import Limits, create_app, load_vector_dir
+from ifsteer.server.jobs import chat_prompt
+from ifsteer.server.schema import (
+    ApiError,
+    ChatCompletionRequest,
+    Message,
+    SteeringSpec,
+    parse_request,
+)
 from ifsteer.steering import Steering, _resolve
 from ifsteer.vectors import default_layer, extract_instruction, load_vector, save_vectors
 from tests.conftest import make_tiny, tiny_llama_config
@@ -339,6 +347,11 @@ BAD = {
                       "model"),
     "no messages": ("/v1/chat/completions", _body(messages=[]), 400, "invalid_value",
                     "messages"),
+    "base-model chat ending in an answer": (
+        "/v1/chat/completions",
+        _body(messages=[{"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello"}]),
+        400, "invalid_request", "messages"),
     "vector and instruction": ("/v1/chat/completions",
                                _body(steering=[{"vector": "upper", "instruction": "Be brief."}]),
                                400, "invalid_value", "steering.0"),
@@ -480,7 +493,7 @@ def chat_lm(tiny_tokenizer):
 def test_chat_prompts_reach_the_model_with_one_bos(chat_lm):
     engine = BatchingEngine(chat_lm)
     messages = [Message(role="system", content="Be kind."), Message(role="user", content="Hi")]
-    prompt = render_chat(engine.tokenizer, messages)
+    prompt = chat_prompt(engine.tokenizer, messages)
     template_ids = chat_lm.tokenizer(prompt.text, add_special_tokens=False).input_ids
     assert template_ids[:1] == [0] and template_ids[1] != 0
     text, formatted = engine._generate_input(prompt)
@@ -490,9 +503,9 @@ def test_chat_prompts_reach_the_model_with_one_bos(chat_lm):
 
 def test_one_turn_chat_equals_the_cli_path(chat_lm):
     engine = BatchingEngine(chat_lm)
-    prompt = render_chat(engine.tokenizer, [Message(role="user", content=PROMPTS[0])])
+    prompt = chat_prompt(engine.tokenizer, [Message(role="user", content=PROMPTS[0])])
     v = make_vector(layer=2, mode="additive", weight=5.0, model_id="tiny-chat")
-    job = shared.Job(prompt, (Steering(v),), Sampling(max_new_tokens=MAX_TOKENS))
+    job = Job(prompt, (Steering(v),), Sampling(max_new_tokens=MAX_TOKENS))
 
     async def run() -> object:
         await engine.start()
@@ -511,17 +524,14 @@ def test_one_turn_chat_equals_the_cli_path(chat_lm):
 # --- the vLLM adapter's CPU-side parts ----------------------------------------------------
 
 
-def test_vllm_adapter_parses_requests_with_the_servers_code():
-    assert adapter.SteeringSpec is shared.SteeringSpec
-    assert adapter.parse_request is server_module.parse_request is shared.parse_request
-    assert adapter.build_job is server_module.build_job
-    assert adapter.VectorStore is server_module.VectorStore
+def test_the_server_parses_requests_for_every_engine():
+    """The vLLM adapter has no request code of its own: it is an Engine behind `build_app`."""
+    assert not {"SteeringSpec", "VectorStore", "build_job", "parse_request"} & set(dir(adapter))
     raw = json.dumps(_chat("hi", steering=[{"vector": "a", "mode": "additive", "weight": 2}]))
-    parsed = adapter.parse_request(raw.encode(), shared.ChatCompletionRequest, LIMITS)
-    assert parsed.steering == [shared.SteeringSpec(vector="a", mode="additive", weight=2.0)]
-    with pytest.raises(shared.ApiError) as bad:
-        adapter.parse_request(raw.replace("additive", "sideways").encode(),
-                              shared.ChatCompletionRequest, LIMITS)
+    parsed = parse_request(raw.encode(), ChatCompletionRequest, LIMITS)
+    assert parsed.steering == [SteeringSpec(vector="a", mode="additive", weight=2.0)]
+    with pytest.raises(ApiError) as bad:
+        parse_request(raw.replace("additive", "sideways").encode(), ChatCompletionRequest, LIMITS)
     assert bad.value.param == "steering.0.mode"
 
 
@@ -540,7 +550,7 @@ def test_vllm_request_args_and_cache_salt():
     ]
     entry = adapter.bank_entry(a)
     assert entry["layer"] == 1 and len(entry["direction"]) == 64
-    with pytest.raises(shared.IfsteerError, match=r"pip install 'ifsteer\[vllm\]'"):
+    with pytest.raises(IfsteerError, match=r"pip install 'ifsteer\[vllm\]'"):
         adapter.require_vllm()
 
 

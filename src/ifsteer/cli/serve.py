@@ -46,8 +46,7 @@ def serve(
     dtype: DtypeOption = "float32",
 ) -> None:
     """Serve an OpenAI-compatible API whose requests can carry a `steering` field."""
-    from ifsteer.backends import Limits, load_vector_dir
-    from ifsteer.server import build_app, create_app
+    from ifsteer.server import Limits, build_app, create_app, load_vector_dir
     from ifsteer.server import serve as run_server
 
     named = load_vector_dir(vectors) if vectors else {}

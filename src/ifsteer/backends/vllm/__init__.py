@@ -1,15 +1,13 @@
 """The vLLM adapter: the same `steering` field, served by vLLM (tensor / pipeline parallel,
 one node or many). Optional extra: `pip install 'ifsteer[vllm]'`; targets vLLM 0.11.0.
 
-Requests are parsed and their steering resolved by `ifsteer.backends` (the code the Hugging Face
-server uses); `VLLMEngine` generates them and `worker.SteeringWorkerExtension` steers inside
-vLLM's workers. See README.md in this folder for the design. Importing this package does not
-import vLLM.
+Requests are parsed and their steering resolved by `ifsteer.server` (the code the Hugging Face
+engine is served with); `VLLMEngine` is an `ifsteer.backends.Engine` that generates them and
+`worker.SteeringWorkerExtension` steers inside vLLM's workers. See README.md in this folder for
+the design. Importing this package does not import vLLM.
 """
 
 from __future__ import annotations
-
-from ifsteer.backends import SteeringSpec, VectorStore, build_job, parse_request
 
 from .engine import (
     VLLM_VERSION,
@@ -25,13 +23,9 @@ from .engine import (
 __all__ = [
     "VLLM_VERSION",
     "WORKER_EXTENSION",
-    "SteeringSpec",
     "VLLMEngine",
-    "VectorStore",
     "bank_entry",
-    "build_job",
     "cache_salt",
-    "parse_request",
     "require_vllm",
     "steering_args",
     "vector_key",

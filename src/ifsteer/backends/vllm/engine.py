@@ -1,7 +1,7 @@
 """The front end of the vLLM adapter: an `ifsteer.backends.Engine` over vLLM's `AsyncLLM`.
 
 The HTTP face (`ifsteer.server.build_app`) parses requests and resolves their `steering` with
-the same code as the Hugging Face server; this engine then
+the same code for every engine; this engine then
 
 - registers each vector once on every worker (`collective_rpc("ifsteer_register")`), keyed by
   a hash of its direction, layer and target;
@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ifsteer.backends import Job, OnText, prompt_ids
+from ifsteer.backends import Job, OnText
+from ifsteer.chat import prompt_ids, stop_token_ids
 from ifsteer.errors import IfsteerError, InvalidSteering
 from ifsteer.generation import Completion
 from ifsteer.instructions import Instruction
@@ -66,16 +67,6 @@ def cache_salt(steering: Sequence[Steering]) -> str | None:
         return None
     canonical = json.dumps(steering_args(steering), sort_keys=True)
     return "ifsteer:" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
-
-
-def stop_token_ids(tokenizer: Any) -> list[int]:
-    """The HF path's stop set (EOS and end-of-turn markers), so both backends stop alike."""
-    from ifsteer.models import _END_OF_TURN
-
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    vocab = tokenizer.get_vocab()
-    ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
-    return sorted(ids)
 
 
 def require_vllm() -> Any:

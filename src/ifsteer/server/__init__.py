@@ -1,0 +1,15 @@
+"""The HTTP face: an OpenAI-compatible API whose requests carry a `steering` field.
+
+`app` holds the routes, auth and error handling; `schema` reads requests (and names the field
+at fault when it cannot); `registry` turns `steering` entries into vectors; `jobs` turns a
+request into the `Job`s an engine generates; `responses` writes OpenAI's bodies and streams.
+Engines live in `ifsteer.backends`, behind one protocol, and never import this package.
+"""
+
+from __future__ import annotations
+
+from .app import build_app, create_app, serve
+from .registry import NamedVector, load_vector_dir
+from .schema import Limits
+
+__all__ = ["Limits", "NamedVector", "build_app", "create_app", "load_vector_dir", "serve"]

@@ -1,0 +1,58 @@
+"""A parsed request to the `Job`s an engine generates: its prompt, limits, sampling, steering."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ifsteer.backends import Engine, Job
+from ifsteer.chat import InvalidPrompt, Prompt, prompt_ids, render_chat
+from ifsteer.generation import Sampling
+
+from .registry import Resolved, VectorStore
+from .schema import ApiError, GenerationRequest, Limits, Message
+
+
+def chat_prompt(tokenizer: Any, messages: Sequence[Message]) -> Prompt:
+    try:
+        return render_chat(tokenizer, [m.turn() for m in messages])
+    except InvalidPrompt as exc:
+        raise ApiError(str(exc), param="messages") from None
+
+
+async def build_job(
+    request: GenerationRequest, prompt: Prompt, *, engine: Engine, store: VectorStore,
+    limits: Limits, prompt_param: str,
+) -> tuple[Job, list[Resolved]]:
+    """Check a request against the limits and the model, and resolve its steering."""
+    n_prompt = len(prompt_ids(engine.tokenizer, prompt))
+    if n_prompt > limits.max_prompt_tokens:
+        raise ApiError(
+            f"the prompt has {n_prompt} tokens, the limit is {limits.max_prompt_tokens}",
+            param=prompt_param, code="context_length_exceeded",
+        )
+    asked = request.requested_max_tokens()
+    room = None if engine.context_length is None else engine.context_length - n_prompt
+    if asked is not None and asked > limits.max_tokens:
+        raise ApiError(
+            f"max_tokens {asked} is over the limit {limits.max_tokens}",
+            param="max_tokens", code="invalid_value",
+        )
+    max_tokens = asked or limits.default_max_tokens
+    if room is not None and max_tokens > room:
+        if asked is not None or room < 1:
+            raise ApiError(
+                f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                f"model's context of {engine.context_length} tokens",
+                param="max_tokens" if asked else prompt_param, code="context_length_exceeded",
+            )
+        max_tokens = room
+    sampling = Sampling(
+        max_new_tokens=max_tokens,
+        temperature=0.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        seed=request.seed,
+    )
+    resolved = await store.resolve(request.steering or [], limits)
+    job = Job(prompt, tuple(r.steering for r in resolved), sampling)
+    return job, resolved

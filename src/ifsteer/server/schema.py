@@ -1,0 +1,284 @@
+"""The request schema both backends serve: OpenAI's fields, our `steering` field, the limits.
+
+A client sends the same JSON to `ifsteer serve` on either backend and gets the same 4xx for the
+same mistake, because every request is read here, before any engine sees it. Errors carry the
+HTTP status and the field at fault, in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ifsteer.chat import Turn
+from ifsteer.errors import (
+    IfsteerError,
+    InvalidSteering,
+    MalformedVectorFile,
+    UnknownInstruction,
+    VectorMismatch,
+)
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class ApiError(IfsteerError):
+    """A request the server refuses, with the HTTP status and the field at fault."""
+
+    status = 400
+
+    def __init__(
+        self, message: str, *, param: str | None = None, code: str = "invalid_request",
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+        if status is not None:
+            self.status = status
+
+
+class UnknownVector(ApiError):
+    """A `steering` entry names a vector the server did not load."""
+
+    status = 404
+
+
+def error_status(exc: IfsteerError) -> tuple[int, str, str | None]:
+    """HTTP status, error code and parameter for any error of ours."""
+    if isinstance(exc, ApiError):
+        return exc.status, exc.code, exc.param
+    if isinstance(exc, VectorMismatch):
+        return 422, "vector_mismatch", None
+    if isinstance(exc, UnknownInstruction):
+        return 404, "instruction_not_found", None
+    if isinstance(exc, MalformedVectorFile):
+        return 422, "malformed_vector", None
+    if isinstance(exc, InvalidSteering):
+        return 400, "invalid_steering", None
+    return 400, "invalid_request", None
+
+
+def error_body(message: str, *, code: str, param: str | None, status: int) -> dict[str, Any]:
+    """OpenAI's error shape."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# --- limits -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; anything beyond is a 400, never a crash."""
+
+    max_prompt_tokens: int = 4096
+    max_tokens: int = 1024  # the largest max_tokens a request may ask for
+    default_max_tokens: int = 128
+    max_steering: int = 8  # entries in one request's `steering` list
+    max_abs_weight: float = 1000.0
+    max_instruction_chars: int = 1000
+    max_prompts: int = 16  # prompts in one /v1/completions request
+    max_body_bytes: int = 1_000_000
+
+
+# --- requests -----------------------------------------------------------------------------
+
+
+class SteeringSpec(BaseModel):
+    """One entry of `steering`: a loaded vector by name, or an instruction extracted on the fly.
+
+    `mode` and `weight` default to the vector's own; switching a vector's mode without a
+    weight uses that mode's natural weight (‖u‖ for additive, 1 for projection). `layer`
+    picks one of the layers a vector file holds, or where an inline instruction is extracted.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    vector: str | None = Field(default=None, min_length=1, max_length=200)
+    instruction: str | None = Field(default=None, min_length=1)
+    instruction_id: str | None = Field(default=None, min_length=1, max_length=200)
+    mode: Literal["projection", "additive"] | None = None
+    weight: float | None = Field(default=None, allow_inf_nan=False)
+    layer: int | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SteeringSpec:
+        given = [f for f in ("vector", "instruction", "instruction_id") if getattr(self, f)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of 'vector' (a loaded vector's name), 'instruction' (free "
+                "text) or 'instruction_id' (a catalogue id)"
+            )
+        return self
+
+    def source(self) -> str:
+        if self.vector is not None:
+            return self.vector
+        if self.instruction_id is not None:
+            return f"instruction_id:{self.instruction_id}"
+        return f"instruction:{self.instruction}"
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+    def turn(self) -> Turn:
+        """As chat templates name roles: OpenAI's `developer` is their `system`."""
+        return ("system" if self.role == "developer" else self.role), self.text()
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+# Fields OpenAI clients may send that ifsteer does not implement: refused, never ignored.
+_UNSUPPORTED: dict[str, str] = {
+    "stop": "generation ends at the model's end-of-turn token or at max_tokens",
+    "presence_penalty": "leave it out",
+    "frequency_penalty": "leave it out",
+    "logit_bias": "leave it out",
+    "logprobs": "leave it out",
+    "top_logprobs": "leave it out",
+    "tools": "leave them out",
+    "echo": "leave it out",
+    "suffix": "leave it out",
+}
+
+
+class GenerationRequest(BaseModel):
+    """Fields both endpoints share. Unknown fields are ignored, as OpenAI clients send extras;
+    known fields that would change the output and that we do not implement are refused."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    seed: int | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    steering: list[SteeringSpec] | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("only n=1 is supported; send several requests, they are batched")
+        return value
+
+    @model_validator(mode="after")
+    def _supported(self) -> GenerationRequest:
+        # ApiError is not a ValueError, so pydantic lets it through with our param and code.
+        for name, hint in _UNSUPPORTED.items():
+            if getattr(self, name, None) not in (None, False, 0, 0.0, "", [], {}):
+                raise ApiError(
+                    f"{name} is not supported by ifsteer; {hint}",
+                    param=name, code="unsupported_parameter",
+                )
+        return self
+
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class ChatCompletionRequest(GenerationRequest):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type", "text") != "text":
+            raise ValueError(
+                "only response_format type 'text' is supported; steer with a JSON-format "
+                "vector (detectable_format:json_format) instead"
+            )
+        return value
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+class CompletionRequest(GenerationRequest):
+    prompt: str | list[str]
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+    logprobs: int | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("best_of is not supported; leave it out")
+        return value
+
+    @field_validator("prompt")
+    @classmethod
+    def _some_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("prompt list is empty")
+        return value
+
+    def prompts(self) -> list[str]:
+        return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+Request = TypeVar("Request", bound=BaseModel)
+
+
+def parse_request(raw: bytes, schema: type[Request], limits: Limits) -> Request:
+    """Body bytes to a request, or an `ApiError` that names the field at fault."""
+    if len(raw) > limits.max_body_bytes:
+        raise ApiError(
+            f"request body is {len(raw)} bytes, the limit is {limits.max_body_bytes}",
+            code="request_too_large", status=413,
+        )
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(f"malformed JSON body: {exc}", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError("the JSON body must be an object", code="invalid_json")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        param = ".".join(str(part) for part in first["loc"]) or None
+        message = first["msg"].removeprefix("Value error, ")
+        raise ApiError(
+            f"{param}: {message}" if param else message, param=param, code="invalid_value"
+        ) from None

@@ -133,7 +133,7 @@ class Engine:
         self._shared: dict[Hashable, _Row] = {}
         self._cache: DynamicCache | None = None
         self._next_id = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # callbacks may submit
 
     @property
     def busy(self) -> bool:
@@ -170,6 +170,24 @@ class Engine:
                 self._shared[key] = row
             self._waiting.append(row)
         return ticket.job_id
+
+    def cancel(self, job_id: int) -> bool:
+        """Drop a job (a client went away); its row stops once no other job shares it."""
+        with self._lock:
+            for row in (*self._waiting, *self._active):
+                tickets = [t for t in row.tickets if t.job_id != job_id]
+                if len(tickets) == len(row.tickets):
+                    continue
+                row.tickets = tickets
+                if not tickets:
+                    if row.key is not None:
+                        self._shared.pop(row.key, None)
+                    if row in self._waiting:
+                        self._waiting.remove(row)
+                    else:
+                        row.finish = "cancelled"
+                return True
+        return False
 
     def run(self, progress: Callable[[int], None] | None = None) -> dict[int, Completion]:
         """Decode until the queue is empty; completions by job id."""

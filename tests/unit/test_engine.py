@@ -196,3 +196,18 @@ def test_bad_jobs_are_refused_at_submit(tiny_lm):
     with pytest.raises(InvalidSteering, match="batch_size must be at least 1"):
         Engine(tiny_lm, batch_size=0)
     assert not engine.busy
+
+
+def test_a_cancelled_job_reports_nothing_and_frees_its_row(tiny_lm):
+    engine = Engine(tiny_lm, batch_size=2)
+    sampling = Sampling(max_new_tokens=12, ignore_eos=True)
+    kept = engine.submit(Job(PROMPTS[0], sampling=sampling))
+    gone = engine.submit(Job(PROMPTS[1], sampling=sampling))
+    queued = engine.submit(Job(PROMPTS[2], sampling=sampling))
+    engine.step()
+    assert engine.cancel(gone) and engine.cancel(queued) and not engine.cancel(99)
+    finished = engine.step()  # the cancelled row leaves here, unreported
+    assert finished == [] and len(engine._active) == 1
+    done = {**dict(finished), **engine.run()}
+    assert set(done) == {kept}
+    assert done[kept].text == tiny_lm.tokenizer.decode(alone(tiny_lm, PROMPTS[0], [], 12))

@@ -8,6 +8,7 @@ Greedy by default, as in the paper.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from ifsteer.engine import Completion, Decider, Engine, Job, Sampling
 from ifsteer.errors import InvalidSteering
@@ -19,6 +20,7 @@ __all__ = ["Completion", "Sampling", "generate"]
 # Called with (row index in the caller's order, new text) as tokens arrive; for streaming.
 OnText = Callable[[int, str], None]
 Progress = Callable[[int], None]
+GREEDY = Sampling()
 
 
 def generate(
@@ -27,7 +29,7 @@ def generate(
     *,
     steering: Sequence[Steering] = (),
     per_row: Sequence[Sequence[Steering]] | None = None,
-    sampling: Sampling = Sampling(),
+    sampling: Sampling = GREEDY,
     batch_size: int | None = None,
     formatted: bool = True,
     allow_transfer: bool = False,
@@ -40,7 +42,8 @@ def generate(
     `steering` applies to every prompt, `per_row[i]` to prompt i alone. `formatted` wraps each
     prompt in the model's chat template (or `Q: ...\\nA:`); pass False for raw text.
     `batch_size` None sizes the batch to the model and free memory (`auto_batch_size`);
-    `decided[i]` lets row i stop as soon as its check's verdict is settled.
+    `decided[i]` lets row i stop as soon as its check's verdict is settled. A sampling seed
+    seeds row i with `seed + i`, so repeated prompts still give different, reproducible samples.
     """
     if per_row is not None and steering:
         raise InvalidSteering("give either steering for all rows or per_row, not both")
@@ -60,7 +63,7 @@ def generate(
         job = Job(
             prompts[i],
             steering=rows[i],
-            sampling=sampling,
+            sampling=_for_row_seed(sampling, i),
             formatted=formatted,
             decided=None if decided is None else decided[i],
             on_text=None if on_text is None else _for_row(on_text, i),
@@ -68,6 +71,12 @@ def generate(
         ids[i] = engine.submit(job)
     done = engine.run(progress)
     return [done[ids[i]] for i in range(len(prompts))]
+
+
+def _for_row_seed(sampling: Sampling, row: int) -> Sampling:
+    if sampling.greedy or sampling.seed is None:
+        return sampling
+    return replace(sampling, seed=sampling.seed + row)
 
 
 def _for_row(on_text: OnText, row: int) -> Callable[[str], None]:

@@ -228,9 +228,11 @@ class Engine:
         # Rows whose prompt is read alike (same tokens, same prompt-phase steering) share one
         # prefill: their KV and first logits are equal, so one copy is computed and repeated.
         unique: dict[Hashable, int] = {}
+        leaders: list[_Row] = []
         for row in rows:
-            unique.setdefault(row.prompt_key, len(unique))
-        leaders = list({row.prompt_key: row for row in reversed(rows)}.values())[::-1]
+            if row.prompt_key not in unique:
+                unique[row.prompt_key] = len(leaders)
+                leaders.append(row)
         width = max(len(r.ids) for r in leaders)
         pad_id = self.lm.tokenizer.pad_token_id or 0
         device = self.lm.device

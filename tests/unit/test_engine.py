@@ -121,7 +121,7 @@ def test_identical_jobs_are_decoded_once_and_streamed_to_each(tiny_lm):
 
 def test_prompt_kv_is_shared_only_where_steering_spares_the_prompt(tiny_lm):
     v = make_vector(layer=1, mode="additive")
-    rows = [[], [Steering(v, weight=5.0, positions="generated")], [Steering(v, weight=5.0)]]
+    rows = [[], [Steering(v, weight=5.0)], [Steering(v, weight=5.0, positions="generated")]]
     jobs = [Job(PROMPTS[2], steering=r, sampling=Sampling(max_new_tokens=6)) for r in rows]
     engine = Engine(tiny_lm, batch_size=3)
     for job in jobs:

@@ -211,3 +211,13 @@ def test_a_cancelled_job_reports_nothing_and_frees_its_row(tiny_lm):
     done = {**dict(finished), **engine.run()}
     assert set(done) == {kept}
     assert done[kept].text == tiny_lm.tokenizer.decode(alone(tiny_lm, PROMPTS[0], [], 12))
+
+
+def test_joining_rows_are_bucketed_by_length(tiny_lm):
+    engine = Engine(tiny_lm, batch_size=2)
+    for prompt in (PROMPTS[1], PROMPTS[4], PROMPTS[3], PROMPTS[0]):  # long, short, long, short
+        engine.submit(Job(prompt))
+    first = engine._pick_joining()
+    lengths = [len(r.ids) for r in first]
+    left = [len(r.ids) for r in engine._waiting]
+    assert min(lengths) > max(left)  # the two long prompts join together, the short ones wait

@@ -10,7 +10,7 @@ One run, the same rows for every path, measured side by side on the embedded mod
 End of turn is allowed (real answers end at different lengths); every other row is steered
 with a real lowercase vector extracted here. Prints tokens/s, wall time and ratios.
 
-Run: python benchmarks/eval_throughput.py [--prompts 64] [--tokens 64]
+Run: python benchmarks/eval_throughput.py [--prompts 64] [--tokens 64] [--threads N]
 """
 
 from __future__ import annotations
@@ -88,8 +88,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip-engine-8", action="store_true", help="save a few minutes")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     lm = load_model(args.model)
     vector = extract_instruction(lm, get_instruction(LOWER), [10], n_pairs=16)[10]

@@ -408,8 +408,9 @@ def _pad_left(cache: DynamicCache, columns: int) -> None:
 
 def _trim_left(cache: DynamicCache, columns: int) -> None:
     for layer in _layers(cache):
-        layer.keys = layer.keys[:, :, columns:].contiguous()
-        layer.values = layer.values[:, :, columns:].contiguous()
+        # A view: the next decode step's concatenation makes the one copy it needs anyway.
+        layer.keys = layer.keys[:, :, columns:]
+        layer.values = layer.values[:, :, columns:]
 
 
 def _stack(cache: DynamicCache, other: DynamicCache) -> None:

@@ -82,3 +82,20 @@ def test_gpt2_generates_under_steering(tiny_gpt2):
         for p, r in zip(PROMPTS[:2], rows, strict=True)
     ]
     assert [c.text for c in batched] == [c.text for c in alone]
+
+
+def test_seeded_sampling_gives_repeated_prompts_their_own_draws(tiny_lm):
+    s = Sampling(max_new_tokens=10, temperature=1.0, seed=3)
+    twice = generate(tiny_lm, [PROMPTS[0]] * 2, sampling=s)
+    assert twice[0].text != twice[1].text
+    assert [c.text for c in generate(tiny_lm, [PROMPTS[0]] * 2, sampling=s)] == [
+        c.text for c in twice
+    ]
+
+
+def test_a_decided_row_stops_early(tiny_lm):
+    sampling = Sampling(max_new_tokens=16, ignore_eos=True)
+    out = generate(tiny_lm, PROMPTS[:2], sampling=sampling, decided=[lambda t: len(t) > 3, None])
+    assert out[0].finish_reason == "decided" and out[1].finish_reason == "length"
+    with pytest.raises(InvalidSteering, match="decided has 1 entries for 2 prompts"):
+        generate(tiny_lm, PROMPTS[:2], decided=[None])

@@ -1,0 +1,419 @@
+"""Continuous batching: one queue of generation jobs, each row with its own steering.
+
+A static batch keeps finished rows until its longest row ends, and a batch of 8 leaves most of
+a CPU idle. Here a row leaves the batch as soon as it stops (end of turn, `max_new_tokens`, or
+its `decided` predicate) and a waiting job takes its place, so the batch stays full.
+
+How the KV cache stays exact while rows come and go: all rows live left-padded in one cache of
+width W; row i masks its first `pad[i]` columns, so its next token sits at position W − pad[i],
+the position it has when generated alone. A joining group is prefilled on its own (steering sees
+it in the prompt phase, as `steer` tracks by the empty cache), then whichever of the two caches is
+narrower is left-padded and the two are stacked on the batch axis. When rows leave, their cache
+rows are dropped and the columns that are padding for every remaining row are cut off. The cache
+is a plain `DynamicCache` (no sliding-window layers): sliding windows are applied by the model's
+mask over cache columns, which stay contiguous per row, so Gemma 2/3 need nothing special.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from ifsteer.batching import auto_batch_size
+from ifsteer.errors import InvalidSteering
+from ifsteer.models import LoadedModel
+from ifsteer.steering import Steering, check_steering, steer
+
+# True once a job's answer can no longer change its check's verdict; the row then stops early.
+Decider = Callable[[str], bool]
+OnDelta = Callable[[str], None]
+# How far ahead of the queue's head a joining group may look for rows of a similar length.
+_BUCKET_WINDOW = 4
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    # "stop" (end of turn), "length" (max_new_tokens reached) or "decided" (its decider said so)
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings; temperature 0 means greedy."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False  # always generate max_new_tokens, as benchmarks need
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True, eq=False)
+class Job:
+    """One completion to make. `formatted` wraps the prompt in the chat template (or `Q: ...`).
+
+    `on_text` receives the answer's new text as it grows, `on_done` the finished completion;
+    both run on the thread that drives the engine.
+    """
+
+    prompt: str
+    steering: Sequence[Steering] = ()
+    sampling: Sampling = Sampling()
+    formatted: bool = True
+    decided: Decider | None = None
+    on_text: OnDelta | None = None
+    on_done: Callable[[Completion], None] | None = None
+
+
+@dataclass(eq=False)
+class _Ticket:
+    """A submitted job attached to a row; identical jobs share one row."""
+
+    job_id: int
+    job: Job
+    sent: int = 0  # characters of the row's text already given to on_text
+
+
+@dataclass(eq=False)
+class _Row:
+    key: Hashable | None  # None: never shared (unseeded sampling)
+    prompt_key: Hashable  # rows with equal prompt keys have equal prompt KV and first logits
+    ids: list[int]
+    steering: Sequence[Steering]
+    sampling: Sampling
+    decided: Decider | None
+    generator: torch.Generator | None
+    tickets: list[_Ticket]
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    pad: int = 0
+    finish: str | None = None
+
+    @property
+    def wants_text(self) -> bool:
+        return self.decided is not None or any(t.job.on_text for t in self.tickets)
+
+
+class Engine:
+    """Decode submitted jobs together; `run()` drains the queue, `step()` advances one token.
+
+    A server calls `submit` from request threads and `step` in one worker loop while `busy`;
+    jobs report through their own `on_text` / `on_done`. Greedy rows give token for token what
+    they give alone; sampled rows draw from their own generator (their seed, or a fresh one).
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        *,
+        batch_size: int | None = None,
+        max_tokens: int = 512,
+        allow_transfer: bool = False,
+    ) -> None:
+        if batch_size is not None and batch_size < 1:
+            raise InvalidSteering("batch_size must be at least 1")
+        self.lm = lm
+        self.batch_size = batch_size or auto_batch_size(lm, max_tokens=max_tokens)
+        self.allow_transfer = allow_transfer
+        self._stop = frozenset(lm.stop_token_ids())
+        self._waiting: list[_Row] = []
+        self._active: list[_Row] = []
+        self._shared: dict[Hashable, _Row] = {}
+        self._cache: DynamicCache | None = None
+        self._next_id = 0
+        self._lock = threading.RLock()  # callbacks may submit
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting or self._active)
+
+    def submit(self, job: Job) -> int:
+        """Queue a job and return its id; bad steering or sampling is refused here, at once."""
+        check_steering(self.lm, job.steering, allow_transfer=self.allow_transfer)
+        if job.sampling.max_new_tokens < 1:
+            raise InvalidSteering("max_new_tokens must be at least 1")
+        text = self.lm.format_prompt(job.prompt) if job.formatted else job.prompt
+        add_special = not (job.formatted and self.lm.is_chat)
+        ids = list(self.lm.tokenizer(text, add_special_tokens=add_special).input_ids)
+        key = _job_key(ids, job)
+        with self._lock:
+            ticket = _Ticket(self._next_id, job)
+            self._next_id += 1
+            row = self._shared.get(key) if key is not None else None
+            if row is not None:
+                row.tickets.append(ticket)
+                self._emit(row, ticket)
+                return ticket.job_id
+            row = _Row(
+                key=key,
+                prompt_key=(tuple(ids), _steering_key(job.steering, prompt_phase=True)),
+                ids=ids,
+                steering=tuple(job.steering),
+                sampling=job.sampling,
+                decided=job.decided,
+                generator=_generator(job.sampling, self.lm.device),
+                tickets=[ticket],
+            )
+            if key is not None:
+                self._shared[key] = row
+            self._waiting.append(row)
+        return ticket.job_id
+
+    def cancel(self, job_id: int) -> bool:
+        """Drop a job (a client went away); its row stops once no other job shares it."""
+        with self._lock:
+            for row in (*self._waiting, *self._active):
+                tickets = [t for t in row.tickets if t.job_id != job_id]
+                if len(tickets) == len(row.tickets):
+                    continue
+                row.tickets = tickets
+                if not tickets:
+                    if row.key is not None:
+                        self._shared.pop(row.key, None)
+                    if row in self._waiting:
+                        self._waiting.remove(row)
+                    else:
+                        row.finish = "cancelled"
+                return True
+        return False
+
+    def run(self, progress: Callable[[int], None] | None = None) -> dict[int, Completion]:
+        """Decode until the queue is empty; completions by job id."""
+        done: dict[int, Completion] = {}
+        while self.busy:
+            finished = self.step()
+            done.update(finished)
+            if progress is not None and finished:
+                progress(len(finished))
+        return done
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[int, Completion]]:
+        """Let waiting jobs join, decode one token for every row, retire the rows that ended."""
+        finished = []
+        joining = self._pick_joining()
+        if joining:
+            self._prefill(joining)
+            finished += self._retire()
+        if self._active:
+            self._decode()
+            finished += self._retire()
+        return finished
+
+    def _pick_joining(self) -> list[_Row]:
+        """The queue's head, then the waiting rows nearest its length (less padding)."""
+        with self._lock:
+            free = self.batch_size - len(self._active)
+            if free <= 0 or not self._waiting:
+                return []
+            head, rest = self._waiting[0], self._waiting[1 : free * _BUCKET_WINDOW]
+            rest = sorted(rest, key=lambda r: abs(len(r.ids) - len(head.ids)))[: free - 1]
+            chosen = {id(r) for r in (head, *rest)}
+            self._waiting = [r for r in self._waiting if id(r) not in chosen]
+            return [head, *rest]
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        # Rows whose prompt is read alike (same tokens, same prompt-phase steering) share one
+        # prefill: their KV and first logits are equal, so one copy is computed and repeated.
+        unique: dict[Hashable, int] = {}
+        leaders: list[_Row] = []
+        for row in rows:
+            if row.prompt_key not in unique:
+                unique[row.prompt_key] = len(leaders)
+                leaders.append(row)
+        width = max(len(r.ids) for r in leaders)
+        pad_id = self.lm.tokenizer.pad_token_id or 0
+        device = self.lm.device
+        ids = torch.tensor(
+            [[pad_id] * (width - len(r.ids)) + r.ids for r in leaders], device=device
+        )
+        mask = torch.tensor(
+            [[0] * (width - len(r.ids)) + [1] * len(r.ids) for r in leaders], device=device
+        )
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache()
+        with steer(self.lm, per_row=[r.steering for r in leaders], allow_transfer=True):
+            out = self.lm.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        spread = torch.tensor([unique[r.prompt_key] for r in rows], device=device)
+        _select(cache, spread)
+        for row in rows:
+            row.pad = width - len(row.ids)
+        self._join(cache, width, rows)
+        self._advance(rows, out.logits[:, -1].index_select(0, spread))
+
+    def _join(self, cache: DynamicCache, width: int, rows: list[_Row]) -> None:
+        with self._lock:
+            if self._cache is None or not self._active:
+                self._cache, self._active = cache, list(rows)
+                return
+            current = self._cache.get_seq_length()
+            if current < width:
+                _pad_left(self._cache, width - current)
+                for row in self._active:
+                    row.pad += width - current
+            elif width < current:
+                _pad_left(cache, current - width)
+                for row in rows:
+                    row.pad += current - width
+            _stack(self._cache, cache)
+            self._active += rows
+
+    def _decode(self) -> None:
+        rows = self._active
+        device = self.lm.device
+        width = self._cache.get_seq_length()
+        pads = torch.tensor([r.pad for r in rows], device=device)
+        mask = (torch.arange(width + 1, device=device)[None, :] >= pads[:, None]).long()
+        with steer(self.lm, per_row=[r.steering for r in rows], allow_transfer=True):
+            out = self.lm.model(
+                input_ids=torch.tensor([[r.tokens[-1]] for r in rows], device=device),
+                attention_mask=mask,
+                position_ids=(width - pads)[:, None],
+                cache=self._cache,
+                use_cache=True,
+            )
+        self._advance(rows, out.logits[:, -1])
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
+        """Append each row's next token and decide whether the row has ended."""
+        greedy = logits.argmax(-1).tolist()
+        for i, row in enumerate(rows):
+            token = greedy[i] if row.generator is None else _sample(logits[i], row)
+            if token in self._stop and not row.sampling.ignore_eos:
+                row.finish = "stop"
+                continue
+            row.tokens.append(token)
+            if row.wants_text:
+                text = self.lm.tokenizer.decode(row.tokens, skip_special_tokens=True)
+                if not text.endswith("\ufffd"):  # half a multi-byte character: wait for more
+                    row.text = text
+                    with self._lock:
+                        for ticket in row.tickets:
+                            self._emit(row, ticket)
+                    if row.decided is not None and row.decided(text):
+                        row.finish = "decided"
+            if row.finish is None and len(row.tokens) >= row.sampling.max_new_tokens:
+                row.finish = "length"
+
+    def _retire(self) -> list[tuple[int, Completion]]:
+        with self._lock:
+            ended = [r for r in self._active if r.finish is not None]
+            if not ended:
+                return []
+            kept = [i for i, r in enumerate(self._active) if r.finish is None]
+            self._active = [self._active[i] for i in kept]
+            if kept and self._cache is not None:
+                _select(self._cache, torch.tensor(kept, device=self.lm.device))
+                unused = min(r.pad for r in self._active)
+                if unused:
+                    _trim_left(self._cache, unused)
+                    for row in self._active:
+                        row.pad -= unused
+            else:
+                self._cache = None
+            finished: list[tuple[_Ticket, Completion]] = []
+            for row in ended:
+                if row.key is not None:
+                    self._shared.pop(row.key, None)
+                row.text = self.lm.tokenizer.decode(row.tokens, skip_special_tokens=True)
+                completion = Completion(row.text, len(row.ids), len(row.tokens), row.finish or "")
+                for ticket in row.tickets:
+                    self._emit(row, ticket)
+                    finished.append((ticket, completion))
+        for ticket, completion in finished:
+            if ticket.job.on_done is not None:
+                ticket.job.on_done(completion)
+        return [(ticket.job_id, completion) for ticket, completion in finished]
+
+    @staticmethod
+    def _emit(row: _Row, ticket: _Ticket) -> None:
+        if ticket.job.on_text is not None and len(row.text) > ticket.sent:
+            delta, ticket.sent = row.text[ticket.sent :], len(row.text)
+            ticket.job.on_text(delta)
+
+
+def _steering_key(steering: Sequence[Steering], *, prompt_phase: bool = False) -> Hashable:
+    """Steerings compared by vector identity and settings (vectors hold tensors, not values)."""
+    return tuple(
+        (id(s.vector), s.effective_mode, s.effective_weight, s.positions)
+        for s in steering
+        if not prompt_phase or s.positions in ("all", "prompt")
+    )
+
+
+def _job_key(ids: list[int], job: Job) -> Hashable | None:
+    """Jobs with equal keys produce the same tokens, so they are decoded once."""
+    s = job.sampling
+    if not s.greedy and s.seed is None:
+        return None  # each unseeded sample is its own draw
+    sampling = (s.max_new_tokens, s.ignore_eos) if s.greedy else s
+    return (tuple(ids), _steering_key(job.steering), sampling, id(job.decided))
+
+
+def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
+    if sampling.greedy:
+        return None
+    generator = torch.Generator(device=device)
+    if sampling.seed is None:
+        generator.seed()  # fresh entropy: no row shares a stream it did not ask for
+    else:
+        generator.manual_seed(sampling.seed)
+    return generator
+
+
+def _sample(logits: torch.Tensor, row: _Row) -> int:
+    probs = torch.softmax(logits.float() / row.sampling.temperature, dim=-1)
+    if row.sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest head whose mass reaches top_p (always at least the top token).
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= row.sampling.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def _layers(cache: DynamicCache) -> list:
+    return [layer for layer in cache.layers if getattr(layer, "is_initialized", False)]
+
+
+def _select(cache: DynamicCache, rows: torch.Tensor) -> None:
+    for layer in _layers(cache):
+        layer.keys = layer.keys.index_select(0, rows)
+        layer.values = layer.values.index_select(0, rows)
+
+
+def _pad_left(cache: DynamicCache, columns: int) -> None:
+    for layer in _layers(cache):
+        layer.keys = F.pad(layer.keys, (0, 0, columns, 0))
+        layer.values = F.pad(layer.values, (0, 0, columns, 0))
+
+
+def _trim_left(cache: DynamicCache, columns: int) -> None:
+    for layer in _layers(cache):
+        # A view: the next decode step's concatenation makes the one copy it needs anyway.
+        layer.keys = layer.keys[:, :, columns:]
+        layer.values = layer.values[:, :, columns:]
+
+
+def _stack(cache: DynamicCache, other: DynamicCache) -> None:
+    for layer, extra in zip(_layers(cache), _layers(other), strict=True):
+        layer.keys = torch.cat([layer.keys, extra.keys])
+        layer.values = torch.cat([layer.values, extra.values])

@@ -1,0 +1,63 @@
+"""The engine on the embedded model: every row as it is alone, while rows join and leave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from ifsteer.engine import Engine, Job, Sampling
+from ifsteer.instructions import get_instruction
+from ifsteer.steering import Steering, steer
+from ifsteer.vectors import extract_instruction
+from tests.integration.conftest import requires_smollm2
+
+pytestmark = pytest.mark.integration
+
+PROMPTS = [
+    "Name a colour.",
+    "Describe the city of Paris in two sentences.",
+    "What is the capital of France?",
+    "Reply with one word: yes or no. Is water wet?",
+    "Say hello.",
+]
+LENGTHS = [12, 16, 12, 8, 10]
+
+
+def alone(lm, prompt: str, steering, max_new_tokens: int) -> str:
+    batch = lm.encode([prompt])
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        eos_token_id=lm.stop_token_ids(),
+        pad_token_id=lm.tokenizer.pad_token_id,
+    )
+    with steer(lm, steering), torch.no_grad():
+        out = lm.model.generate(**batch, generation_config=config)
+    return lm.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+@requires_smollm2
+def test_engine_rows_equal_hf_generate_alone(smollm2):
+    vector = extract_instruction(
+        smollm2, get_instruction("change_case:english_lowercase"), [10], n_pairs=4
+    )[10]
+    rows = [
+        [Steering(vector, weight=3.0)],
+        [],
+        [Steering(vector, mode="additive", weight=4.0, positions="generated")],
+        [],
+        [Steering(vector, weight=3.0)],
+    ]
+    engine = Engine(smollm2, batch_size=2)
+    ids = [
+        engine.submit(Job(p, steering=r, sampling=Sampling(max_new_tokens=n)))
+        for p, r, n in zip(PROMPTS, rows, LENGTHS, strict=True)
+    ]
+    done = engine.run()
+    expected = [alone(smollm2, p, r, n) for p, r, n in zip(PROMPTS, rows, LENGTHS, strict=True)]
+    assert [done[i].text for i in ids] == expected
+    assert any(done[i].finish_reason == "stop" for i in ids), "no row reached its end of turn"

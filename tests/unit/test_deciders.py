@@ -1,0 +1,59 @@
+"""Deciders against IFEval's own checker: once decided, no continuation changes a verdict."""
+
+from __future__ import annotations
+
+import pytest
+
+from ifsteer.checks import check
+from ifsteer.deciders import decider, row_decider
+
+CONTINUATIONS = ["", "\n", "\nthe end", "\nTHE END, SAID ONE", " and more", "\n\n*all*\nquiet"]
+CASES = [
+    # (instruction id, kwargs, a prefix that decides, a prefix that does not yet)
+    ("change_case:english_lowercase", {}, "sure!\nhere is Paris\nit", "Sure! Here is"),
+    ("change_case:english_capital", {}, "OK\nTHIS is IT\nNOW", "OK HERE it"),
+    ("punctuation:no_comma", {}, "fine\na, b\n", "fine\na, b"),
+    (
+        "keywords:forbidden_words",
+        {"forbidden_words": ["cat"]},
+        "pets\nmy cat sleeps\n",
+        "pets\nmy cat",  # may still become "cats" or the last line
+    ),
+    ("keywords:existence", {"keywords": ["river", "stone"]}, "a river of stone", "a river of"),
+]
+
+
+@pytest.mark.parametrize(("instruction_id", "kwargs", "settled", "open_"), CASES)
+def test_a_decided_verdict_survives_every_continuation(instruction_id, kwargs, settled, open_):
+    decided = decider(instruction_id, kwargs)
+    assert decided is not None
+    assert decided(settled) and not decided(open_)
+    verdict = check(instruction_id, kwargs, "", settled)
+    for tail in CONTINUATIONS:
+        later = check(instruction_id, kwargs, "", settled + tail)
+        assert (later.strict, later.loose) == (verdict.strict, verdict.loose), tail
+
+
+def test_an_undecided_prefix_can_still_go_either_way():
+    """Why line one never decides: the loose reading may drop it."""
+    lowercase = "change_case:english_lowercase"
+    assert check(lowercase, {}, "", "Sure!\nhere is paris, the city of light.").loose
+    assert not decider(lowercase)("Sure!\nhere is paris, the city of light.")
+
+
+def test_checks_that_need_the_whole_answer_have_no_decider():
+    for instruction_id in (
+        "startend:end_checker",
+        "language:response_language",
+        "length_constraints:number_words",
+        "detectable_format:json_format",
+    ):
+        assert decider(instruction_id, {}) is None
+    assert decider("keywords:forbidden_words", {}) is None  # nothing to look for
+
+
+def test_a_row_is_decided_when_all_its_checks_are():
+    both = row_decider(["punctuation:no_comma", "keywords:existence"], [{}, {"keywords": ["sun"]}])
+    assert both is not None
+    assert not both("x\na, b\n") and not both("sun") and both("sun\na, b\n")
+    assert row_decider(["punctuation:no_comma", "startend:quotation"], [{}, {}]) is None

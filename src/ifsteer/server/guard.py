@@ -43,10 +43,9 @@ async def read_body(request: Request, limits: Limits) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
         raise _too_large(f"request body is {int(declared)} bytes", limits)
-    try:
-        async with asyncio.timeout(limits.body_timeout_s):
-            return await _read_capped(request, limits)
-    except TimeoutError:
+    try:  # wait_for, not asyncio.timeout: Python 3.10 is supported
+        return await asyncio.wait_for(_read_capped(request, limits), limits.body_timeout_s)
+    except asyncio.TimeoutError:
         raise ApiError(
             f"the request body took over {limits.body_timeout_s:g} s to arrive",
             code="request_timeout", status=408,

@@ -14,8 +14,9 @@ Stages, each skipping what an earlier (interrupted) run left in the output direc
    unsteered in the steered settings, as in the paper;
 5. **report**: `report.html` and `figures/`.
 
-`run.json` records the options, what each stage did and how long it took. The defaults fit the
-embedded 135M model on a 2-core CPU in well under 90 minutes (`ifsteer.pipeline.plan`).
+`run.json` records the options, what each stage did and how long it took. The defaults are a
+quick run, about 10 minutes for the embedded 135M model on a 2-core CPU (`ifsteer.pipeline.plan`
+prices it). The sweeps share one job queue, so a run killed during them redoes them all.
 """
 
 from __future__ import annotations

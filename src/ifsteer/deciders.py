@@ -69,6 +69,17 @@ def _all_present(keywords: Sequence[str]) -> Decider:
     return lambda text: all(p.search(text) for p in patterns)
 
 
+def failure(instruction_id: str, kwargs: Mapping[str, Any] | None = None) -> Decider | None:
+    """A decider that fires only on a settled *failure* (never on a settled pass), or None.
+
+    Sweeps stop on failures alone: a failed answer scores nothing whatever its fluency, while a
+    pass counts only if the whole answer reads well, so passes must be generated to the end.
+    """
+    if instruction_id == "keywords:existence":
+        return None  # decided on a pass
+    return decider(instruction_id, kwargs)
+
+
 def decider(instruction_id: str, kwargs: Mapping[str, Any] | None = None) -> Decider | None:
     """A decider for one instruction, or None where its verdict waits for the whole answer."""
     kwargs = kwargs or {}
@@ -94,3 +105,15 @@ def row_decider(
         return None
     checks = [p for p in parts if p is not None]
     return lambda text: all(d(text) for d in checks)
+
+
+def row_failure(
+    instruction_ids: Sequence[str], kwargs: Sequence[Mapping[str, Any] | None] = ()
+) -> Decider | None:
+    """A row fails (loosely) as soon as any one of its checks has failed for good."""
+    padded = list(kwargs) + [None] * (len(instruction_ids) - len(kwargs))
+    found = (failure(i, k) for i, k in zip(instruction_ids, padded, strict=True))
+    checks = [d for d in found if d is not None]
+    if not checks:
+        return None
+    return lambda text: any(d(text) for d in checks)

@@ -40,6 +40,7 @@ from ifsteer.vectors import (
 from tests.conftest import make_tiny, tiny_llama_config
 
 LOWER = "change_case:english_lowercase"
+NO_COMMA = "punctuation:no_comma"
 OK = Fluency(repetition=0.0, perplexity=None, degenerate=0.0)
 
 
@@ -89,6 +90,16 @@ def test_a_degenerate_layer_is_zeroed_and_cannot_win():
         point(10, score, accuracy=accuracy, degenerate=0.75),
     ]
     assert choose(grid).layer == 8
+
+
+def test_a_failed_response_scores_the_same_whatever_its_fluency():
+    # what lets a sweep stop a row whose check has failed for good: its text is cut short,
+    # so its repetition and perplexity change, and they must not matter
+    passed = [True, False, False, False]
+    for flags in ([False] * 4, [False, True, True, True], [True, True, True, False]):
+        fluent = [False, *flags[1:]]
+        assert score_point(passed, fluent) == (0.25, 0.25)
+    assert score_point(passed, [True, True, True, True]) == (0.25, 0.0)  # the pass degenerated
 
 
 def test_score_point_counts_only_fluent_passes():
@@ -280,3 +291,43 @@ def test_cli_sweep_writes_the_choice(monkeypatch, capsys, tmp_path, tiny10, lowe
     assert [p["layer"] for p in data_["grid"]] == [None, 2, 6] and data_["rows"] == ["1"]
     vectors_, default = load_vectors(target)
     assert vectors_[default].extra["sweep"]["layer"] == data_["chosen"]["layer"]
+
+
+def test_groups_swept_together_share_one_queue_and_match_sweeping_alone(
+    tiny10, lower_file, tmp_path, monkeypatch
+):
+    import importlib
+
+    from ifsteer.calibration import calibrate, calibrate_groups
+    from ifsteer.vectors import load_vector_files
+
+    comma_layers = sorted({*default_layers(10), default_layer(10)})
+    comma = extract_instruction(tiny10, get_instruction(NO_COMMA), comma_layers, n_pairs=4)
+    save_vectors(tmp_path / "comma.safetensors", list(comma.values()), default=3)
+    comma_rows = [Row(3, "Plan a trip. Do not use commas.", "Plan a trip.", (NO_COMMA,), ({},),
+                      "d:3")]
+    groups = {LOWER: ROWS, NO_COMMA: comma_rows}
+    files = load_vector_files(tmp_path)
+    sampling = Sampling(max_new_tokens=4)
+    alone = {g: calibrate(tiny10, files, g, rows, tmp_path / "alone", layers=[4, 6],
+                          sampling=sampling, batch_size=1)[0] for g, rows in groups.items()}
+    sweep_module = importlib.import_module("ifsteer.calibration.sweep")  # the package
+    engines = []  # exports a function of the same name
+    real = sweep_module.Engine
+
+    def counting(*args, **kwargs):
+        engines.append(real(*args, **kwargs))
+        return engines[-1]
+
+    monkeypatch.setattr(sweep_module, "Engine", counting)
+    advanced: list[int] = []
+    together = calibrate_groups(tiny10, load_vector_files(tmp_path), groups, tmp_path / "one",
+                                layers=[4, 6], sampling=sampling, batch_size=1,
+                                progress=advanced.append)
+    assert len(engines) == 1 and sum(advanced) == (2 + 1) * 3
+    for group, (result, _, written) in together.items():
+        assert written.is_file()
+        assert [r["response"] for r in result.responses] == [
+            r["response"] for r in alone[group].responses
+        ]
+        assert result.grid == alone[group].grid and result.chosen == alone[group].chosen

@@ -196,3 +196,10 @@ def test_parse_vector_spec():
         parse_vector_spec("a.safetensors:sideways")
     with pytest.raises(InvalidSteering, match="finite"):
         parse_vector_spec("a.safetensors:inf")
+
+
+def test_threads_and_batch_size_must_be_positive(monkeypatch, capsys, tmp_path):
+    for option in ("--threads", "--batch-size"):
+        code, _, err = run(monkeypatch, capsys, "run-paper", "--out", str(tmp_path / "r"),
+                           "--data", str(tmp_path / "none.jsonl"), option, "0")
+        assert code == 2 and option in err and "Traceback" not in err

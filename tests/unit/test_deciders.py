@@ -57,3 +57,17 @@ def test_a_row_is_decided_when_all_its_checks_are():
     assert both is not None
     assert not both("x\na, b\n") and not both("sun") and both("sun\na, b\n")
     assert row_decider(["punctuation:no_comma", "startend:quotation"], [{}, {}]) is None
+
+
+def test_failure_deciders_never_fire_on_a_pass():
+    from ifsteer.deciders import failure, row_failure
+
+    keywords = {"keywords": ["paris"]}
+    assert decider("keywords:existence", keywords)("Paris is nice.")  # a pass, settled
+    assert failure("keywords:existence", keywords) is None  # sweeps must not stop on it
+    lower = failure("change_case:english_lowercase")
+    assert lower is not None and lower("sure\nHere it is\n") and not lower("here it is\n")
+    # a row fails as soon as any one of its checks has failed for good
+    both = row_failure(["change_case:english_lowercase", "startend:quotation"])
+    assert both is not None and both("hi\nA capital\n") and not both("hi\nall lower\n")
+    assert row_failure(["startend:quotation"]) is None

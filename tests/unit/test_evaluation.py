@@ -485,3 +485,39 @@ def test_cli_eval_errors_are_one_line(monkeypatch, capsys, tmp_path):
             ifeval_row(1)])), "--out", str(tmp_path / "r"), "--weight", "oops",
     )
     assert code == 2 and "--weight takes ID=VALUE" in err
+
+
+def test_all_settings_share_one_engine_and_each_answer_reaches_disk_as_it_ends(
+    tmp_path, tiny_lm, resume_case, monkeypatch
+):
+    """One queue for every row × setting: rows of different settings decode side by side,
+    and progress counts answers already on disk (so a kill loses none that were reported)."""
+    import ifsteer.evaluation.run as run_module
+
+    rows, vectors = resume_case
+    engines: list[Any] = []
+    widest: list[int] = []
+    real = run_module.Engine
+
+    class Counting(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            engines.append(self)
+
+        def step(self):  # type: ignore[no-untyped-def]
+            done = super().step()
+            widest.append(len(self._active) + len(done))
+            return done
+
+    monkeypatch.setattr(run_module, "Engine", Counting)
+    on_disk: list[int] = []
+    responses = tmp_path / "run" / "responses.jsonl"
+    summary = run_evaluation(
+        tiny_lm, rows, vectors, tmp_path / "run", sampling=SHORT, batch_size=16,
+        progress=lambda n: on_disk.append(len(read_responses(responses))),
+    )
+    assert len(engines) == 1 and summary.generated == 16
+    assert max(widest) == 16  # all four settings of all four rows in one batch
+    assert on_disk[-1] == 16 and on_disk == sorted(on_disk)
+    records = read_responses(responses)
+    assert sum(r["seconds"] for r in records) > 0

@@ -206,3 +206,25 @@ def test_minutes_text_is_the_one_way_durations_are_said():
     assert minutes_text(59) == "under a minute"
     assert minutes_text(600) == "10 min" and minutes_text(5399) == "90 min"
     assert minutes_text(7200) == "2.0 h"
+
+
+def test_generation_is_priced_as_the_engine_decodes():
+    from ifsteer.pipeline.plan import SECONDS_PER_ROW_TOKEN, SECONDS_PER_STEP, generation_seconds
+
+    assert generation_seconds(0, 64, 64) == 0.0
+    # one answer: one step per token, each with the fixed part and one row
+    assert generation_seconds(1, 10, 64) == pytest.approx(
+        10 * SECONDS_PER_STEP + 10 * SECONDS_PER_ROW_TOKEN + 10 * SECONDS_PER_STEP
+    )
+    # a full queue amortises the fixed part: per answer, batch 64 is cheaper than batch 8
+    assert generation_seconds(640, 64, 64) / 640 < generation_seconds(640, 64, 8) / 640
+    # twice the answers cost less than twice as much (the drain is paid once)
+    assert generation_seconds(256, 64, 64) < 2 * generation_seconds(128, 64, 64)
+
+
+@pytest.mark.skipif(not FORMAT_SET.is_file(), reason="needs ../shared/data")
+def test_the_quick_default_is_estimated_under_ten_minutes(tmp_path):
+    config = PaperConfig(**{**DEFAULTS.__dict__, "data": FORMAT_SET, "out": tmp_path / "r"})
+    estimate = estimate_seconds(config, plan_run(config, 30), 134_515_008)
+    assert sum(estimate.values()) < 10 * 60
+    assert config.batch_size is None  # the engine sizes its batch

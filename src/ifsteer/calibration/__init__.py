@@ -16,7 +16,7 @@ file's default layer.
 - `grid`: grid points, scores and the choice (pure, torch-free);
 - `sweep`: running a sweep on a model;
 - `record`: writing the choice into the vector files, saving the sweep; `calibrate` does a
-  whole group.
+  whole group, `calibrate_groups` several groups in one job queue.
 
 Validation rows are the caller's (`ifsteer.rows.split_rows` sets some aside). Only rows every
 one of whose instructions a vector steers can calibrate (`Row.fully_served`); `calibrate` runs
@@ -35,19 +35,37 @@ from ifsteer.calibration.grid import (
     score_point,
     sweep_filename,
 )
-from ifsteer.calibration.record import apply_choice, calibrate, group_vector_files, save_sweep
-from ifsteer.calibration.sweep import sweep, sweep_layers, sweep_weights, validation_groups
+from ifsteer.calibration.record import (
+    apply_choice,
+    calibrate,
+    calibrate_groups,
+    group_vector_files,
+    save_sweep,
+)
+from ifsteer.calibration.sweep import (
+    SweepRequest,
+    layer_request,
+    sweep,
+    sweep_layers,
+    sweep_weights,
+    sweeps,
+    validation_groups,
+    weight_request,
+)
 
 __all__ = [
     "Choice",
     "Fluency",
     "GridPoint",
+    "SweepRequest",
     "SweepResult",
     "apply_choice",
     "best_steered",
     "calibrate",
+    "calibrate_groups",
     "choose",
     "group_vector_files",
+    "layer_request",
     "load_sweep",
     "save_sweep",
     "score_point",
@@ -55,5 +73,7 @@ __all__ = [
     "sweep_filename",
     "sweep_layers",
     "sweep_weights",
+    "sweeps",
     "validation_groups",
+    "weight_request",
 ]

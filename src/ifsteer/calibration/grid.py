@@ -1,8 +1,8 @@
 """A sweep's grid and its choice: pure data and selection, no model (torch-free).
 
 A point's score is the share of responses that pass without degenerating, and zero when most
-of them degenerate; `choose` keeps "no steering" when nothing beats it, else the best point,
-lowest layer (then smallest weight) on ties.
+of them pass only by degenerating; `choose` keeps "no steering" when nothing beats it, else the
+best point, lowest layer (then smallest weight) on ties.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ __all__ = [
 # model is below MIN_PERPLEXITY (when measured), is degenerate (ifsteer.quality).
 MAX_REPETITION = 0.5
 MIN_PERPLEXITY = 2.5
-# A grid point where more than this share of responses degenerate scores zero.
+# A grid point where more than this share of responses pass only by degenerating scores zero.
 MAX_DEGENERATE = 0.5
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class SweepResult:
             "max_new_tokens": self.max_new_tokens,
             "rule": {
                 "score": "loose pass and not degenerate; 0 when more than "
-                f"{MAX_DEGENERATE:g} of the responses degenerate",
+                f"{MAX_DEGENERATE:g} of the responses pass only by degenerating",
                 "max_repetition": MAX_REPETITION,
                 "min_perplexity": MIN_PERPLEXITY,
                 "ties": "no steering if it scores at least as well, else lowest layer, "
@@ -124,8 +124,10 @@ def score_point(
     """(accuracy, score) of one grid point's responses.
 
     Accuracy is the share that pass their checks. The score only counts passes that did not
-    degenerate, and is zero when more than `max_degenerate` of the responses degenerate: a
-    layer that breaks the model must not win by repeating the right word.
+    degenerate, and is zero when more than `max_degenerate` of the responses pass only by
+    degenerating: a layer that breaks the model must not win by repeating the right word.
+    A failed response counts for nothing whatever its fluency, so a sweep may stop a row as
+    soon as its check has failed for good without changing any score.
     """
     if len(passed) != len(degenerate):
         raise ValueError(f"{len(passed)} verdicts but {len(degenerate)} fluency flags")
@@ -133,7 +135,8 @@ def score_point(
     if n == 0:
         return 0.0, 0.0
     accuracy = sum(map(bool, passed)) / n
-    if sum(map(bool, degenerate)) / n > max_degenerate:
+    broken = sum(bool(p) and bool(d) for p, d in zip(passed, degenerate, strict=True))
+    if broken / n > max_degenerate:
         return accuracy, 0.0
     return accuracy, sum(p and not d for p, d in zip(passed, degenerate, strict=True)) / n
 

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from ifsteer.calibration.grid import SweepResult, best_steered, sweep_filename
-from ifsteer.calibration.sweep import sweep_layers, sweep_weights
+from ifsteer.calibration.sweep import layer_request, sweeps, weight_request
 from ifsteer.models import LoadedModel
 from ifsteer.rows import Row
 from ifsteer.rundir import sweep_path, write_json
-from ifsteer.vectors import VectorFile, update_defaults
+from ifsteer.vectors import Mode, VectorFile, update_defaults
 
-__all__ = ["apply_choice", "calibrate", "group_vector_files", "save_sweep"]
+__all__ = ["apply_choice", "calibrate", "calibrate_groups", "group_vector_files", "save_sweep"]
 
 
 def group_vector_files(
@@ -101,22 +101,50 @@ def calibrate(
     group: str,
     rows: Sequence[Row],
     sweeps_dir: str | Path,
-    *,
-    weights: Sequence[float] | None = None,
-    set_default: bool = True,
     **options: Any,
 ) -> tuple[SweepResult, dict[str, Path], Path]:
     """One group's sweep, its choice written into the files it concerns and the sweep saved.
 
-    A layer sweep, or a layer × weight grid when `weights` are given. The choice goes into the
-    group's own files and into every file the sweep steered with (it was measured with them).
-    Returns the result, the files updated and the sweep's JSON. Options as for `sweep`.
+    Returns the result, the files updated and the sweep's JSON. Options as for
+    `calibrate_groups`.
     """
-    if weights:
-        result = sweep_weights(lm, files, rows, weights=weights, instruction_id=group, **options)
-    else:
-        result = sweep_layers(lm, files, rows, instruction_id=group, **options)
-    updated = {**group_vector_files(group, files), **{v: files[v].path for v in result.vector_ids}}
-    apply_choice(result, updated, set_default=set_default)
-    return result, updated, save_sweep(result, sweeps_dir)
+    return calibrate_groups(lm, files, {group: rows}, sweeps_dir, **options)[group]
 
+
+def calibrate_groups(
+    lm: LoadedModel,
+    files: Mapping[str, VectorFile],
+    groups: Mapping[str, Sequence[Row]],
+    sweeps_dir: str | Path,
+    *,
+    weights: Sequence[float] | None = None,
+    layers: Sequence[int] | None = None,
+    set_default: bool = True,
+    with_instruction: bool = False,
+    mode: Mode | None = None,
+    **options: Any,
+) -> dict[str, tuple[SweepResult, dict[str, Path], Path]]:
+    """Every group's sweep in one job queue (`sweeps`), then each choice recorded and saved.
+
+    A layer sweep, or a layer × weight grid when `weights` are given. A group's choice goes
+    into its own files and into every file its sweep steered with (it was measured with
+    them). All sweeps run before any choice is written, so no group is measured with another
+    group's fresh choice. Other options (sampling, batch_size, perplexity, early_stop,
+    progress) as for `sweeps`.
+    """
+    requests = [
+        weight_request(lm, files, rows, weights=weights, layers=layers, instruction_id=group,
+                       with_instruction=with_instruction, mode=mode)
+        if weights
+        else layer_request(lm, files, rows, layers=layers, instruction_id=group,
+                           with_instruction=with_instruction, mode=mode)
+        for group, rows in groups.items()
+    ]
+    done: dict[str, tuple[SweepResult, dict[str, Path], Path]] = {}
+    for group, result in zip(groups, sweeps(lm, requests, **options), strict=True):
+        updated = {
+            **group_vector_files(group, files), **{v: files[v].path for v in result.vector_ids}
+        }
+        apply_choice(result, updated, set_default=set_default)
+        done[group] = (result, updated, save_sweep(result, sweeps_dir))
+    return done

@@ -1,11 +1,12 @@
-"""Running a sweep: every validation row at every (layer, weight) point, in one batched pass.
+"""Running sweeps: every validation row at every (layer, weight) point, in one job queue.
 
-All points of all prompts go through one `generate` call, each row steered at its own layer by
-per-row steering. Each response is checked with IFEval's *loose* checkers and scored for
-fluency: a response that repeats itself (more than half of its word trigrams seen before), or
-optionally that the unsteered model finds implausibly predictable (perplexity < 2.5), is
-*degenerate*. Only rows every one of whose instructions a vector steers can calibrate
-(`Row.fully_served`).
+All points of all prompts (of all the sweeps run together, `sweeps`) are jobs of one
+continuous-batching `Engine`, each row steered at its own layer by per-row steering; a row
+whose check has failed for good stops early (`deciders.row_failure`). Each response is
+checked with IFEval's *loose* checkers and scored for fluency: a response that repeats itself
+(more than half of its word trigrams seen before), or optionally that the unsteered model finds
+implausibly predictable (perplexity < 2.5), is *degenerate*. Only rows every one of whose
+instructions a vector steers can calibrate (`Row.fully_served`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,9 @@ from ifsteer.calibration.grid import (
     score_point,
 )
 from ifsteer.checks import check_row
+from ifsteer.deciders import row_failure
+from ifsteer.engine import Completion, Engine, Job, Sampling
 from ifsteer.errors import IfsteerError, InvalidSteering, VectorMismatch
-from ifsteer.generation import Sampling, generate
 from ifsteer.models import LoadedModel
 from ifsteer.rows import Row, group_of
 from ifsteer.steering import Steering
@@ -44,11 +47,15 @@ from ifsteer.vectors import (
 
 __all__ = [
     "DEFAULT_SAMPLING",
+    "SweepRequest",
     "VectorSource",
+    "layer_request",
     "sweep",
     "sweep_layers",
     "sweep_weights",
+    "sweeps",
     "validation_groups",
+    "weight_request",
 ]
 
 Progress = Callable[[int], None]
@@ -107,31 +114,36 @@ def _layers_for(
     return grid or sorted(common)
 
 
-def sweep(
-    lm: LoadedModel,
-    vectors: VectorSource,
-    rows: Sequence[Row],
-    points: Sequence[tuple[int | None, float | None]],
-    *,
-    instruction_id: str | None = None,
-    with_instruction: bool = False,
-    mode: Mode | None = None,
-    sampling: Sampling = DEFAULT_SAMPLING,
-    batch_size: int = 8,
-    perplexity: bool = False,
-    max_degenerate: float = MAX_DEGENERATE,
-    progress: Progress | None = None,
-) -> SweepResult:
-    """Answer every row at every (layer, weight) point in one batched pass, and score it.
+@dataclass(frozen=True)
+class SweepRequest:
+    """One sweep to run: its rows, vectors and (layer, weight) points, and how it reads them.
 
-    Each row is steered by the vectors that serve its instructions (`vector_id_for`), so rows
-    of different languages or keywords share one sweep; a forbidden word's inclusion vector
-    gets the negated weight, as in evaluation. Rows without a vector are left out.
-    """
-    if not points:
+    `instruction_id` names the sweep (default: the group of its first row); `mode` None is the
+    vector files' own. Several requests run as one job queue (`sweeps`)."""
+
+    vectors: VectorSource
+    rows: Sequence[Row]
+    points: Sequence[tuple[int | None, float | None]]
+    instruction_id: str | None = None
+    with_instruction: bool = False
+    mode: Mode | None = None
+
+
+@dataclass(frozen=True)
+class _Planned:
+    request: SweepRequest
+    usable: list[tuple[Row, list[tuple[str, bool]]]]
+    files: dict[str, Mapping[int, SteeringVector]]
+    needed: list[str]
+    jobs: list[tuple[int, int, str, list[Steering]]]  # (point, row, prompt, steerings)
+
+
+def _plan(lm: LoadedModel, request: SweepRequest) -> _Planned:
+    """Check a request against the model and its files, and list its generations."""
+    if not request.points:
         raise InvalidSteering("a sweep needs at least one (layer, weight) point")
-    mapping = _vector_files(vectors, rows)
-    usable = [(row, row.served_vectors()) for row in rows if row.fully_served(mapping)]
+    mapping = _vector_files(request.vectors, request.rows)
+    usable = [(row, row.served_vectors()) for row in request.rows if row.fully_served(mapping)]
     if not usable:
         raise IfsteerError(
             "no validation row has a vector file for its instruction; extract the vectors first "
@@ -142,56 +154,119 @@ def sweep(
     for loaded in files.values():
         any_vector = next(iter(loaded.values()))
         any_vector.check_fits(lm.model_id, lm.hidden_size, lm.n_layers)
-    for layer, _ in points:
+    for layer, _ in request.points:
         if layer is not None and not all(layer in f for f in files.values()):
             raise VectorMismatch(
                 f"layer {layer} is missing from a vector file; re-extract with that layer"
             )
-
-    prompts: list[str] = []
-    per_row: list[list[Steering]] = []
-    index: list[tuple[int, int]] = []  # (point, row) of each generation
-    for p, (layer, weight) in enumerate(points):
+    jobs: list[tuple[int, int, str, list[Steering]]] = []
+    for p, (layer, weight) in enumerate(request.points):
         for r, (row, served) in enumerate(usable):
-            text = row.prompt if with_instruction else row.prompt_without_instruction
+            text = row.prompt if request.with_instruction else row.prompt_without_instruction
             if text is None:
                 raise IfsteerError(
                     f"{row.source}: row {row.key!r} has no prompt_without_instruction; "
                     "sweep it with --with-instruction"
                 )
-            prompts.append(text)
-            index.append((p, r))
-            if layer is None:
-                per_row.append([])
-                continue
             steerings = []
-            for vector_id, negate in served:
+            for vector_id, negate in served if layer is not None else ():
                 vector = files[vector_id][layer]
                 w = vector.weight if weight is None else float(weight)
-                steerings.append(Steering(vector, mode=mode, weight=-w if negate else w))
-            per_row.append(steerings)
-    completions = generate(
-        lm, prompts, per_row=per_row, sampling=sampling, batch_size=batch_size,
-        progress=progress,
-    )
-    texts = [c.text for c in completions]
-    ppl: list[float | None] = [None] * len(texts)
-    if perplexity:
-        ppl = [
-            None if math.isnan(x) else x
-            for x in quality.perplexities(lm, prompts, texts, batch_size=batch_size)
+                steerings.append(Steering(vector, mode=request.mode, weight=-w if negate else w))
+            jobs.append((p, r, text, steerings))
+    return _Planned(request, usable, files, needed, jobs)
+
+
+def sweeps(
+    lm: LoadedModel,
+    requests: Sequence[SweepRequest],
+    *,
+    sampling: Sampling = DEFAULT_SAMPLING,
+    batch_size: int | None = None,
+    perplexity: bool = False,
+    max_degenerate: float = MAX_DEGENERATE,
+    early_stop: bool = True,
+    progress: Progress | None = None,
+) -> list[SweepResult]:
+    """Run several sweeps as one continuous-batching job queue and score each.
+
+    Every row of every request at every point is one job, steered by the vectors that serve
+    its instructions (`vector_id_for`); a forbidden word's inclusion vector gets the negated
+    weight, as in evaluation. With `early_stop`, a row stops as soon as its loose check has
+    failed for good (`deciders.row_failure`): a failed answer scores nothing whatever its
+    fluency (`score_point`), so stopping it changes no score; passes are always generated to
+    the end, since their fluency decides whether they count.
+    """
+    planned = [_plan(lm, request) for request in requests]
+    # Characters bound a prompt's tokens from above: enough to size the KV cache.
+    longest = max((len(text) for plan in planned for _, _, text, _ in plan.jobs), default=0)
+    engine = Engine(lm, batch_size=batch_size, max_tokens=longest + sampling.max_new_tokens)
+    ids: list[list[int]] = []
+    for plan in planned:
+        decide = [
+            row_failure(row.instruction_id_list, row.kwargs or ()) if early_stop else None
+            for row, _ in plan.usable
         ]
+        ids.append([
+            engine.submit(Job(text, steering=steerings, sampling=sampling, decided=decide[r]))
+            for _, r, text, steerings in plan.jobs
+        ])
+    done = engine.run(progress)
+    return [
+        _score(lm, plan, [done[i] for i in job_ids], sampling, perplexity, max_degenerate)
+        for plan, job_ids in zip(planned, ids, strict=True)
+    ]
+
+
+def sweep(
+    lm: LoadedModel,
+    vectors: VectorSource,
+    rows: Sequence[Row],
+    points: Sequence[tuple[int | None, float | None]],
+    *,
+    instruction_id: str | None = None,
+    with_instruction: bool = False,
+    mode: Mode | None = None,
+    **options: Any,
+) -> SweepResult:
+    """Answer every row at every (layer, weight) point in one job queue, and score it.
+
+    Rows without a vector are left out. Options as for `sweeps`."""
+    request = SweepRequest(vectors, rows, points, instruction_id, with_instruction, mode)
+    return sweeps(lm, [request], **options)[0]
+
+
+def _score(
+    lm: LoadedModel,
+    plan: _Planned,
+    completions: Sequence[Completion],
+    sampling: Sampling,
+    perplexity: bool,
+    max_degenerate: float,
+) -> SweepResult:
+    request, usable = plan.request, plan.usable
+    texts = [c.text for c in completions]
+    # A decided answer is a failure cut short: its fluency is neither measured nor needed.
+    full = [i for i, c in enumerate(completions) if c.finish_reason != "decided"]
+    ppl: list[float | None] = [None] * len(texts)
+    if perplexity and full:
+        measured = quality.perplexities(
+            lm, [plan.jobs[i][2] for i in full], [texts[i] for i in full]
+        )
+        for i, x in zip(full, measured, strict=True):
+            ppl[i] = None if math.isnan(x) else x
     records: list[dict[str, Any]] = []
-    for (p, r), text, x in zip(index, texts, ppl, strict=True):
-        row = usable[r][0]
+    for (p, r, _, _), completion, x in zip(plan.jobs, completions, ppl, strict=True):
+        row, text = usable[r][0], completion.text
         results = check_row(row.instruction_id_list, row.kwargs or (), row.prompt, text)
         records.append(
             {
-                "layer": points[p][0],
-                "weight": points[p][1],
+                "layer": request.points[p][0],
+                "weight": request.points[p][1],
                 "key": row.key,
                 "response": text,
                 "loose": [c.loose for c in results],
+                "decided": completion.finish_reason == "decided",
                 "repetition": quality.repetition_rate(text),
                 "perplexity": x,
                 "degenerate": quality.is_degenerate(
@@ -199,18 +274,21 @@ def sweep(
                 ),
             }
         )
-    grid = [_grid_point(points[p], [records[i] for i, (q, _) in enumerate(index) if q == p],
-                        max_degenerate) for p in range(len(points))]
-    first = next(iter(files[needed[0]].values()))
+    points = request.points
+    by_point: list[list[dict[str, Any]]] = [[] for _ in points]
+    for (p, *_), record in zip(plan.jobs, records, strict=True):
+        by_point[p].append(record)
+    grid = [_grid_point(points[p], by_point[p], max_degenerate) for p in range(len(points))]
+    first = next(iter(plan.files[plan.needed[0]].values()))
     return SweepResult(
-        instruction_id=instruction_id or group_of(usable[0][0]),
+        instruction_id=request.instruction_id or group_of(usable[0][0]),
         model=lm.model_id,
-        with_instruction=with_instruction,
-        mode=mode or first.mode,
+        with_instruction=request.with_instruction,
+        mode=request.mode or first.mode,
         grid=grid,
         chosen=choose(grid),
         rows=[str(row.key) for row, _ in usable],
-        vector_ids=needed,
+        vector_ids=plan.needed,
         max_new_tokens=sampling.max_new_tokens,
         responses=records,
     )
@@ -222,13 +300,68 @@ def _grid_point(
     passed = [all(r["loose"]) for r in records]
     degenerate = [bool(r["degenerate"]) for r in records]
     accuracy, score = score_point(passed, degenerate, max_degenerate=max_degenerate)
-    measured = [r["perplexity"] for r in records if r["perplexity"] is not None]
+    # Fluency as read on the answers generated to the end (a decided failure is cut short).
+    full = [r for r in records if not r.get("decided")] or list(records)
+    measured = [r["perplexity"] for r in full if r["perplexity"] is not None]
     fluency = Fluency(
-        repetition=statistics.fmean(r["repetition"] for r in records) if records else 0.0,
+        repetition=statistics.fmean(r["repetition"] for r in full) if full else 0.0,
         perplexity=statistics.median(measured) if measured else None,
-        degenerate=sum(degenerate) / len(degenerate) if degenerate else 0.0,
+        degenerate=sum(bool(r["degenerate"]) for r in full) / len(full) if full else 0.0,
     )
     return GridPoint(point[0], point[1], accuracy, fluency, score, len(records))
+
+
+_REQUEST_OPTIONS = ("instruction_id", "with_instruction", "mode")
+
+
+def layer_request(
+    lm: LoadedModel,
+    vectors: VectorSource,
+    rows: Sequence[Row],
+    *,
+    layers: Sequence[int] | None = None,
+    n_prompts: int | None = None,
+    **options: Any,
+) -> SweepRequest:
+    """The paper's layer sweep as a request: "no steering" plus every layer of
+    `range(L//5, L, 2)` held by the vector files (or `layers`), at the files' default weight,
+    on the first `n_prompts` rows."""
+    rows = list(rows)[:n_prompts] if n_prompts is not None else list(rows)
+    mapping = _vector_files(vectors, rows)
+    grid = _layers_for(_serving(mapping, rows), layers, lm.n_layers)
+    points: list[tuple[int | None, float | None]] = [(None, None)] + [(la, None) for la in grid]
+    return SweepRequest(mapping, rows, points, **options)
+
+
+def weight_request(
+    lm: LoadedModel,
+    vectors: VectorSource,
+    rows: Sequence[Row],
+    *,
+    weights: Sequence[float],
+    layers: Sequence[int] | None = None,
+    n_prompts: int | None = None,
+    **options: Any,
+) -> SweepRequest:
+    """Layer × weight grid for additive vectors (length, keywords), plus "no steering".
+
+    Weights are magnitudes as stored in the file (a forbidden word gets −w automatically);
+    the mode is additive unless `mode` says otherwise."""
+    if not weights:
+        raise InvalidSteering("give at least one weight for a weight grid")
+    rows = list(rows)[:n_prompts] if n_prompts is not None else list(rows)
+    mapping = _vector_files(vectors, rows)
+    grid = _layers_for(_serving(mapping, rows), layers, lm.n_layers)
+    points: list[tuple[int | None, float | None]] = [(None, None)]
+    points += [(la, float(w)) for la in grid for w in weights]
+    options.setdefault("mode", "additive")
+    return SweepRequest(mapping, rows, points, **options)
+
+
+def _split(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Options of the request (what is swept) apart from options of the run (how)."""
+    request = {k: v for k, v in options.items() if k in _REQUEST_OPTIONS}
+    return request, {k: v for k, v in options.items() if k not in _REQUEST_OPTIONS}
 
 
 def sweep_layers(
@@ -240,14 +373,10 @@ def sweep_layers(
     n_prompts: int | None = None,
     **options: Any,
 ) -> SweepResult:
-    """The paper's layer sweep: "no steering" plus every layer of `range(L//5, L, 2)` held by
-    the vector files (or `layers`), at the files' default weight, on the first `n_prompts`
-    rows. Options as for `sweep`."""
-    rows = list(rows)[:n_prompts] if n_prompts is not None else list(rows)
-    mapping = _vector_files(vectors, rows)
-    grid = _layers_for(_serving(mapping, rows), layers, lm.n_layers)
-    points: list[tuple[int | None, float | None]] = [(None, None)] + [(la, None) for la in grid]
-    return sweep(lm, mapping, rows, points, **options)
+    """One layer sweep (`layer_request`), run. Options as for `sweep`."""
+    request, run = _split(options)
+    made = layer_request(lm, vectors, rows, layers=layers, n_prompts=n_prompts, **request)
+    return sweeps(lm, [made], **run)[0]
 
 
 def sweep_weights(
@@ -260,20 +389,12 @@ def sweep_weights(
     n_prompts: int | None = None,
     **options: Any,
 ) -> SweepResult:
-    """Layer × weight grid for additive vectors (length, keywords), plus "no steering".
-
-    Weights are magnitudes as stored in the file (a forbidden word gets −w automatically);
-    the mode is additive unless `mode` says otherwise. Options as for `sweep`.
-    """
-    if not weights:
-        raise InvalidSteering("give at least one weight for a weight grid")
-    rows = list(rows)[:n_prompts] if n_prompts is not None else list(rows)
-    mapping = _vector_files(vectors, rows)
-    grid = _layers_for(_serving(mapping, rows), layers, lm.n_layers)
-    points: list[tuple[int | None, float | None]] = [(None, None)]
-    points += [(la, float(w)) for la in grid for w in weights]
-    options.setdefault("mode", "additive")
-    return sweep(lm, mapping, rows, points, **options)
+    """One layer × weight sweep (`weight_request`), run. Options as for `sweep`."""
+    request, run = _split(options)
+    made = weight_request(
+        lm, vectors, rows, weights=weights, layers=layers, n_prompts=n_prompts, **request
+    )
+    return sweeps(lm, [made], **run)[0]
 
 
 def _serving(

@@ -35,6 +35,33 @@ ModelOption = Annotated[
     ),
 ]
 DtypeOption = Annotated[str, typer.Option(help="float32 | bfloat16 | float16.")]
+BatchOption = Annotated[
+    int | None,
+    typer.Option(help="Rows decoded together (default: sized to the model and free memory)."),
+]
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        help="CPU threads for torch (default: OMP_NUM_THREADS, else torch's choice). On a "
+        "machine shared with other jobs, 1 can be several times faster than 2.",
+    ),
+]
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply `--threads`; without it torch keeps its default, which honours OMP_NUM_THREADS."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise InvalidSteering("--threads must be at least 1")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def check_batch_size(batch_size: int | None) -> None:
+    if batch_size is not None and batch_size < 1:
+        raise InvalidSteering("--batch-size must be at least 1")
 
 
 def main() -> None:

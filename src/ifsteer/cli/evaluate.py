@@ -15,14 +15,18 @@ from typing import Annotated, TypeVar
 import typer
 
 from ifsteer.cli.app import (
+    BatchOption,
     DtypeOption,
     ModelOption,
+    ThreadsOption,
     app,
+    check_batch_size,
     csv_floats,
     csv_ints,
     load,
     out,
     print_table,
+    set_threads,
 )
 from ifsteer.errors import InvalidSteering
 
@@ -97,7 +101,7 @@ def eval_command(
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N rows.")] = None,
     max_new_tokens: int = 256,
-    batch_size: int = 8,
+    batch_size: BatchOption = None,
     allow_transfer: Annotated[
         bool, typer.Option(help="Accept vectors of another model with the same hidden size.")
     ] = False,
@@ -130,8 +134,11 @@ def eval_command(
         str | None, typer.Option(envvar="IFSTEER_JUDGE_API_KEY", help="Bearer token for the judge.")
     ] = None,
     dtype: DtypeOption = "float32",
+    threads: ThreadsOption = None,
 ) -> None:
     """Evaluate the four settings (no instruction, steer, instruction, instruction + steer)."""
+    check_batch_size(batch_size)
+    set_threads(threads)
     import logging
 
     from ifsteer.evaluation import count_pending, run_evaluation
@@ -226,11 +233,14 @@ def sweep_command(
     ] = False,
     model: ModelOption = "smollm2-135m-instruct",
     max_new_tokens: int = 128,
-    batch_size: int = 8,
+    batch_size: BatchOption = None,
     dtype: DtypeOption = "float32",
+    threads: ThreadsOption = None,
 ) -> None:
     """Choose each vector's layer (and weight) on validation prompts; write it into the file."""
-    from ifsteer.calibration import calibrate, validation_groups
+    check_batch_size(batch_size)
+    set_threads(threads)
+    from ifsteer.calibration import calibrate_groups, validation_groups
     from ifsteer.generation import Sampling
     from ifsteer.progress import progress_bar
     from ifsteer.report import plot_sweep
@@ -260,13 +270,16 @@ def sweep_command(
     lm = load(model, dtype)
     sampling = Sampling(max_new_tokens=max_new_tokens)
     n_points = 1 + len(grid_layers or default_layers(lm.n_layers)) * len(grid_weights or [None])
-    for group, rows in sorted(groups.items()):
-        with progress_bar(f"sweep {group}", len(rows) * n_points) as advance:
-            result, updated, written = calibrate(
-                lm, files, group, rows, target, weights=grid_weights, set_default=set_default,
-                layers=grid_layers, with_instruction=with_instruction, sampling=sampling,
-                batch_size=batch_size, perplexity=perplexity, progress=advance,
-            )
+    label = next(iter(groups)) if len(groups) == 1 else f"{len(groups)} groups"
+    total = sum(len(rows) for rows in groups.values()) * n_points
+    with progress_bar(f"sweep {label}", total) as advance:
+        done = calibrate_groups(
+            lm, files, dict(sorted(groups.items())), target, weights=grid_weights,
+            set_default=set_default, layers=grid_layers, with_instruction=with_instruction,
+            sampling=sampling, batch_size=batch_size, perplexity=perplexity,
+            progress=advance,
+        )
+    for group, (result, updated, written) in done.items():
         plot_sweep(result.to_json(), written.with_suffix(".png"))
         print_table(sweep_table(result), simple=False)
         verdict = (

@@ -3,7 +3,7 @@
 Every row is answered in up to four settings: **no_instruction** (the query alone), **steer**
 (the query plus the row's vectors), **instruction** (the full IFEval prompt) and
 **instruction_steer** (both). Each response is checked with IFEval's strict and loose checkers,
-scored for fluency, and appended to ``responses.jsonl`` as soon as its batch is done; a rerun
+scored for fluency, and appended to ``responses.jsonl`` as soon as the engine finishes it; a rerun
 into the same directory skips what is there, so a killed run resumes where it stopped.
 
 A row whose vector has no file runs unsteered in the steered settings, is recorded with
@@ -26,11 +26,11 @@ from typing import Any
 
 from ifsteer import quality
 from ifsteer.checks import check_row, ensure_punkt
+from ifsteer.engine import Completion, Engine, Job, Sampling
 from ifsteer.errors import EvaluationError
 from ifsteer.evaluation.plan import VectorPlan, VectorSource, plan_vectors
 from ifsteer.evaluation.store import check_resume, done_key, open_for_append, read_responses
 from ifsteer.evaluation.summary import write_summary
-from ifsteer.generation import Sampling, generate
 from ifsteer.models import LoadedModel
 from ifsteer.rows import SETTINGS, STEERED, WITH_INSTRUCTION, Row, prepare_rows
 from ifsteer.rundir import RESPONSES, SUMMARY
@@ -43,6 +43,8 @@ log = logging.getLogger("ifsteer.evaluation")
 # Greedy, as in the paper; long enough for most IFEval answers to finish.
 DEFAULT_SAMPLING = Sampling(max_new_tokens=256)
 Progress = Callable[[int], None]
+# Answers between two partial summaries while a long run goes on.
+_SUMMARY_EVERY = 32
 
 
 # --- running --------------------------------------------------------------------------------
@@ -105,7 +107,7 @@ def run_evaluation(
     settings: Sequence[str] = SETTINGS,
     experiment: str = "format",
     sampling: Sampling = DEFAULT_SAMPLING,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     allow_transfer: bool = False,
     weights: Mapping[str, float] | None = None,
     modes: Mapping[str, Mode] | None = None,
@@ -126,13 +128,14 @@ def run_evaluation(
     is likely under the model that wrote it by construction (SmolLM2's own greedy answers score
     1.2-2.5), so the paper's "perplexity < 2.5 is degenerate" rule, made for an independent
     scorer (GPT-2), is applied only when `fluency_lm` is another model; with `lm` itself a
-    response is degenerate by repetition alone. `progress(n)` is called after each batch is
-    on disk.
+    response is degenerate by repetition alone. All answers of all settings go to one
+    continuous-batching `Engine` (`batch_size` None: sized to the model and free memory);
+    `progress(n)` is called as soon as n more answers are on disk.
     """
     started = time.perf_counter()
     settings = _check_settings(settings)
     rows = prepare_rows(rows, experiment)
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise EvaluationError("batch_size must be at least 1")
     if any(s not in WITH_INSTRUCTION for s in settings):
         lacking = [r for r in rows if r.prompt_without_instruction is None]
@@ -169,26 +172,51 @@ def run_evaluation(
     with open_for_append(path) as (handle, existing):
         check_resume(existing, experiment, lm.model_id, sampling_record, plan.records, path)
         done = {done_key(r) for r in existing}
-        batches = _schedule(lm, rows, settings, experiment, done, batch_size)
-        skipped = len(rows) * len(settings) - sum(len(chunk) for _, chunk in batches)
-        for number, (setting, chunk) in enumerate(batches, start=1):
+        todo = _schedule(lm, rows, settings, experiment, done)
+        skipped = len(rows) * len(settings) - len(todo)
+        engine = Engine(
+            lm, batch_size=batch_size, allow_transfer=True,  # vectors were checked when planned
+            max_tokens=_longest_prompt(lm, todo) + sampling.max_new_tokens,
+        )
+        finished: list[tuple[str, Row, Completion]] = []
+        for setting, row in todo:
+            engine.submit(Job(
+                row.prompt_for(setting),
+                steering=plan.steerings[str(row.key)] if setting in STEERED else (),
+                sampling=sampling,
+                on_done=_collect(finished, setting, row),
+            ))
+        last = time.perf_counter()
+        while engine.busy:
+            engine.step()
+            if not finished:
+                continue
+            now = time.perf_counter()
             records = _answer(
-                lm, chunk, setting, experiment, plan, sampling, sampling_record,
-                judge=judge, perplexity=perplexity, fluency_lm=fluency_lm,
+                lm, finished, experiment, plan, sampling_record, judge=judge,
+                perplexity=perplexity, fluency_lm=fluency_lm, seconds=(now - last) / len(finished),
             )
+            last, count = now, len(finished)
+            finished.clear()
             payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
             handle.write(payload.encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
-            generated += len(chunk)
+            before, generated = generated, generated + count
             if progress is not None:
-                progress(len(chunk))
-            if number % (4 * len(settings)) == 0:
+                progress(count)
+            if generated // _SUMMARY_EVERY > before // _SUMMARY_EVERY:
                 write_summary(out)  # a partial table to look at while a long run goes on
     data = write_summary(out)
     elapsed = time.perf_counter() - started
     log.info("evaluation %s: %d responses in %.1fs", experiment, generated, elapsed)
     return Summary(data, out, generated, skipped, plan.missing_ids if steered else ())
+
+
+def _collect(
+    finished: list[tuple[str, Row, Completion]], setting: str, row: Row
+) -> Callable[[Completion], None]:
+    return lambda completion: finished.append((setting, row, completion))
 
 
 def _schedule(
@@ -197,58 +225,60 @@ def _schedule(
     settings: Sequence[str],
     experiment: str,
     done: set[tuple[str, str, str]],
-    batch_size: int,
-) -> list[tuple[str, list[Row]]]:
-    """The batches still to run, a batch of every setting in turn.
+) -> list[tuple[str, Row]]:
+    """The (setting, row) answers still to make, in the order they join the engine.
 
-    Rows go longest prompt first, so a batch holds prompts of similar length; taking the
-    settings in turn means a run stopped at any point has answered about the same rows in
-    every setting, so its partial table already compares like with like.
+    Rows go longest prompt first, so rows that join together have similar lengths; the
+    settings take turns row by row, so a run stopped at any point has answered about the same
+    rows in every setting and its partial table already compares like with like.
     """
     length = {str(r.key): len(lm.tokenizer(r.prompt).input_ids) for r in rows}
     ordered = sorted(rows, key=lambda r: -length[str(r.key)])
-    per_setting = []
-    for setting in settings:
-        todo = [r for r in ordered if (experiment, setting, str(r.key)) not in done]
-        per_setting.append(
-            [(setting, todo[i : i + batch_size]) for i in range(0, len(todo), batch_size)]
-        )
-    rounds = max((len(chunks) for chunks in per_setting), default=0)
-    return [chunks[i] for i in range(rounds) for chunks in per_setting if i < len(chunks)]
+    return [
+        (setting, row)
+        for row in ordered
+        for setting in settings
+        if (experiment, setting, str(row.key)) not in done
+    ]
+
+
+def _longest_prompt(lm: LoadedModel, todo: Sequence[tuple[str, Row]]) -> int:
+    """Tokens of the longest prompt to answer, for sizing the batch's KV cache."""
+    if not todo:
+        return 0
+    text = max((row.prompt_for(setting) for setting, row in todo), key=len)
+    return len(lm.tokenizer(lm.format_prompt(text)).input_ids)
 
 
 def _answer(
     lm: LoadedModel,
-    rows: Sequence[Row],
-    setting: str,
+    finished: Sequence[tuple[str, Row, Completion]],
     experiment: str,
     plan: VectorPlan,
-    sampling: Sampling,
     sampling_record: Mapping[str, Any],
     *,
     judge: quality.Judge | None,
     perplexity: bool,
     fluency_lm: LoadedModel | None,
+    seconds: float,
 ) -> list[dict[str, Any]]:
-    """One batch: generate (per-row steering), check, score fluency; records in row order."""
-    t0 = time.perf_counter()
-    prompts = [r.prompt_for(setting) for r in rows]
-    steer = setting in STEERED
-    per_row = [plan.steerings[str(r.key)] if steer else [] for r in rows]
-    completions = generate(
-        lm, prompts, per_row=per_row, sampling=sampling, batch_size=len(rows),
-        allow_transfer=True,  # every vector was checked against the model when planned
-    )
-    texts = [c.text for c in completions]
+    """Answers the engine just finished: checked, scored for fluency, as records.
+
+    `seconds` is each answer's share of the wall time since the previous answers were
+    written, so the records' seconds add up to the run's generation time.
+    """
+    prompts = [row.prompt_for(setting) for setting, row, _ in finished]
+    texts = [completion.text for _, _, completion in finished]
     scorer = fluency_lm or lm
     independent = scorer is not lm
     ppl: list[float | None] = (
-        list(quality.perplexities(scorer, prompts, texts, batch_size=len(rows)))
+        list(quality.perplexities(scorer, prompts, texts, batch_size=len(texts)))
         if perplexity
-        else [None] * len(rows)
+        else [None] * len(texts)
     )
     records = []
-    for row, prompt, completion, p in zip(rows, prompts, completions, ppl, strict=True):
+    for (setting, row, completion), prompt, p in zip(finished, prompts, ppl, strict=True):
+        steer = setting in STEERED
         results = check_row(row.instruction_id_list, row.kwargs or (), row.prompt, completion.text)
         p = None if p is None or math.isnan(p) else p
         score = None
@@ -281,11 +311,9 @@ def _answer(
                 "finish_reason": completion.finish_reason,
                 "sampling": dict(sampling_record),
                 "model": lm.model_id,
+                "seconds": round(seconds, 4),
             }
         )
-    seconds = (time.perf_counter() - t0) / len(rows)
-    for record in records:
-        record["seconds"] = round(seconds, 4)
     return records
 
 

@@ -34,15 +34,19 @@ __all__ = [
     "sweep_grid",
 ]
 
-# Seconds on the embedded SmolLM2-135M (fp32, one thread) on the 2-core development machine,
-# from the CPU time of each stage of a measured run (docs/report.md); wall time on a machine
-# shared with other jobs was about 1.3x these. Other models scale by parameter count.
+# Wall seconds on the embedded SmolLM2-135M (fp32, one thread) on the 2-core development
+# machine at load ~5 (shared with other jobs; alone, CPU time is about half of these).
+# Generation goes through the continuous-batching engine: a decode step costs a fixed part
+# (reading the weights) plus a part per row, fitted from steps at batch 4 and 64 (0.156 s and
+# 0.82 s). Other models scale by parameter count.
 REFERENCE_PARAMS = 134_515_008
 SECONDS_LOAD = 10.0
-SECONDS_PER_EXTRACT_PROMPT = 0.20  # one forward up to the deepest grid layer, batch 16
-SECONDS_PER_TOKEN_ROW = 0.030  # one decoding step of one row at batch 16 (measured 0.022)
+SECONDS_PER_EXTRACT_PROMPT = 0.40  # one forward up to the deepest grid layer, batch 16
+SECONDS_PER_STEP = 0.111  # the fixed part of one decode step, whatever the batch
+SECONDS_PER_ROW_TOKEN = 0.0111  # what each row adds to a decode step
 SECONDS_PER_EVAL_ROW = 0.2  # IFEval checks and bookkeeping per evaluated answer
 SECONDS_PER_PERPLEXITY_ROW = 0.9  # the extra forward that scores an answer's perplexity
+CPU_BATCH = 64  # what auto_batch_size gives a ~135M model on a CPU with memory to spare
 
 
 class PipelineError(IfsteerError):
@@ -51,17 +55,18 @@ class PipelineError(IfsteerError):
 
 @dataclass(frozen=True)
 class PaperConfig:
-    """Options of one run; the defaults fit the 90-minute budget on the embedded model."""
+    """Options of one run; the defaults (quick) take under 10 minutes on the embedded model
+    on a 2-core CPU; `full_config` is the paper-sized run."""
 
     data: Path
     out: Path
     model: str = "smollm2-135m-instruct"
-    limit: int | None = 80  # evaluation rows (stratified prefix); None = all
+    limit: int | None = 24  # evaluation rows (stratified prefix); None = all
     sweep_prompts: int = 3  # validation rows per instruction (at most half of its rows)
-    layer_step: int = 2  # sweep range(L//5, L, layer_step): the paper's grid
+    layer_step: int = 4  # sweep range(L//5, L, layer_step); the paper's grid is step 2
     max_new_tokens: int = 64
-    batch_size: int = 16
-    n_pairs: int = 32
+    batch_size: int | None = None  # None: sized to the model and free memory
+    n_pairs: int = 16
     with_instruction: bool = False  # sweep with the instruction in the prompt
     # Perplexity under the model itself flags most greedy answers of a small model as
     # degenerate (< 2.5) and costs a forward per answer; repetition alone decides by default.
@@ -191,35 +196,53 @@ def estimate_seconds(
 
         eval_rows = count_pending(directory, plan.evaluation)
     sweep_rows = sum(len(plan.split.validation[g]) for g in groups) * (len(plan.sweep_layers) + 1)
-    per_row = SECONDS_PER_TOKEN_ROW * config.max_new_tokens * _batch_factor(config.batch_size)
+    batch = config.batch_size or _auto_batch(n_params)
+    tokens = config.max_new_tokens
     return {
         "load": SECONDS_LOAD * scale,
         "extract": len(vector_ids) * 2 * config.n_pairs * SECONDS_PER_EXTRACT_PROMPT * scale,
-        "sweep": sweep_rows * per_row * scale,
-        "evaluate": eval_rows * scale * (
-            per_row + SECONDS_PER_EVAL_ROW
-            + (SECONDS_PER_PERPLEXITY_ROW if config.perplexity else 0.0)
+        "sweep": generation_seconds(sweep_rows, tokens, batch) * scale,
+        "evaluate": scale * (
+            generation_seconds(eval_rows, tokens, batch)
+            + eval_rows * (SECONDS_PER_EVAL_ROW
+                           + (SECONDS_PER_PERPLEXITY_ROW if config.perplexity else 0.0))
         ),
         "report": 15.0,
     }
 
 
-def _batch_factor(batch_size: int) -> float:
-    """Cost of a row relative to batch 16: small batches pay the per-step overhead more."""
-    return 0.5 + 8.0 / max(batch_size, 1)
+def generation_seconds(answers: int, tokens: int, batch: int) -> float:
+    """Seconds for the engine to write `answers` answers of up to `tokens` tokens.
+
+    The queue keeps `batch` rows decoding until it runs dry, then the last rows finish in a
+    shrinking batch: about answers × tokens / batch full steps plus one answer's length of
+    draining steps, each paying the fixed part, and every row-token its own part. Answers
+    that end early (end of turn, a decided failure) make this an upper bound.
+    """
+    if answers <= 0:
+        return 0.0
+    batch = max(1, min(batch, answers))
+    steps = answers * tokens / batch + tokens
+    return steps * SECONDS_PER_STEP + answers * tokens * SECONDS_PER_ROW_TOKEN
+
+
+def _auto_batch(n_params: int | None) -> int:
+    """The CPU batch `auto_batch_size` picks, scaled down for larger models as it does."""
+    return max(1, int(CPU_BATCH * min(1.0, 150e6 / (n_params or REFERENCE_PARAMS))))
 
 
 def full_command(config: PaperConfig) -> str:
     """The command that runs the whole held-out set with longer answers and more pairs."""
     return (
         f"ifsteer run-paper --model {config.model} --data {config.data} --out {config.out}-full "
-        "--limit 0 --max-new-tokens 256 --n-pairs 64"
+        "--limit 0 --layer-step 2 --max-new-tokens 256 --n-pairs 64"
     )
 
 
 def full_config(config: PaperConfig) -> PaperConfig:
     return replace(
-        config, out=Path(f"{config.out}-full"), limit=None, max_new_tokens=256, n_pairs=64
+        config, out=Path(f"{config.out}-full"), limit=None, layer_step=2, max_new_tokens=256,
+        n_pairs=64,
     )
 
 

@@ -7,14 +7,16 @@ Stages, each skipping what an earlier (interrupted) run left in the output direc
 2. **extract**: one vector file per instruction the rows need (12 format ids, plus one per
    response language present), all layers of the paper grid, in `vectors/`;
 3. **sweep**: one layer sweep per instruction (the languages share one), on its validation
-   rows; the choice is written into the vector files and `sweeps/<id>.json`;
+   rows, all sweeps in one job queue; the choices are written into the vector files and
+   `sweeps/<id>.json`;
 4. **evaluate**: the four settings on the evaluation rows (`responses.jsonl`,
    `summary.json`); instructions whose sweep found that no layer beats "no steering" run
    unsteered in the steered settings, as in the paper;
 5. **report**: `report.html` and `figures/`.
 
-`run.json` records the options, what each stage did and how long it took. The defaults fit the
-embedded 135M model on a 2-core CPU in well under 90 minutes (`ifsteer.pipeline.plan`).
+`run.json` records the options, what each stage did and how long it took. The defaults are a
+quick run, about 10 minutes for the embedded 135M model on a 2-core CPU (`ifsteer.pipeline.plan`
+prices it). The sweeps share one job queue, so a run killed during them redoes them all.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ifsteer.calibration import calibrate
+from ifsteer.calibration import calibrate_groups
 from ifsteer.evaluation import count_pending, run_evaluation
 from ifsteer.generation import Sampling
 from ifsteer.instructions import get_instruction
@@ -146,7 +148,7 @@ def run_paper(
             instruction = get_instruction(vector_id)
             vectors = extract_instruction(
                 lm, instruction, layers, n_pairs=config.n_pairs,
-                batch_size=min(config.batch_size, 16), seed=config.seed,
+                batch_size=min(config.batch_size or 16, 16), seed=config.seed,
             )
             save_vectors(vector_path(out, vector_id), list(vectors.values()),
                          default=default_layer(lm.n_layers))
@@ -163,12 +165,12 @@ def run_paper(
         "sweep", sweep_rows
     ) as advance:
         entry["skipped"] = len(plan.groups) - len(groups)
-        for group in groups:
-            result, _, written = calibrate(
-                lm, files, group, plan.split.validation[group], out / SWEEPS,
-                layers=plan.sweep_layers, with_instruction=config.with_instruction,
-                sampling=sampling, batch_size=config.batch_size, progress=advance,
-            )
+        done = calibrate_groups(
+            lm, files, {g: plan.split.validation[g] for g in groups}, out / SWEEPS,
+            layers=plan.sweep_layers, with_instruction=config.with_instruction,
+            sampling=sampling, batch_size=config.batch_size, progress=advance,
+        )
+        for group, (result, _, written) in done.items():
             plot_sweep(result.to_json(), written.with_suffix(".png"))
             verdict = (f"layer {result.chosen.layer}" if result.chosen.recommended
                        else "no steering")

@@ -1,0 +1,39 @@
+"""Sweeps on the embedded model: stopping decided failures early changes no score."""
+
+from __future__ import annotations
+
+import pytest
+
+from ifsteer.calibration import sweep
+from ifsteer.engine import Sampling
+from ifsteer.instructions import get_instruction
+from ifsteer.rows import Row
+from ifsteer.vectors import extract_instruction, save_vectors
+from tests.integration.conftest import requires_smollm2
+
+pytestmark = pytest.mark.integration
+LOWER = "change_case:english_lowercase"
+ROWS = [
+    Row(k, f"{q} Use only lowercase letters.", q, (LOWER,), ({},), f"v:{k}")
+    for k, q in enumerate(["List three fruits, one per line.", "Write a short poem about rain.",
+                           "Give two tips for sleeping well, as a list."])
+]
+
+
+@requires_smollm2
+def test_early_stop_on_decided_failures_keeps_every_score(smollm2, tmp_path):
+    vectors = extract_instruction(smollm2, get_instruction(LOWER), [12], n_pairs=4)
+    file = save_vectors(tmp_path / "lower.safetensors", [vectors[12]])
+    points = [(None, None), (12, None)]
+    sampling = Sampling(max_new_tokens=40)
+    full = sweep(smollm2, file, ROWS, points, sampling=sampling,
+                 early_stop=False)
+    early = sweep(smollm2, file, ROWS, points, sampling=sampling)
+    cut = [r for r in early.responses if r["decided"]]
+    assert cut, "no row was decided: the test would not exercise early stopping"
+    for short, whole in zip(early.responses, full.responses, strict=True):
+        assert whole["response"].startswith(short["response"])
+        assert all(short["loose"]) == all(whole["loose"])
+        assert not (short["decided"] and all(short["loose"]))  # only failures stop
+    assert [(p.accuracy, p.score) for p in early.grid] == [(p.accuracy, p.score) for p in full.grid]
+    assert early.chosen == full.chosen

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 import ifsteer.backends.vllm as adapter
 import ifsteer.cli.serve as serve_cli
+from ifsteer.errors import ModelNotFound
 from ifsteer.models import DEFAULT_MODEL, cache_dir, checkpoint_dir
 from ifsteer.server import Limits
 from tests.unit.test_cli import run
@@ -111,3 +112,17 @@ def test_bad_options_are_refused_before_anything_loads(monkeypatch, capsys, args
         args = ["--backend", "vllm", *args]
     code, _, err = run(monkeypatch, capsys, "serve", *args)
     assert code == 2 and err.count("\n") == 1 and named in err, err
+
+
+def test_a_gguf_file_is_served_from_its_conversion_under_its_stem(monkeypatch, tmp_path):
+    import ifsteer.models as models
+
+    loaded: list[str] = []
+    monkeypatch.setattr(models, "load_model", lambda source, *_: loaded.append(source))
+    gguf = tmp_path / "Tiny-Chat.Q4_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    directory, model_id = checkpoint_dir(str(gguf))
+    assert (model_id, loaded) == ("Tiny-Chat.Q4_0", [str(gguf)])  # converted on the way
+    assert directory.parent == cache_dir("x").parent and directory.name.startswith(model_id)
+    with pytest.raises(ModelNotFound, match="no model at"):
+        checkpoint_dir(str(tmp_path / "missing"))

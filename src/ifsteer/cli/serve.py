@@ -37,9 +37,11 @@ def serve(
         str | None,
         typer.Option(envvar="IFSTEER_API_KEY", help="Require 'Authorization: Bearer KEY'."),
     ] = None,
-    max_batch_size: Annotated[int, typer.Option(help="Requests generated as one batch.")] = 32,
+    max_batch_size: Annotated[
+        int, typer.Option(help="hf only: requests generated as one batch.")
+    ] = 32,
     batch_window_ms: Annotated[
-        float, typer.Option(help="Longest gap between requests that join one batch.")
+        float, typer.Option(help="hf only: longest gap between requests that join one batch.")
     ] = 20.0,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted.")] = 4096,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens accepted.")] = 1024,

@@ -13,7 +13,7 @@ from safetensors import safe_open
 
 import ifsteer.backends.vllm as adapter
 import ifsteer.cli.serve as serve_cli
-from ifsteer.errors import ModelNotFound
+from ifsteer.errors import InvalidSteering, ModelNotFound
 from ifsteer.models import DEFAULT_MODEL, cache_dir, checkpoint_dir
 from ifsteer.server import Limits
 from tests.unit.test_cli import run
@@ -65,6 +65,17 @@ def test_an_embedded_model_is_served_from_its_cache_under_the_hf_backends_id(
     assert engine.context_length == LIMITS.max_prompt_tokens + LIMITS.max_tokens
     assert built[-1]["kv_cache_memory_bytes"] == int(serve_cli.CPU_KV_CACHE_GIB * (1 << 30))
     assert (built[-1]["extract_pairs"], built[-1]["tensor_parallel_size"]) == (16, 1)
+
+
+def test_a_kv_cache_too_small_for_one_request_is_refused_before_vllm_starts(monkeypatch, built):
+    # vLLM itself (measured) refuses this after a minute: "0.22 GiB KV cache is needed"
+    _platform(monkeypatch, cpu=True)
+    with pytest.raises(InvalidSteering, match=r"--kv-cache-gib 0.1 .* 5120 tokens \(0.22 GiB\)"):
+        _engine(limits=Limits(), kv_cache_gib=0.1)
+    assert not built
+    _engine(limits=Limits(), kv_cache_gib=0.25)  # 0.22 GiB fits
+    _engine(limits=Limits(), kv_cache_gib=0.1, tensor_parallel_size=2)  # per-worker: no check
+    assert len(built) == 2
 
 
 def test_engine_settings_can_be_overridden_and_gpus_size_their_own_cache(

@@ -138,17 +138,19 @@ def vllm_engine(
             raise InvalidSteering(f"{option} must be at least 1, got {engine_kwargs[name]}")
     vllm = require_vllm_cli()
     from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
 
     from ifsteer.backends.vllm import VLLMEngine
     from ifsteer.models import checkpoint_dir
 
+    hf_logging.disable_progress_bar()  # as `load` does for the HF backend
+    hf_logging.set_verbosity_error()
     with out.status(f"preparing {model}…"):
         directory, model_id = checkpoint_dir(model)
+    config = AutoConfig.from_pretrained(directory, local_files_only=True)
+    config = getattr(config, "text_config", None) or config
     if max_model_len is None:
-        config = AutoConfig.from_pretrained(directory, local_files_only=True)
-        longest = getattr(
-            getattr(config, "text_config", None) or config, "max_position_embeddings", None
-        )
+        longest = getattr(config, "max_position_embeddings", None)
         max_model_len = limits.max_prompt_tokens + limits.max_tokens
         if longest:
             max_model_len = min(max_model_len, int(longest))
@@ -156,6 +158,16 @@ def vllm_engine(
         kv_cache_gib = CPU_KV_CACHE_GIB
     if kv_cache_gib is not None:
         engine_kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * (1 << 30))
+        one_worker = (
+            engine_kwargs["tensor_parallel_size"] * engine_kwargs["pipeline_parallel_size"] == 1
+        )
+        per_token = kv_bytes_per_token(config, dtype) if one_worker else None
+        if per_token and per_token * max_model_len > engine_kwargs["kv_cache_memory_bytes"]:
+            raise InvalidSteering(
+                f"--kv-cache-gib {kv_cache_gib:g} is too small for one request of "
+                f"{max_model_len} tokens ({per_token * max_model_len / (1 << 30):.2f} GiB): "
+                "raise it, or lower --max-model-len (or the prompt and max_tokens limits)"
+            )
     # vLLM's engine and worker processes are spawned, never forked from this one (which holds
     # tokenizer threads and an event loop); `python -m ifsteer.cli` guards its entry for that.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -166,6 +178,22 @@ def vllm_engine(
         max_model_len=max_model_len,
         **engine_kwargs,
     )
+
+
+def kv_bytes_per_token(config: Any, dtype: str) -> int | None:
+    """Keys and values of one token in every layer, as vLLM allocates them for full attention
+    (it refuses to start when a max-length request does not fit, after loading the model).
+    None where vLLM's sizing differs (sliding windows, latent attention): no check then."""
+    if getattr(config, "sliding_window", None) or getattr(config, "kv_lora_rank", None):
+        return None
+    heads = getattr(config, "num_attention_heads", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if not heads or not layers:
+        return None
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    width = 4 if dtype == "float32" else 2
+    return 2 * int(layers) * int(kv_heads) * int(head_dim) * width
 
 
 def require_vllm_cli() -> Any:

@@ -16,6 +16,7 @@ mask over cache columns, which stay contiguous per row, so Gemma 2/3 need nothin
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -106,6 +107,16 @@ class _Row:
         return self.decided is not None or any(t.job.on_text for t in self.tickets)
 
 
+def cache_argument(model: torch.nn.Module) -> str:
+    """The name under which this model's forward takes its KV cache.
+
+    transformers renamed `past_key_values` to `cache` (5.2x); an unknown keyword is swallowed
+    by `**kwargs`, so passing the wrong one silently decodes every step without the cache.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 class Engine:
     """Decode submitted jobs together; `run()` drains the queue, `step()` advances one token.
 
@@ -125,6 +136,7 @@ class Engine:
         if batch_size is not None and batch_size < 1:
             raise InvalidSteering("batch_size must be at least 1")
         self.lm = lm
+        self._cache_arg = cache_argument(lm.model)
         self.batch_size = batch_size or auto_batch_size(lm, max_tokens=max_tokens)
         self.allow_transfer = allow_transfer
         self._stop = frozenset(lm.stop_token_ids())
@@ -249,7 +261,7 @@ class Engine:
                 input_ids=ids,
                 attention_mask=mask,
                 position_ids=positions,
-                cache=cache,
+                **{self._cache_arg: cache},
                 use_cache=True,
                 logits_to_keep=1,
             )
@@ -288,7 +300,7 @@ class Engine:
                 input_ids=torch.tensor([[r.tokens[-1]] for r in rows], device=device),
                 attention_mask=mask,
                 position_ids=(width - pads)[:, None],
-                cache=self._cache,
+                **{self._cache_arg: self._cache},
                 use_cache=True,
             )
         self._advance(rows, out.logits[:, -1])

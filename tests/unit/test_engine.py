@@ -7,11 +7,13 @@ while earlier rows are still decoding.
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import GenerationConfig
 
-from ifsteer.engine import Engine, Job, Sampling
+from ifsteer.engine import Engine, Job, Sampling, cache_argument
 from ifsteer.errors import InvalidSteering, VectorMismatch
 from ifsteer.models import LoadedModel
 from ifsteer.steering import Steering, steer
@@ -92,6 +94,13 @@ def test_every_row_matches_its_row_alone_while_rows_join_and_leave(
     assert [c.text for c in out] == [lm.tokenizer.decode(ids) for ids in expected]
     assert [c.completion_tokens for c in out] == [len(ids) for ids in expected]
     assert {c.finish_reason for c in out} == {"stop", "length"}, "rows must end both ways"
+
+
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+def test_the_cache_goes_in_under_the_name_this_transformers_takes(arch, tiny_tokenizer):
+    # A wrong keyword vanishes into **kwargs and every step decodes without the cache.
+    lm = make_tiny(CONFIGS[arch](), tiny_tokenizer, model_id=arch)
+    assert cache_argument(lm.model) in inspect.signature(lm.model.forward).parameters
 
 
 def test_steering_changes_the_answer(tiny_lm):

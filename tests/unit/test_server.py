@@ -472,7 +472,7 @@ def test_models_and_vectors_are_listed(client, http):
 
 
 def test_inline_instruction_is_extracted_once_and_steers(srv, http, tiny_lm):
-    text = "Answer in lowercase."
+    text = "Reply only in lowercase letters."
     before = _health(http)["extractions"]
     body = _chat(PROMPTS[4], steering=[{"instruction": text}])
 
@@ -488,8 +488,8 @@ def test_inline_instruction_is_extracted_once_and_steers(srv, http, tiny_lm):
     vector = extract_instruction(tiny_lm, custom_instruction(text), [layer], n_pairs=4)[layer]
     expected = _expected(tiny_lm, PROMPTS[4], [Steering(vector)])
     assert _text(first.json()) == _text(second.json()) == _text(third.json()) == expected
-    listed = [v["id"] for v in http.get("/v1/vectors").json()["data"]]
-    assert f"instruction:{text}" in listed
+    listing = http.get("/v1/vectors").text
+    assert text not in listing  # another client's words stay theirs
 
 
 # --- chat templates -----------------------------------------------------------------------

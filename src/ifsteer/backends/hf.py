@@ -3,9 +3,11 @@
 Model work is blocking, so it runs off the event loop, in one thread: a batching loop takes the
 jobs that arrive within a short window (or pile up while a batch runs) and generates them as one
 batch through `ifsteer.generation.generate`, each row with its own vectors. Rows are grouped by
-decoding settings (greedy and max_tokens, or the sampling parameters), so a greedy request gets,
-token for token, the output it would get alone. Inline extraction runs on the same thread, as
-the model is not safe to use from two.
+decoding settings (greedy and max_tokens, or the sampling parameters; a seeded request runs
+alone), so a request gets the output it would get alone. Inline extraction runs on the same
+thread, as the model is not safe to use from two, in pieces of `EXTRACTION_PIECE` prompts with
+any queued generation run between pieces: a 2-token request waits for one piece, not for the
+whole extraction.
 """
 
 from __future__ import annotations
@@ -17,21 +19,30 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Generator
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from ifsteer.chat import Prompt
 from ifsteer.generation import Completion, generate
 from ifsteer.instructions import Instruction
 from ifsteer.models import LoadedModel
-from ifsteer.vectors import SteeringVector, extract_instruction
+from ifsteer.prompts import BASE_QUERIES, build_pairs
+from ifsteer.vectors import (
+    SteeringVector,
+    last_token_activations,
+    pair_prompts,
+    vectors_from_activations,
+)
 
 from . import Job, OnText
 
 log = logging.getLogger("ifsteer.backends.hf")
 DEFAULT_BATCH_WINDOW_S = 0.02
 DEFAULT_MAX_BATCH_SIZE = 32
+EXTRACTION_PIECE = 16  # prompts per extraction forward, extract_instruction's batch size
 
 
 @dataclass(eq=False)
@@ -48,14 +59,14 @@ class _Pending:
 
     def group_key(self) -> tuple[Any, ...]:
         s = self.job.sampling
-        if s.temperature <= 0.0:
-            decoding: tuple[Any, ...] = ("greedy", s.max_new_tokens)
+        if s.temperature <= 0.0:  # greedy reads nothing else of the sampling settings
+            decoding: tuple[Any, ...] = ("greedy", s.max_new_tokens, s.ignore_eos)
         elif s.seed is not None:
             # generate() seeds the global generator once per batch: a seeded request runs
             # alone, so the same seed gives the same text whatever else is in flight.
             decoding = ("seeded", self.seq)
         else:
-            decoding = ("sample", s.max_new_tokens, s.temperature, s.top_p)
+            decoding = ("sample", s)
         return (self.formatted, *decoding)
 
     def emit(self, delta: str) -> None:
@@ -76,19 +87,27 @@ def _settle(future: asyncio.Future[Any], result: Any) -> None:
 
 
 @dataclass(eq=False)
-class _Call:
-    """Other model work (inline extraction) that must run on the worker thread too."""
+class _Extraction:
+    """An inline extraction on the worker thread, one piece of prompts per `step`."""
 
-    fn: Callable[[], Any]
-    future: asyncio.Future[Any]
+    steps: Generator[None, None, SteeringVector]
+    future: asyncio.Future[SteeringVector]
     loop: asyncio.AbstractEventLoop
 
-    def run(self) -> None:
+    def step(self) -> bool:
+        """Run one piece; True once the extraction is over (done, failed or abandoned)."""
+        if self.future.done():
+            return True
         try:
-            result = self.fn()
+            next(self.steps)
+        except StopIteration as stop:
+            result: Any = stop.value
         except BaseException as exc:  # handed to the awaiting request, which answers a 4xx/500
             result = exc
+        else:
+            return False
         self.loop.call_soon_threadsafe(_settle, self.future, result)
+        return True
 
 
 _STOP = object()
@@ -123,7 +142,9 @@ class BatchingEngine:
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._seq = itertools.count()
-        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0, "extractions": 0}
+        self._extractions: list[_Extraction] = []  # worker-side, oldest first
+        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0, "extractions": 0,
+                       "extraction_pieces": 0}
         self._warned_bos = False
 
     # event-loop side
@@ -149,17 +170,30 @@ class BatchingEngine:
         return await pending.future
 
     async def extract(self, instruction: Instruction, layer: int) -> SteeringVector:
-        def run() -> SteeringVector:
-            vectors = extract_instruction(
-                self.lm, instruction, [layer], n_pairs=self.extract_pairs
-            )
-            self._stats["extractions"] += 1
-            return vectors[layer]
-
         loop = asyncio.get_running_loop()
-        call = _Call(run, loop.create_future(), loop)
-        self._queue.put(call)
-        return await call.future
+        extraction = _Extraction(self._extraction(instruction, layer), loop.create_future(), loop)
+        self._queue.put(extraction)
+        return await extraction.future
+
+    def _extraction(
+        self, instruction: Instruction, layer: int
+    ) -> Generator[None, None, SteeringVector]:
+        """`extract_instruction` at one layer, yielding between pieces; the same pieces as
+        its batches, so the same vector."""
+        prompts = pair_prompts(build_pairs(instruction, self.extract_pairs, BASE_QUERIES, seed=0))
+        parts = []
+        for start in range(0, len(prompts), EXTRACTION_PIECE):
+            piece = prompts[start : start + EXTRACTION_PIECE]
+            parts.append(last_token_activations(self.lm, piece, [layer], len(piece))[layer])
+            self._stats["extraction_pieces"] += 1
+            yield
+        vectors = vectors_from_activations(
+            self.lm, {layer: torch.cat(parts)}, instruction=instruction.phrasings[0],
+            instruction_id=instruction.id, phrasings=instruction.phrasings,
+            mode=instruction.mode,
+        )
+        self._stats["extractions"] += 1
+        return vectors[layer]
 
     def stats(self) -> dict[str, Any]:
         return {**self._stats, "queued": self._queue.qsize()}
@@ -194,13 +228,15 @@ class BatchingEngine:
 
     def _run(self) -> None:
         while True:
+            if self._extractions and self._queue.empty():  # generation always goes first
+                if self._extractions[0].step():
+                    self._extractions.pop(0)
+                continue
             first = self._queue.get()
             if first is _STOP:
                 return
             batch, stop = self._collect(first)
-            for item in batch:
-                if isinstance(item, _Call):
-                    item.run()
+            self._extractions.extend(item for item in batch if isinstance(item, _Extraction))
             jobs = [item for item in batch if isinstance(item, _Pending)]
             groups: dict[tuple[Any, ...], list[_Pending]] = {}
             for pending in jobs:
@@ -233,13 +269,16 @@ class BatchingEngine:
         if not live:
             return
         streaming = any(p.on_text is not None for p in live)
+        sampling = live[0].job.sampling
+        if sampling.temperature > 0.0 and sampling.seed is None:
+            torch.seed()  # not the state a previous request's seed left behind
         started = time.perf_counter()
         try:
             completions = generate(
                 self.lm,
                 [p.text for p in live],
                 per_row=[list(p.job.steering) for p in live],
-                sampling=live[0].job.sampling,
+                sampling=sampling,
                 batch_size=len(live),
                 formatted=live[0].formatted,
                 allow_transfer=self.allow_transfer,

@@ -45,6 +45,12 @@ def serve(
     ] = 20.0,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted.")] = 4096,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens accepted.")] = 1024,
+    max_queued: Annotated[
+        int, typer.Option(help="Completions generating or waiting; past it, a 429.")
+    ] = 64,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds a non-streaming request may take; past it, a 504.")
+    ] = 300.0,
     extract_pairs: Annotated[
         int, typer.Option(help="Prompt pairs for an instruction extracted on request.")
     ] = 64,
@@ -70,11 +76,14 @@ def serve(
     dtype: DtypeOption = "float32",
 ) -> None:
     """Serve an OpenAI-compatible API whose requests can carry a `steering` field."""
-    from ifsteer.server import Limits, build_app, create_app, load_vector_dir
+    from ifsteer.server import Limits, build_app, create_app, is_loopback, load_vector_dir
     from ifsteer.server import serve as run_server
 
     named = load_vector_dir(vectors) if vectors else {}
-    limits = Limits(max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit)
+    limits = Limits(
+        max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit,
+        max_queued=max_queued, request_timeout_s=request_timeout,
+    )
     if backend == "hf":
         lm = _load(model, dtype)
         application = create_app(
@@ -103,7 +112,7 @@ def serve(
         )
     else:
         raise InvalidSteering(f"unknown backend {backend!r}; choose hf or vllm")
-    if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
+    if not is_loopback(host) and not api_key:
         print(
             f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
             file=sys.stderr,

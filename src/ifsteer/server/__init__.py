@@ -2,14 +2,17 @@
 
 `app` holds the routes, auth and error handling; `schema` reads requests (and names the field
 at fault when it cannot); `registry` turns `steering` entries into vectors; `jobs` turns a
-request into the `Job`s an engine generates; `responses` writes OpenAI's bodies and streams.
+request into the `Job`s an engine generates; `responses` writes OpenAI's bodies and streams;
+`guard` bounds what one client can cost the others (bodies, queue, deadlines, timeouts).
 Engines live in `ifsteer.backends`, behind one protocol, and never import this package.
 """
 
 from __future__ import annotations
 
 from .app import build_app, create_app, serve
+from .guard import is_loopback, uvicorn_config
 from .registry import NamedVector, load_vector_dir
 from .schema import Limits
 
-__all__ = ["Limits", "NamedVector", "build_app", "create_app", "load_vector_dir", "serve"]
+__all__ = ["Limits", "NamedVector", "build_app", "create_app", "is_loopback", "load_vector_dir",
+           "serve", "uvicorn_config"]

@@ -13,27 +13,28 @@ in the batching engine.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ifsteer.backends import Engine
+from ifsteer.backends import Engine, Job
 from ifsteer.backends.hf import DEFAULT_BATCH_WINDOW_S, DEFAULT_MAX_BATCH_SIZE, BatchingEngine
 from ifsteer.chat import render_text
 from ifsteer.errors import IfsteerError
 from ifsteer.models import LoadedModel
 from ifsteer.vectors import SteeringVector
 
+from .guard import Admission, BearerAuth, ClientGone, read_body, unless_abandoned, uvicorn_config
 from .jobs import build_job, chat_prompt
-from .registry import NamedVector, VectorStore
+from .registry import NamedVector, Resolved, VectorStore
 from .responses import Meta, chat_body, chat_chunks, completion_body, completion_chunks, sse
 from .schema import (
     ApiError,
@@ -54,6 +55,7 @@ class _State:
     store: VectorStore
     limits: Limits
     api_key: str | None
+    admission: Admission
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -92,7 +94,8 @@ def build_app(
         for name, v in vectors.items()
     }
     store = VectorStore(named, engine, allow_transfer=allow_transfer)
-    state = _State(engine, store, limits or Limits(), api_key or None)
+    limits = limits or Limits()
+    state = _State(engine, store, limits, api_key or None, Admission(limits.max_queued))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -105,21 +108,16 @@ def build_app(
     app = FastAPI(title="ifsteer", version=_version(), lifespan=lifespan)
     app.state.ifsteer = state
     _add_error_handlers(app)
-
-    @app.middleware("http")
-    async def bearer_auth(request: Request, call_next: Any) -> Any:
-        if state.api_key and request.url.path.startswith("/v1/") and not _authorized(
-            request, state.api_key
-        ):
-            return _error(
-                401, "missing or incorrect API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"},
-            )
-        return await call_next(request)
+    if state.api_key:
+        app.add_middleware(BearerAuth, api_key=state.api_key)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": engine.model_id, "engine": engine.stats()}
+
+    @app.head("/health", include_in_schema=False)
+    async def health_head() -> None:  # what load balancers and curl -I send
+        return None
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -136,56 +134,106 @@ def build_app(
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
-        body = parse_request(await request.body(), ChatCompletionRequest, state.limits)
+        body = parse_request(await read_body(request, limits), ChatCompletionRequest, limits)
         _check_model(state, body.model)
         prompt = chat_prompt(engine.tokenizer, body.messages)
-        job, resolved = await build_job(
-            body, prompt, engine=engine, store=store, limits=state.limits,
-            prompt_param="messages",
-        )
-        meta = Meta.new("chatcmpl", engine.model_id, resolved)
+
+        async def jobs() -> tuple[list[Job], list[Resolved]]:
+            job, resolved = await build_job(
+                body, prompt, engine=engine, store=store, limits=limits,
+                prompt_param="messages",
+            )
+            return [job], resolved
+
         if body.stream:
-            return sse(chat_chunks(engine, job, meta, body.include_usage()))
-        return chat_body(meta, await engine.generate(job))
+            return await _stream(request, state, jobs, lambda jobs, resolved: chat_chunks(
+                engine, jobs[0], Meta.new("chatcmpl", engine.model_id, resolved),
+                body.include_usage(),
+            ))
+
+        async def answer() -> dict[str, Any]:
+            (job,), resolved = await jobs()
+            return chat_body(Meta.new("chatcmpl", engine.model_id, resolved),
+                             await engine.generate(job))
+
+        return await _answer(request, state, 1, answer)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        body = parse_request(await request.body(), CompletionRequest, state.limits)
+        body = parse_request(await read_body(request, limits), CompletionRequest, limits)
         _check_model(state, body.model)
         texts = body.prompts()
-        if len(texts) > state.limits.max_prompts:
+        if len(texts) > limits.max_prompts:
             raise ApiError(
-                f"{len(texts)} prompts in one request, the limit is {state.limits.max_prompts}",
+                f"{len(texts)} prompts in one request, the limit is {limits.max_prompts}",
                 param="prompt",
             )
-        jobs = []
-        for text in texts:
-            job, resolved = await build_job(
-                body, render_text(text), engine=engine, store=store,
-                limits=state.limits, prompt_param="prompt",
-            )
-            jobs.append(job)
-        meta = Meta.new("cmpl", engine.model_id, resolved)
+
+        async def jobs() -> tuple[list[Job], list[Resolved]]:
+            built = [
+                await build_job(body, render_text(text), engine=engine, store=store,
+                                limits=limits, prompt_param="prompt")
+                for text in texts
+            ]
+            return [job for job, _ in built], built[-1][1]
+
         if body.stream:
-            return sse(completion_chunks(engine, jobs, meta, body.include_usage()))
-        results = await asyncio.gather(*(engine.generate(job) for job in jobs))
-        return completion_body(meta, results)
+            return await _stream(request, state, jobs, lambda jobs, resolved: completion_chunks(
+                engine, jobs, Meta.new("cmpl", engine.model_id, resolved),
+                body.include_usage(),
+            ), n=len(texts))
+
+        async def answer() -> dict[str, Any]:
+            built, resolved = await jobs()
+            results = await asyncio.gather(*(engine.generate(job) for job in built))
+            return completion_body(Meta.new("cmpl", engine.model_id, resolved), results)
+
+        return await _answer(request, state, len(texts), answer)
 
     return app
+
+
+Build = Callable[[], Awaitable[tuple[list[Job], list[Resolved]]]]
+Events = AsyncIterator[dict[str, Any]]
+
+
+async def _answer(
+    request: Request, state: _State, n: int, answer: Callable[[], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    """A non-streaming answer: admitted, dropped if the client leaves, within the deadline."""
+    with state.admission.admit(n):
+        return await unless_abandoned(request, answer(), state.limits)
+
+
+async def _stream(
+    request: Request, state: _State, build: Build,
+    chunks: Callable[[list[Job], list[Resolved]], Events], n: int = 1,
+) -> StreamingResponse:
+    """A streamed answer: admitted before its steering is resolved, released when the stream
+    ends, or when the client leaves before it starts (the response's background task)."""
+    release = state.admission.take(n)
+    try:
+        jobs, resolved = await unless_abandoned(request, build(), state.limits)
+    except BaseException:
+        release()
+        raise
+
+    async def released() -> Events:
+        try:
+            async for event in chunks(jobs, resolved):
+                yield event
+        finally:
+            release()
+
+    response = sse(released())
+    response.background = BackgroundTask(release)
+    return response
 
 
 def _version() -> str:
     from ifsteer import __version__
 
     return __version__
-
-
-def _authorized(request: Request, api_key: str) -> bool:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(
-        token.strip().encode(), api_key.encode()
-    )
 
 
 def _check_model(state: _State, model: str, param: str = "model") -> None:
@@ -219,9 +267,13 @@ def _error(
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(IfsteerError)
-    async def ours(_request: Request, exc: IfsteerError) -> JSONResponse:
+    async def ours(request: Request, exc: IfsteerError) -> JSONResponse:
+        if isinstance(exc, ClientGone):  # nobody reads the answer: one line, no traceback
+            client = request.client.host if request.client else "?"
+            log.info("%s %s: %s (%s)", request.method, request.url.path, exc, client)
         status, code, param = error_status(exc)
-        return _error(status, str(exc), code=code, param=param)
+        retry = {"Retry-After": "1"} if status == 429 else None
+        return _error(status, str(exc), code=code, param=param, headers=retry)
 
     @app.exception_handler(StarletteHTTPException)
     async def http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -243,7 +295,7 @@ def serve(
     """Run the app with uvicorn until interrupted."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    uvicorn.Server(uvicorn_config(app, host=host, port=port, log_level=log_level)).run()
 
 
 __all__ = ["build_app", "create_app", "serve"]

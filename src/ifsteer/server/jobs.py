@@ -26,6 +26,8 @@ async def build_job(
 ) -> tuple[Job, list[Resolved]]:
     """Check a request against the limits and the model, and resolve its steering."""
     n_prompt = len(prompt_ids(engine.tokenizer, prompt))
+    if n_prompt == 0:  # alone it is a 500 in the model; batched it would pass: refuse both
+        raise ApiError("the prompt is empty once tokenized", param=prompt_param)
     if n_prompt > limits.max_prompt_tokens:
         raise ApiError(
             f"the prompt has {n_prompt} tokens, the limit is {limits.max_prompt_tokens}",

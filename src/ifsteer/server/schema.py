@@ -83,6 +83,14 @@ class Limits:
     max_instruction_chars: int = 1000
     max_prompts: int = 16  # prompts in one /v1/completions request
     max_body_bytes: int = 1_000_000
+    max_json_depth: int = 32  # nesting of the JSON body; real requests need 5
+    # Inline extraction is the costly request: each new (instruction, layer) is a forward pass
+    # over every prompt pair, so a request may start one and the server runs a few at a time.
+    max_new_extractions: int = 1  # per request
+    max_pending_extractions: int = 2  # in the whole server, running or waiting
+    max_queued: int = 64  # completions generating or waiting, over all requests
+    request_timeout_s: float = 300.0  # a non-streaming request's deadline, queue included
+    body_timeout_s: float = 15.0  # to send the whole body once the headers are in
 
 
 # --- requests -----------------------------------------------------------------------------
@@ -104,8 +112,8 @@ class SteeringSpec(BaseModel):
     instruction: str | None = Field(default=None, min_length=1)
     instruction_id: str | None = Field(default=None, min_length=1, max_length=200)
     mode: Literal["projection", "additive"] | None = None
-    weight: float | None = Field(default=None, allow_inf_nan=False)
-    layer: int | None = Field(default=None, ge=0)
+    weight: float | None = Field(default=None, allow_inf_nan=False, strict=True)
+    layer: int | None = Field(default=None, ge=0, strict=True)
     positions: Literal["all", "prompt", "generated"] = "all"
 
     @model_validator(mode="after")
@@ -174,12 +182,15 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
-    seed: int | None = None
-    n: int | None = None
-    stream: bool = False
+    # Numbers are strict: `true` or `"1.0"` is a mistake to name, not a value to guess at.
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    temperature: float | None = Field(
+        default=None, ge=0.0, le=2.0, allow_inf_nan=False, strict=True
+    )
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False, strict=True)
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1, strict=True)  # int64
+    n: int | None = Field(default=None, strict=True)
+    stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     presence_penalty: float | None = None
@@ -215,7 +226,7 @@ class GenerationRequest(BaseModel):
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
@@ -254,6 +265,8 @@ class CompletionRequest(GenerationRequest):
     def _some_prompt(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and not value:
             raise ValueError("prompt list is empty")
+        if "" in ([value] if isinstance(value, str) else value):
+            raise ValueError("a prompt is empty; give the model some text to continue")
         return value
 
     def prompts(self) -> list[str]:
@@ -274,8 +287,11 @@ def parse_request(raw: bytes, schema: type[Request], limits: Limits) -> Request:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(f"malformed JSON body: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise _too_deep(limits) from None
     if not isinstance(data, dict):
         raise ApiError("the JSON body must be an object", code="invalid_json")
+    _check_tree(data, limits)
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
@@ -284,4 +300,39 @@ def parse_request(raw: bytes, schema: type[Request], limits: Limits) -> Request:
         message = first["msg"].removeprefix("Value error, ")
         raise ApiError(
             f"{param}: {message}" if param else message, param=param, code="invalid_value"
+        ) from None
+
+
+def _too_deep(limits: Limits) -> ApiError:
+    return ApiError(
+        f"the JSON body nests deeper than {limits.max_json_depth} levels", code="invalid_json"
+    )
+
+
+def _check_tree(data: Any, limits: Limits) -> None:
+    """Depth and text checks no schema can make: validators recurse (a deep body is a
+    RecursionError), and a lone surrogate (`"\\ud800"`) is valid JSON that no tokenizer reads."""
+    stack: list[tuple[Any, int, str]] = [(data, 1, "")]
+    while stack:
+        node, depth, where = stack.pop()
+        if depth > limits.max_json_depth:
+            raise _too_deep(limits)
+        if isinstance(node, dict):
+            for key, value in node.items():
+                _check_text(key, where or None)
+                stack.append((value, depth + 1, f"{where}.{key}" if where else key))
+        elif isinstance(node, list):
+            stack.extend((value, depth + 1, f"{where}.{i}") for i, value in enumerate(node))
+        elif isinstance(node, str):
+            _check_text(node, where or None)
+
+
+def _check_text(text: str, param: str | None) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        where = f"{param}: " if param else ""
+        raise ApiError(
+            f"{where}the text holds a lone UTF-16 surrogate (such as \\ud800), which is not "
+            "a character", param=param, code="invalid_value",
         ) from None

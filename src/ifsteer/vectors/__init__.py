@@ -6,6 +6,8 @@ from ifsteer.vectors.extract import (
     extract_instruction,
     extract_vectors,
     last_token_activations,
+    pair_prompts,
+    vectors_from_activations,
 )
 from ifsteer.vectors.files import (
     VectorFile,
@@ -35,7 +37,9 @@ __all__ = [
     "load_vector_directory",
     "load_vector_files",
     "load_vectors",
+    "pair_prompts",
     "read_vector_file",
     "save_vectors",
     "update_defaults",
+    "vectors_from_activations",
 ]

@@ -92,12 +92,33 @@ def extract_vectors(
     if not pairs:
         raise InvalidSteering("no prompt pairs to extract from")
     layers = sorted(set(layers))
-    prompts = [p.with_instruction for p in pairs] + [p.without_instruction for p in pairs]
-    acts = last_token_activations(lm, prompts, layers, batch_size, progress)
-    n = len(pairs)
+    acts = last_token_activations(lm, pair_prompts(pairs), layers, batch_size, progress)
+    return vectors_from_activations(
+        lm, acts, instruction=instruction, instruction_id=instruction_id, phrasings=phrasings,
+        mode=mode,
+    )
+
+
+def pair_prompts(pairs: Sequence[PromptPair]) -> list[str]:
+    """Every pair's with-instruction half, then every without half: what a pass reads."""
+    return [p.with_instruction for p in pairs] + [p.without_instruction for p in pairs]
+
+
+def vectors_from_activations(
+    lm: LoadedModel,
+    acts: dict[int, torch.Tensor],
+    *,
+    instruction: str,
+    instruction_id: str,
+    phrasings: Sequence[str] = (),
+    mode: Mode = "projection",
+) -> dict[int, SteeringVector]:
+    """The vectors from `pair_prompts`' activations, so a caller (the server) can gather them
+    in pieces between other work."""
     vectors: dict[int, SteeringVector] = {}
-    for layer in layers:
-        with_acts, without_acts = acts[layer][:n], acts[layer][n:]
+    for layer, layer_acts in sorted(acts.items()):
+        n = len(layer_acts) // 2
+        with_acts, without_acts = layer_acts[:n], layer_acts[n:]
         mean_diff = (with_acts - without_acts).mean(dim=0)
         norm = float(mean_diff.norm())
         if norm == 0.0:

@@ -187,7 +187,29 @@ def load_model(source: str = DEFAULT_MODEL, dtype: str = "float32") -> LoadedMod
         return _load_converted(lambda: path, _gguf_key(path), path.stem, dtype)
     if path.is_dir() and (path / "config.json").is_file():
         return _load_directory(path, path.resolve().name, DTYPES[dtype])
-    raise ModelNotFound(
+    raise _no_model(source)
+
+
+def checkpoint_dir(source: str) -> tuple[Path, str]:
+    """The standard Hugging Face directory behind a model source, and the id vectors extracted
+    from it carry: what another framework (vLLM) loads to serve the same model under the same
+    name. An embedded model or GGUF file is converted on first use, and an older cache brought
+    to the standard layout, by loading it once here (released before returning)."""
+    path = Path(source).expanduser()
+    if source not in EMBEDDED_MODELS and path.is_dir() and (path / "config.json").is_file():
+        return path, path.resolve().name
+    if source in EMBEDDED_MODELS:
+        key, model_id = source, source
+    elif path.is_file() and path.suffix == ".gguf":
+        key, model_id = _gguf_key(path), path.stem
+    else:
+        raise _no_model(source)
+    load_model(source)
+    return cache_dir(key), model_id
+
+
+def _no_model(source: str) -> ModelNotFound:
+    return ModelNotFound(
         f"no model at {source!r}: give an embedded model ({', '.join(EMBEDDED_MODELS)}), "
         "a local Hugging Face directory with config.json, or a .gguf file"
     )

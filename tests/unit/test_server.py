@@ -203,6 +203,32 @@ def test_a_file_layer_other_than_the_default_can_be_asked_for(client, tiny_lm, v
     assert out.choices[0].message.content == _expected(tiny_lm, PROMPTS[1], [Steering(layer1)])
 
 
+def test_positions_narrow_a_steering_to_the_prompt_or_the_generated_tokens(
+    client, http, tiny_lm, vector_dir
+):
+    upper = load_vector(vector_dir / "upper.safetensors")
+    texts = {}
+    for positions in ("all", "prompt", "generated"):
+        out = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": PROMPTS[5]}],
+            max_tokens=MAX_TOKENS, temperature=0,
+            extra_body={"steering": [{"vector": "upper", "positions": positions}]},
+        )
+        texts[positions] = out.choices[0].message.content
+        expected = _expected(tiny_lm, PROMPTS[5], [Steering(upper, positions=positions)])
+        assert texts[positions] == expected, positions
+        shown = out.model_extra["steering"][0]
+        assert shown.get("positions", "all") == positions
+    assert len(set(texts.values()) | {_expected(tiny_lm, PROMPTS[5])}) == 4
+    bad = http.post("/v1/chat/completions", json=_chat(
+        PROMPTS[0], steering=[{"vector": "upper", "positions": "middle"}]
+    ))
+    assert bad.status_code == 400, bad.text
+    assert (bad.json()["error"]["code"], bad.json()["error"]["param"]) == (
+        "invalid_value", "steering.0.positions"
+    )
+
+
 # --- streaming ----------------------------------------------------------------------------
 
 

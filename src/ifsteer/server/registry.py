@@ -56,10 +56,13 @@ class Resolved:
 
     def describe(self) -> dict[str, Any]:
         v = self.steering.vector
-        return {
+        described: dict[str, Any] = {
             "source": self.source, "instruction_id": v.instruction_id, "layer": v.layer,
             "mode": self.steering.effective_mode, "weight": self.steering.effective_weight,
         }
+        if self.steering.positions != "all":  # shown only where the request narrowed it
+            described["positions"] = self.steering.positions
+        return described
 
 
 def natural_weight(vector: SteeringVector, mode: Mode) -> float:
@@ -124,7 +127,8 @@ class VectorStore:
                 raise ApiError(str(exc), param=param, code="vector_mismatch", status=422) from None
             mode: Mode = spec.mode or vector.mode
             weight = natural_weight(vector, mode) if spec.weight is None else spec.weight
-            resolved.append(Resolved(Steering(vector, mode=mode, weight=weight), spec.source()))
+            steering = Steering(vector, mode=mode, weight=weight, positions=spec.positions)
+            resolved.append(Resolved(steering, spec.source()))
         return resolved
 
     def _named(self, spec: SteeringSpec, param: str) -> SteeringVector:

@@ -102,6 +102,8 @@ class SteeringSpec(BaseModel):
     `mode` and `weight` default to the vector's own; switching a vector's mode without a
     weight uses that mode's natural weight (‖u‖ for additive, 1 for projection). `layer`
     picks one of the layers a vector file holds, or where an inline instruction is extracted.
+    `positions` steers every token ("all"), the prompt's only ("prompt") or the generated ones
+    only ("generated"), as `ifsteer.steering.Steering` does.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -112,6 +114,7 @@ class SteeringSpec(BaseModel):
     mode: Literal["projection", "additive"] | None = None
     weight: float | None = Field(default=None, allow_inf_nan=False, strict=True)
     layer: int | None = Field(default=None, ge=0, strict=True)
+    positions: Literal["all", "prompt", "generated"] = "all"
 
     @model_validator(mode="after")
     def _one_source(self) -> SteeringSpec:

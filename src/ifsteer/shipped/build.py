@@ -1,0 +1,233 @@
+"""Rebuild the calibrated vectors: extract, search, write one file per instruction.
+
+    python -m ifsteer.shipped.build                     # the embedded model, into the package
+    python -m ifsteer.shipped.build --model DIR --out my-vectors/
+
+Seeded and resumable: vectors are extracted from the extraction share of our base queries with
+a fixed seed, generation is greedy, every scored response is logged (`--work`), and an
+instruction whose file exists is skipped; so a stopped run continues where it was, and two runs
+give the same files. Format instructions generate up to 256 tokens (the check must be
+decidable), languages 96 (langdetect is settled long before), keywords 128.
+
+Keywords are calibrated as one class (PAPER.md §3): the search runs on one validation question
+per word for ten words, each steered by its own word's vector, and every word the keyword test
+sets need is then extracted at the chosen layer(s) and written with the class's point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ifsteer.datasets import data_path
+from ifsteer.generation import Sampling
+from ifsteer.instructions import (
+    FORMAT_INSTRUCTION_IDS,
+    LANGUAGES,
+    LENGTH_LEVELS,
+    get_instruction,
+    keyword_instruction,
+)
+from ifsteer.models import DEFAULT_MODEL, LoadedModel, load_model
+from ifsteer.paths import cache_home
+from ifsteer.search import Fluency, SearchResult, SearchSpace, run_search, steerings_for
+from ifsteer.shipped import file_name, shipped_dir, write_calibrated
+from ifsteer.validation import extraction_queries, keyword_validation, validation_prompts
+from ifsteer.vectors import SteeringVector, extract_instruction
+
+# Most promising first, so an interrupted build has shipped what matters most.
+GROUPS = ("language", "format", "keywords", "length")
+KEYWORD_CLASS = "keywords:existence"
+TOKENS = {"format": 256, "language": 96, "keywords": 128, "length": 256}
+N_PAIRS = {"format": 64, "language": 64, "keywords": 20, "length": 64}
+
+
+def group_ids(group: str) -> list[str]:
+    if group == "format":
+        return list(FORMAT_INSTRUCTION_IDS)
+    if group == "language":
+        return [f"language:response_language:{code}" for code in LANGUAGES]
+    if group == "length":
+        return [f"length:{level}" for level in LENGTH_LEVELS]
+    raise ValueError(group)
+
+
+def keyword_words() -> list[str]:
+    """Every word the keyword include/exclude test sets name, lowercased, in file order."""
+    words: dict[str, None] = {}
+    for name in ("ifeval_keywords_include.txt", "ifeval_keywords_exclude.txt"):
+        for line in data_path(name).read_text("utf-8").splitlines():
+            if line.strip():
+                words[line.strip().lower()] = None
+    return list(words)
+
+
+def calibration_record(
+    result: SearchResult, vectors: Mapping[int, SteeringVector], space: SearchSpace, seed: int
+) -> dict[str, Any]:
+    point = result.chosen if result.recommended else result.best
+    return {
+        "recommended": result.recommended,
+        "point": point.point.key,
+        "mode": point.point.mode,
+        "scale": point.point.scale,
+        "validation": {
+            "score": point.score,
+            "accuracy": point.accuracy,
+            "degenerate": point.degenerate,
+            "no_steering_score": result.baseline.score,
+            "no_steering_accuracy": result.baseline.accuracy,
+            "n_prompts": result.n_prompts,
+            "max_new_tokens": result.max_new_tokens,
+        },
+        "paper_targets": {str(layer): vectors[layer].target for layer in point.point.layers},
+        "search": {
+            "layers": list(space.layers),
+            "projection_scales": list(space.projection_scales),
+            "additive_scales": list(space.additive_scales),
+            "multi_layer": space.multi_layer,
+            "points": len(result.results),
+        },
+        "fluency": {
+            "max_repetition": result.fluency.max_repetition,
+            "min_perplexity": result.fluency.min_perplexity,
+            "max_perplexity": result.fluency.max_perplexity,
+        },
+        "seed": seed,
+    }
+
+
+class Builder:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        judge: LoadedModel | None,
+        out: Path,
+        work: Path,
+        *,
+        n_prompts: int,
+        seed: int,
+        batch_size: int,
+    ) -> None:
+        self.lm, self.judge, self.out, self.work = lm, judge, out, work
+        self.n_prompts, self.seed, self.batch_size = n_prompts, seed, batch_size
+        self.space = SearchSpace.coarse(lm.n_layers)
+        self.fluency = Fluency()
+
+    def say(self, text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def extract(self, instruction_id: str, layers: Sequence[int], group: str) -> dict[int, SteeringVector]:
+        return extract_instruction(
+            self.lm,
+            get_instruction(instruction_id),
+            layers,
+            n_pairs=N_PAIRS[group],
+            queries=extraction_queries(),
+            seed=self.seed,
+        )
+
+    def search(self, instruction_id: str, prompts: Sequence[Any], vectors: Sequence[Any], group: str) -> SearchResult:
+        name = file_name(instruction_id).removesuffix(".safetensors")
+        result = run_search(
+            self.lm,
+            instruction_id,
+            prompts,
+            vectors,
+            self.space,
+            judge=self.judge,
+            fluency=self.fluency,
+            sampling=Sampling(max_new_tokens=TOKENS[group]),
+            log_path=self.work / f"{name}.jsonl",
+            batch_size=self.batch_size,
+        )
+        summary = result.to_json() | {"examples": result.examples}
+        (self.work / f"{name}.summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+        c, b = result.chosen, result.baseline
+        self.say(
+            f"{instruction_id}: chosen {c.point.key} score {c.score:.2f} (acc {c.accuracy:.2f}), "
+            f"no steering {b.score:.2f}; best steered {result.best.point.key} {result.best.score:.2f}"
+        )
+        return result
+
+    def instruction(self, instruction_id: str, group: str) -> None:
+        path = self.out / file_name(instruction_id)
+        if path.is_file():
+            return
+        vectors = self.extract(instruction_id, self.space.layers, group)
+        prompts = validation_prompts(instruction_id, self.n_prompts, seed=self.seed)
+        result = self.search(instruction_id, prompts, [vectors] * len(prompts), group)
+        point = (result.chosen if result.recommended else result.best).point
+        record = calibration_record(result, vectors, self.space, self.seed)
+        write_calibrated(path, steerings_for(point, vectors), record)
+
+    def keywords(self) -> None:
+        words = keyword_words()
+        if all((self.out / file_name(keyword_instruction(w).id)).is_file() for w in words):
+            return
+        picked = keyword_validation(self.n_prompts, seed=self.seed)
+        per_prompt = [
+            self.extract(keyword_instruction(word).id, self.space.layers, "keywords")
+            for word, _ in picked
+        ]
+        result = self.search(KEYWORD_CLASS, [p for _, p in picked], per_prompt, "keywords")
+        point = (result.chosen if result.recommended else result.best).point
+        for word in words:
+            instruction_id = keyword_instruction(word).id
+            path = self.out / file_name(instruction_id)
+            if path.is_file():
+                continue
+            vectors = self.extract(instruction_id, point.layers, "keywords")
+            record = calibration_record(result, vectors, self.space, self.seed)
+            record["class"] = KEYWORD_CLASS
+            write_calibrated(path, steerings_for(point, vectors), record)
+        self.say(f"keywords: wrote {len(words)} word vectors at {point.key}")
+
+    def run(self, groups: Sequence[str], only: Sequence[str] = ()) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        for group in groups:
+            if group == "keywords":
+                if not only or KEYWORD_CLASS in only:
+                    self.keywords()
+                continue
+            for instruction_id in group_ids(group):
+                if not only or instruction_id in only:
+                    self.instruction(instruction_id, group)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--judge", default="gemma-3-270m", help="perplexity model; 'none' to skip")
+    parser.add_argument("--out", type=Path, help="vector folder (default: the package's)")
+    parser.add_argument("--work", type=Path, help="response logs (default: the cache)")
+    parser.add_argument("--groups", default=",".join(GROUPS))
+    parser.add_argument("--only", default="", help="comma-separated instruction ids")
+    parser.add_argument("--n-prompts", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+    groups = [g for g in args.groups.split(",") if g]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        print(f"error: unknown group(s) {unknown}; choose from {', '.join(GROUPS)}", file=sys.stderr)
+        return 2
+    lm = load_model(args.model)
+    judge = None if args.judge == "none" else load_model(args.judge)
+    out = args.out or shipped_dir(lm.model_id)
+    work = args.work or cache_home() / "build" / lm.model_id
+    builder = Builder(
+        lm, judge, out, work, n_prompts=args.n_prompts, seed=args.seed, batch_size=args.batch_size
+    )
+    builder.run(groups, [i for i in args.only.split(",") if i])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

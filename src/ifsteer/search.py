@@ -60,6 +60,7 @@ __all__ = [
     "choose",
     "run_search",
     "steerings_for",
+    "verify_point",
 ]
 
 # Vectors per validation prompt: {layer: vector}. One instruction repeats one mapping; the
@@ -349,6 +350,8 @@ class _Runner:
                     "strict": verdict.strict,
                     "repetition": repetition_rate(completion.text),
                     "perplexity": perplexity,
+                    "max_new_tokens": self.sampling.max_new_tokens,
+                    "with_instruction": self.with_instruction,
                 }
             )
         self.log.add(records)
@@ -358,6 +361,40 @@ class _Runner:
         return [
             _summarize(p, [self.log.records[(p.key, i)] for i in range(n)], fluency) for p in points
         ]
+
+
+def verify_point(
+    lm: LoadedModel,
+    instruction_id: str,
+    prompts: Sequence[ValidationPrompt],
+    vectors: PromptVectors,
+    point: Point,
+    *,
+    judge: LoadedModel | None = None,
+    fluency: Fluency = Fluency(),
+    sampling: Sampling = Sampling(max_new_tokens=256),
+    log_path: str | Path | None = None,
+    batch_size: int = 32,
+) -> SearchResult:
+    """Score one point found for another instruction against "no steering" on this one's
+    prompts: a cheap calibration for instructions of a group (the languages) that share one."""
+    log = ResponseLog(log_path)
+    runner = _Runner(lm, judge, prompts, vectors, log, sampling, False, batch_size, None)
+    points = [Point(), point]
+    runner.run(points)
+    baseline, steered = runner.results(points, fluency)
+    return SearchResult(
+        instruction_id=instruction_id,
+        results=[baseline, steered],
+        chosen=choose([baseline, steered]),
+        best=steered,
+        baseline=baseline,
+        fluency=fluency,
+        max_new_tokens=sampling.max_new_tokens,
+        n_prompts=len(prompts),
+        with_instruction=False,
+        examples={k: log.records[(k, 0)]["response"] for k in (Point().key, point.key)},
+    )
 
 
 def run_search(

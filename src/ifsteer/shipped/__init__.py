@@ -33,6 +33,7 @@ __all__ = [
     "NotShipped",
     "ShippedVector",
     "file_name",
+    "listing",
     "load_shipped",
     "shipped_dir",
     "shipped_ids",
@@ -137,3 +138,23 @@ def write_calibrated(
         for s in steerings
     ]
     return save_vectors(path, vectors, default=vectors[0].layer)
+
+
+def listing(model_id: str = DEFAULT_MODEL, directory: Path | None = None) -> list[dict[str, Any]]:
+    """One row per shipped file: where it steers and how it did on validation."""
+    rows = []
+    folder = directory or shipped_dir(model_id)
+    for instruction_id in shipped_ids(model_id, folder):
+        shipped = read_calibrated(folder / file_name(instruction_id))
+        validation = shipped.calibration.get("validation", {})
+        rows.append(
+            {
+                "instruction_id": instruction_id,
+                "recommended": shipped.recommended,
+                "point": shipped.calibration.get("point", ""),
+                "score": validation.get("score"),
+                "no_steering_score": validation.get("no_steering_score"),
+                "n_prompts": validation.get("n_prompts"),
+            }
+        )
+    return rows

@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,25 @@ from ifsteer.instructions import (
 )
 from ifsteer.models import DEFAULT_MODEL, LoadedModel, load_model
 from ifsteer.paths import cache_home
-from ifsteer.search import Fluency, SearchResult, SearchSpace, run_search, steerings_for
-from ifsteer.shipped import file_name, shipped_dir, write_calibrated
-from ifsteer.validation import extraction_queries, keyword_validation, validation_prompts
-from ifsteer.vectors import SteeringVector, extract_instruction
+from ifsteer.checks import check
+from ifsteer.search import (
+    Fluency,
+    Point,
+    ResponseLog,
+    SearchResult,
+    SearchSpace,
+    run_search,
+    steerings_for,
+    verify_point,
+)
+from ifsteer.shipped import file_name, read_calibrated, shipped_dir, write_calibrated
+from ifsteer.validation import (
+    ValidationPrompt,
+    extraction_queries,
+    keyword_validation,
+    validation_prompts,
+)
+from ifsteer.vectors import SteeringVector, default_layer, extract_instruction
 
 # Most promising first, so an interrupted build has shipped what matters most.
 GROUPS = ("language", "format", "keywords", "length")
@@ -68,10 +84,15 @@ def keyword_words() -> list[str]:
 
 
 def calibration_record(
-    result: SearchResult, vectors: Mapping[int, SteeringVector], space: SearchSpace, seed: int
+    result: SearchResult,
+    vectors: Mapping[int, SteeringVector],
+    space: SearchSpace,
+    seed: int,
+    status: str = "searched",
 ) -> dict[str, Any]:
     point = result.chosen if result.recommended else result.best
     return {
+        "status": status,
         "recommended": result.recommended,
         "point": point.point.key,
         "mode": point.point.mode,
@@ -155,16 +176,83 @@ class Builder:
         )
         return result
 
-    def instruction(self, instruction_id: str, group: str) -> None:
+    def status(self, instruction_id: str) -> str:
         path = self.out / file_name(instruction_id)
-        if path.is_file():
+        if not path.is_file():
+            return "missing"
+        return str(read_calibrated(path).calibration.get("status", "searched"))
+
+    def pending(self, instruction_id: str, group: str) -> None:
+        """An uncalibrated file at the paper's setting (a third into the model, projection,
+        c̄): costs one extraction, so every instruction ships before any search has run."""
+        if self.status(instruction_id) != "missing":
             return
-        vectors = self.extract(instruction_id, self.space.layers, group)
+        layer = default_layer(self.lm.n_layers)
+        vectors = self.extract(instruction_id, [layer], group)
+        point = Point((layer,), get_instruction(instruction_id).mode, 1.0)
+        record = {
+            "status": "pending",
+            "recommended": False,
+            "point": point.key,
+            "mode": point.mode,
+            "scale": point.scale,
+            "validation": None,
+            "paper_targets": {str(layer): vectors[layer].target},
+            "seed": self.seed,
+        }
+        write_calibrated(self.out / file_name(instruction_id), steerings_for(point, vectors), record)
+
+    def prefill_baseline(self, instruction_id: str, prompts: Sequence[ValidationPrompt], group: str) -> None:
+        """Unsteered answers depend on the query, not on the instruction checked: reuse those
+        any earlier search logged for the same query and length, checked anew."""
+        name = file_name(instruction_id).removesuffix(".safetensors")
+        log = ResponseLog(self.work / f"{name}.jsonl")
+        known: dict[str, dict[str, Any]] = {}
+        for other in self.work.glob("*.jsonl"):
+            for record in ResponseLog(other).records.values():
+                same = record.get("max_new_tokens") == TOKENS[group]
+                if record["point"] == "none" and same and not record.get("with_instruction"):
+                    known.setdefault(record["query"], record)
+        fresh = []
+        for i, p in enumerate(prompts):
+            if ("none", i) in log.records or p.query not in known:
+                continue
+            verdict = check(p.check_id, p.kwargs, p.query, known[p.query]["response"])
+            fresh.append({**known[p.query], "prompt": i, "passed": verdict.loose, "strict": verdict.strict})
+        log.add(fresh)
+
+    def instruction(self, instruction_id: str, group: str, donor: Point | None = None) -> Point | None:
+        """Search (or, given a donor point, verify) one instruction; returns its point."""
+        wanted = "searched" if donor is None else "verified"
+        path = self.out / file_name(instruction_id)
+        status = self.status(instruction_id)
+        if status == "searched" or status == wanted:
+            shipped = read_calibrated(path)
+            return _point_of(shipped.calibration)
         prompts = validation_prompts(instruction_id, self.n_prompts, seed=self.seed)
-        result = self.search(instruction_id, prompts, [vectors] * len(prompts), group)
+        self.prefill_baseline(instruction_id, prompts, group)
+        if donor is None:
+            vectors = self.extract(instruction_id, self.space.layers, group)
+            result = self.search(instruction_id, prompts, [vectors] * len(prompts), group)
+        else:
+            vectors = self.extract(instruction_id, donor.layers, group)
+            name = file_name(instruction_id).removesuffix(".safetensors")
+            result = verify_point(
+                self.lm, instruction_id, prompts, [vectors] * len(prompts), donor,
+                judge=self.judge, fluency=self.fluency,
+                sampling=Sampling(max_new_tokens=TOKENS[group]),
+                log_path=self.work / f"{name}.jsonl", batch_size=self.batch_size,
+            )
+            self.say(
+                f"{instruction_id}: verified {donor.key} score {result.best.score:.2f}, "
+                f"no steering {result.baseline.score:.2f}"
+            )
         point = (result.chosen if result.recommended else result.best).point
-        record = calibration_record(result, vectors, self.space, self.seed)
+        record = calibration_record(result, vectors, self.space, self.seed, wanted)
+        if donor is not None:
+            record["search"] = {"verified_point_of_group": True}
         write_calibrated(path, steerings_for(point, vectors), record)
+        return point
 
     def keywords(self) -> None:
         words = keyword_words()
@@ -188,17 +276,38 @@ class Builder:
             write_calibrated(path, steerings_for(point, vectors), record)
         self.say(f"keywords: wrote {len(words)} word vectors at {point.key}")
 
-    def run(self, groups: Sequence[str], only: Sequence[str] = ()) -> None:
+    def run(self, groups: Sequence[str], only: Sequence[str] = (), quick: bool = False) -> None:
+        """Pending files for everything first, then the searches in `groups` order.
+
+        `quick` searches only the first instruction of a group and verifies its point on the
+        others (languages share one; format ids are searched one by one unless quick).
+        """
         self.out.mkdir(parents=True, exist_ok=True)
         self.work.mkdir(parents=True, exist_ok=True)
+        # Within a group, ids go in the order `only` gives them (the first is a quick donor).
+        selected = {
+            g: [i for i in only if i in group_ids(g)] if only else group_ids(g)
+            for g in groups
+            if g != "keywords"
+        }
+        for group, ids in selected.items():
+            for instruction_id in ids:
+                self.pending(instruction_id, group)
         for group in groups:
             if group == "keywords":
                 if not only or KEYWORD_CLASS in only:
                     self.keywords()
                 continue
-            for instruction_id in group_ids(group):
-                if not only or instruction_id in only:
-                    self.instruction(instruction_id, group)
+            donor: Point | None = None
+            for instruction_id in selected[group]:
+                point = self.instruction(instruction_id, group, donor if quick else None)
+                if donor is None and point is not None:
+                    donor = point
+
+
+def _point_of(calibration: Mapping[str, Any]) -> Point:
+    layers = tuple(int(layer) for layer in calibration["layers"])
+    return Point(layers, calibration["mode"], float(calibration["scale"]), calibration["positions"])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,6 +321,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--n-prompts", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--quick", action="store_true", help="search one instruction per group, verify the rest"
+    )
+    parser.add_argument(
+        "--layers-only", action="store_true", help="stage 1 of the search only (the layer sweep)"
+    )
     args = parser.parse_args(argv)
     groups = [g for g in args.groups.split(",") if g]
     unknown = [g for g in groups if g not in GROUPS]
@@ -225,7 +340,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     builder = Builder(
         lm, judge, out, work, n_prompts=args.n_prompts, seed=args.seed, batch_size=args.batch_size
     )
-    builder.run(groups, [i for i in args.only.split(",") if i])
+    if args.layers_only:
+        builder.space = replace(
+            builder.space, projection_scales=(), additive_scales=(), multi_layer=0, try_generated=False
+        )
+    builder.run(groups, [i for i in args.only.split(",") if i], quick=args.quick)
     return 0
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -58,6 +59,7 @@ __all__ = [
     "SearchResult",
     "SearchSpace",
     "choose",
+    "compression_ratio",
     "run_search",
     "steerings_for",
     "verify_point",
@@ -66,6 +68,7 @@ __all__ = [
 # Vectors per validation prompt: {layer: vector}. One instruction repeats one mapping; the
 # keyword class gives each prompt the vector of its own word.
 PromptVectors = Sequence[Mapping[int, SteeringVector]]
+FORMAT_SAMPLING = Sampling(max_new_tokens=256)  # long enough for a format check to be decidable
 Progress = Callable[[int], None]
 
 
@@ -73,19 +76,23 @@ Progress = Callable[[int], None]
 class Fluency:
     """When a response counts as degenerate.
 
-    Measured on the embedded model's unsteered answers to the validation queries (docs/
-    calibration.md): their trigram repetition stays under 0.3 and their perplexity under
-    Gemma 3 270M base lies between 2 and 40. Looping text (the same phrase again and again)
-    has repetition above 0.5 and perplexity near 1; broken text ("1444 1444", mixed scripts)
-    has perplexity in the hundreds. The band leaves room on both sides.
+    Word-trigram repetition misses loops inside one "word" (a script without spaces, or
+    "صيريوريوريوريو..."), and a judge that knows the script finds such loops plausible, so the
+    main signal is the zlib compression ratio of the answer (`compression_ratio`): looping
+    text compresses to a fraction of its size. Measured on the first search (Arabic, 96
+    tokens, docs/shipped.md): the ten unsteered answers compress to 0.37–0.62 and have
+    trigram repetition ≤ 0.43 and perplexity 3.7–16 under Gemma 3 270M base; the looping
+    answers at layers 14, 18 and 26 compress to 0.11–0.30. Thresholds sit just outside the
+    unsteered range.
     """
 
     max_repetition: float = 0.5
     min_perplexity: float = 1.8
     max_perplexity: float = 80.0
+    min_compression: float = 0.3
 
-    def degenerate(self, repetition: float, perplexity: float) -> bool:
-        if repetition > self.max_repetition:
+    def degenerate(self, repetition: float, perplexity: float, compression: float = 1.0) -> bool:
+        if repetition > self.max_repetition or compression < self.min_compression:
             return True
         if not math.isfinite(perplexity):
             return False  # an empty answer fails its check instead
@@ -157,7 +164,7 @@ class PointResult:
 
 
 def choose(results: Sequence[PointResult]) -> PointResult:
-    """"No steering" unless a steered point scores strictly higher; then the simplest best."""
+    """ "No steering" unless a steered point scores strictly higher; then the simplest best."""
     if not results:
         raise InvalidSteering("an empty search has nothing to choose from")
     steered = [r for r in results if r.point.layers]
@@ -270,8 +277,18 @@ class SearchResult:
         }
 
 
+def compression_ratio(text: str) -> float:
+    """zlib-compressed size over UTF-8 size: ordinary prose is near 0.5, loops far lower.
+    An empty text scores 1 (nothing repeats)."""
+    data = text.encode("utf-8")
+    return len(zlib.compress(data, 9)) / len(data) if data else 1.0
+
+
 def _summarize(point: Point, records: Sequence[dict[str, Any]], fluency: Fluency) -> PointResult:
-    degenerate = [fluency.degenerate(r["repetition"], r["perplexity"]) for r in records]
+    degenerate = [
+        fluency.degenerate(r["repetition"], r["perplexity"], compression_ratio(r["response"]))
+        for r in records
+    ]
     passed = [bool(r["passed"]) for r in records]
     accuracy, score = score_point(passed, degenerate)
     finite = [r["perplexity"] for r in records if math.isfinite(r["perplexity"])]
@@ -372,7 +389,7 @@ def verify_point(
     *,
     judge: LoadedModel | None = None,
     fluency: Fluency = Fluency(),
-    sampling: Sampling = Sampling(max_new_tokens=256),
+    sampling: Sampling = FORMAT_SAMPLING,
     log_path: str | Path | None = None,
     batch_size: int = 32,
 ) -> SearchResult:
@@ -406,7 +423,7 @@ def run_search(
     *,
     judge: LoadedModel | None = None,
     fluency: Fluency = Fluency(),
-    sampling: Sampling = Sampling(max_new_tokens=256),
+    sampling: Sampling = FORMAT_SAMPLING,
     with_instruction: bool = False,
     log_path: str | Path | None = None,
     batch_size: int = 32,

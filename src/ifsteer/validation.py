@@ -116,7 +116,9 @@ def check_for(instruction_id: str) -> tuple[str, dict[str, Any]]:
     raise IfsteerError(f"no validation check for {instruction_id!r}")
 
 
-def validation_prompts(instruction_id: str, n: int = 10, *, seed: int = 0) -> list[ValidationPrompt]:
+def validation_prompts(
+    instruction_id: str, n: int = 10, *, seed: int = 0
+) -> list[ValidationPrompt]:
     """`n` validation queries for one instruction, drawn without repeats, same seed same draw.
 
     The draw is seeded by the instruction id too, so instructions do not all share one set of

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ifsteer.search import SearchSpace
-from ifsteer.shipped import build, read_calibrated, file_name, shipped_ids
+from ifsteer.shipped import build, file_name, read_calibrated, shipped_ids
 from ifsteer.shipped.build import Builder
 
 LANGS = ["language:response_language:de", "language:response_language:it"]
@@ -15,8 +15,12 @@ LANGS = ["language:response_language:de", "language:response_language:it"]
 def builder(tiny_lm, tmp_path, monkeypatch):
     monkeypatch.setitem(build.TOKENS, "language", 3)
     monkeypatch.setitem(build.N_PAIRS, "language", 4)
-    b = Builder(tiny_lm, None, tmp_path / "out", tmp_path / "work", n_prompts=3, seed=0, batch_size=16)
-    b.space = SearchSpace(layers=(1, 3), projection_scales=(2.0,), additive_scales=(1.0,), multi_layer=2)
+    b = Builder(
+        tiny_lm, None, tmp_path / "out", tmp_path / "work", n_prompts=3, seed=0, batch_size=16
+    )
+    b.space = SearchSpace(
+        layers=(1, 3), projection_scales=(2.0,), additive_scales=(1.0,), multi_layer=2
+    )
     return b
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from ifsteer import search as search_module
 from ifsteer.generation import Sampling, generate
@@ -18,6 +17,7 @@ from ifsteer.search import (
     ResponseLog,
     SearchSpace,
     choose,
+    compression_ratio,
     projection_target,
     run_search,
     steerings_for,
@@ -32,7 +32,9 @@ LOWER = "change_case:english_lowercase"
 @pytest.fixture(scope="module")
 def lower_vectors(tiny_lm):
     pairs = build_pairs(get_instruction(LOWER), 12, seed=0)
-    return pairs, extract_vectors(tiny_lm, pairs, [1, 2, 3], instruction="lower", instruction_id=LOWER)
+    return pairs, extract_vectors(
+        tiny_lm, pairs, [1, 2, 3], instruction="lower", instruction_id=LOWER
+    )
 
 
 def result(point: Point, score: float, accuracy: float | None = None) -> PointResult:
@@ -44,7 +46,9 @@ def test_target_scale_zero_is_the_without_level_and_one_the_paper(tiny_lm, lower
     without = last_token_activations(tiny_lm, [p.without_instruction for p in pairs], [2])[2]
     v = vectors[2]
     assert projection_target(v, 1.0) == v.target
-    assert projection_target(v, 0.0) == pytest.approx(float((without @ v.direction).mean()), rel=1e-4)
+    assert projection_target(v, 0.0) == pytest.approx(
+        float((without @ v.direction).mean()), rel=1e-4
+    )
     # Scale 2 is "more of the instruction" whatever the sign of c̄.
     assert projection_target(v, 2.0) - projection_target(v, 1.0) == pytest.approx(v.norm)
 
@@ -54,7 +58,9 @@ def test_scale_one_steers_exactly_as_the_paper(tiny_lm, lower_vectors):
     prompts = ["Write a poem about rain.", "What causes tides?"]
     sampling = Sampling(max_new_tokens=6)
     paper = generate(tiny_lm, prompts, steering=[Steering(vectors[2])], sampling=sampling)
-    ours = generate(tiny_lm, prompts, steering=steerings_for(Point((2,)), vectors), sampling=sampling)
+    ours = generate(
+        tiny_lm, prompts, steering=steerings_for(Point((2,)), vectors), sampling=sampling
+    )
     assert [c.text for c in ours] == [c.text for c in paper]
 
 
@@ -62,9 +68,7 @@ def test_additive_weight_is_split_across_layers_and_projection_is_not(lower_vect
     _, vectors = lower_vectors
     assert steerings_for(Point(), vectors) == []
     spread = steerings_for(Point((1, 3), "additive", 2.0), vectors)
-    assert [s.effective_weight for s in spread] == pytest.approx(
-        [vectors[1].norm, vectors[3].norm]
-    )
+    assert [s.effective_weight for s in spread] == pytest.approx([vectors[1].norm, vectors[3].norm])
     projected = steerings_for(Point((1, 3), "projection", 2.0, "generated"), vectors)
     assert [s.vector.target for s in projected] == pytest.approx(
         [vectors[1].target + vectors[1].norm, vectors[3].target + vectors[3].norm]
@@ -103,9 +107,20 @@ def test_fluency_band():
     assert fluency.degenerate(0.1, 1.2)  # looping
     assert fluency.degenerate(0.1, 400.0)  # broken
     assert not fluency.degenerate(0.0, math.nan)  # empty answers fail their check instead
+    assert fluency.degenerate(0.0, 10.0, compression=0.1)  # a loop inside one long "word"
 
 
-def test_run_search_chooses_the_best_valid_point_and_resumes(tiny_lm, lower_vectors, tmp_path, monkeypatch):
+def test_compression_ratio_separates_loops_from_prose():
+    prose = (
+        "Bees dance to tell the hive where flowers are; the angle and length of the dance matter."
+    )
+    assert compression_ratio("صيريوريوريوريو" + "ريو" * 80) < 0.2 < compression_ratio(prose)
+    assert compression_ratio("") == 1.0
+
+
+def test_run_search_chooses_the_best_valid_point_and_resumes(
+    tiny_lm, lower_vectors, tmp_path, monkeypatch
+):
     _, vectors = lower_vectors
     prompts = validation_prompts(LOWER, 3)
     space = SearchSpace(layers=(1, 2, 3), projection_scales=(2.0,), additive_scales=(1.0,))
@@ -134,12 +149,21 @@ def test_run_search_chooses_the_best_valid_point_and_resumes(tiny_lm, lower_vect
 def test_degenerate_points_are_zeroed_by_the_judge_band(tiny_lm, lower_vectors, tmp_path):
     _, vectors = lower_vectors
     prompts = validation_prompts(LOWER, 2)
-    space = SearchSpace(layers=(2,), projection_scales=(), additive_scales=(), multi_layer=0, try_generated=False)
+    space = SearchSpace(
+        layers=(2,), projection_scales=(), additive_scales=(), multi_layer=0, try_generated=False
+    )
     # A band nothing fits: every answer is degenerate, so every score is zero and none wins.
     strict = Fluency(max_repetition=1.0, min_perplexity=1e9, max_perplexity=1e10)
     found = run_search(
-        tiny_lm, LOWER, prompts, [vectors] * 2, space, judge=tiny_lm, fluency=strict,
-        sampling=Sampling(max_new_tokens=4), log_path=tmp_path / "l.jsonl",
+        tiny_lm,
+        LOWER,
+        prompts,
+        [vectors] * 2,
+        space,
+        judge=tiny_lm,
+        fluency=strict,
+        sampling=Sampling(max_new_tokens=4),
+        log_path=tmp_path / "l.jsonl",
     )
     assert all(r.score == 0.0 for r in found.results)
     assert not found.recommended and found.chosen.point == Point()

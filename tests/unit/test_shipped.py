@@ -20,7 +20,16 @@ from ifsteer.shipped import (
 from ifsteer.vectors import extract_vectors, load_vector
 
 TITLE = "detectable_format:title"
-REQUIRED = ("status", "recommended", "point", "validation", "layers", "weights", "positions", "paper_targets")
+REQUIRED = (
+    "status",
+    "recommended",
+    "point",
+    "validation",
+    "layers",
+    "weights",
+    "positions",
+    "paper_targets",
+)
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +52,15 @@ def calibration(point: Point, vectors) -> dict:
 )
 def test_a_written_point_reads_back_as_the_same_steerings(tmp_path, title_vectors, point):
     steerings = steerings_for(point, title_vectors)
-    path = write_calibrated(tmp_path / file_name(TITLE), steerings, calibration(point, title_vectors))
+    path = write_calibrated(
+        tmp_path / file_name(TITLE), steerings, calibration(point, title_vectors)
+    )
     shipped = read_calibrated(path)
     again = shipped.steerings()
     assert [s.vector.layer for s in again] == list(point.layers)
-    assert [s.effective_weight for s in again] == pytest.approx([s.effective_weight for s in steerings])
+    assert [s.effective_weight for s in again] == pytest.approx(
+        [s.effective_weight for s in steerings]
+    )
     assert [s.vector.target for s in again] == pytest.approx([s.vector.target for s in steerings])
     assert {s.positions for s in again} == {point.positions}
     assert shipped.recommended and shipped.instruction_id == TITLE
@@ -61,7 +74,11 @@ def test_a_written_point_reads_back_as_the_same_steerings(tmp_path, title_vector
 
 def test_listing_and_a_missing_vector(tmp_path, title_vectors):
     point = Point((2,))
-    write_calibrated(tmp_path / file_name(TITLE), steerings_for(point, title_vectors), calibration(point, title_vectors))
+    write_calibrated(
+        tmp_path / file_name(TITLE),
+        steerings_for(point, title_vectors),
+        calibration(point, title_vectors),
+    )
     assert shipped_ids(directory=tmp_path) == [TITLE]
     [row] = listing(directory=tmp_path)
     assert row["instruction_id"] == TITLE and row["score"] == 0.4 and row["point"] == point.key

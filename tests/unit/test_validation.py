@@ -32,7 +32,9 @@ def test_every_instruction_has_ten_checkable_prompts(instruction):
     assert all(p.with_instruction.endswith(instruction.phrasings[0]) for p in prompts)
     # The kwargs are complete: the checker builds without drawing anything at random.
     first = [check(p.check_id, p.kwargs, p.query, "Some answer.").loose for p in prompts[:2]]
-    assert first == [check(p.check_id, p.kwargs, p.query, "Some answer.").loose for p in prompts[:2]]
+    assert first == [
+        check(p.check_id, p.kwargs, p.query, "Some answer.").loose for p in prompts[:2]
+    ]
 
 
 def test_draws_are_seeded_and_differ_between_instructions():
@@ -45,7 +47,10 @@ def test_draws_are_seeded_and_differ_between_instructions():
 
 
 def test_checks_match_the_instruction():
-    assert check_for("language:response_language:de") == ("language:response_language", {"language": "de"})
+    assert check_for("language:response_language:de") == (
+        "language:response_language",
+        {"language": "de"},
+    )
     assert check_for("length:concise")[0] == "length_constraints:number_sentences"
     assert check_for("keywords:existence:river") == ("keywords:existence", {"keywords": ["river"]})
     with pytest.raises(IfsteerError, match="no validation check"):

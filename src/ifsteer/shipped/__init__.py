@@ -83,7 +83,9 @@ def shipped_ids(model_id: str = DEFAULT_MODEL, directory: Path | None = None) ->
     folder = directory or shipped_dir(model_id)
     if not folder.is_dir():
         return []
-    return sorted(p.name[: -len(".safetensors")].replace("__", ":") for p in folder.glob("*.safetensors"))
+    return sorted(
+        p.name[: -len(".safetensors")].replace("__", ":") for p in folder.glob("*.safetensors")
+    )
 
 
 def load_shipped(

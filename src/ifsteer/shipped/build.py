@@ -20,11 +20,12 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import replace
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ifsteer.checks import check
 from ifsteer.datasets import data_path
 from ifsteer.generation import Sampling
 from ifsteer.instructions import (
@@ -36,7 +37,6 @@ from ifsteer.instructions import (
 )
 from ifsteer.models import DEFAULT_MODEL, LoadedModel, load_model
 from ifsteer.paths import cache_home
-from ifsteer.checks import check
 from ifsteer.search import (
     Fluency,
     Point,
@@ -118,6 +118,7 @@ def calibration_record(
             "max_repetition": result.fluency.max_repetition,
             "min_perplexity": result.fluency.min_perplexity,
             "max_perplexity": result.fluency.max_perplexity,
+            "min_compression": result.fluency.min_compression,
         },
         "seed": seed,
     }
@@ -143,7 +144,9 @@ class Builder:
     def say(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
-    def extract(self, instruction_id: str, layers: Sequence[int], group: str) -> dict[int, SteeringVector]:
+    def extract(
+        self, instruction_id: str, layers: Sequence[int], group: str
+    ) -> dict[int, SteeringVector]:
         return extract_instruction(
             self.lm,
             get_instruction(instruction_id),
@@ -153,7 +156,9 @@ class Builder:
             seed=self.seed,
         )
 
-    def search(self, instruction_id: str, prompts: Sequence[Any], vectors: Sequence[Any], group: str) -> SearchResult:
+    def search(
+        self, instruction_id: str, prompts: Sequence[Any], vectors: Sequence[Any], group: str
+    ) -> SearchResult:
         name = file_name(instruction_id).removesuffix(".safetensors")
         result = run_search(
             self.lm,
@@ -168,11 +173,14 @@ class Builder:
             batch_size=self.batch_size,
         )
         summary = result.to_json() | {"examples": result.examples}
-        (self.work / f"{name}.summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False))
+        (self.work / f"{name}.summary.json").write_text(
+            json.dumps(summary, indent=1, ensure_ascii=False)
+        )
         c, b = result.chosen, result.baseline
         self.say(
             f"{instruction_id}: chosen {c.point.key} score {c.score:.2f} (acc {c.accuracy:.2f}), "
-            f"no steering {b.score:.2f}; best steered {result.best.point.key} {result.best.score:.2f}"
+            f"no steering {b.score:.2f}; best steered {result.best.point.key} "
+            f"{result.best.score:.2f}"
         )
         return result
 
@@ -181,6 +189,11 @@ class Builder:
         if not path.is_file():
             return "missing"
         return str(read_calibrated(path).calibration.get("status", "searched"))
+
+    def keywords_pending(self) -> None:
+        """Pending files for every keyword word (one extraction each, 20 pairs)."""
+        for word in keyword_words():
+            self.pending(keyword_instruction(word).id, "keywords")
 
     def pending(self, instruction_id: str, group: str) -> None:
         """An uncalibrated file at the paper's setting (a third into the model, projection,
@@ -200,9 +213,13 @@ class Builder:
             "paper_targets": {str(layer): vectors[layer].target},
             "seed": self.seed,
         }
-        write_calibrated(self.out / file_name(instruction_id), steerings_for(point, vectors), record)
+        write_calibrated(
+            self.out / file_name(instruction_id), steerings_for(point, vectors), record
+        )
 
-    def prefill_baseline(self, instruction_id: str, prompts: Sequence[ValidationPrompt], group: str) -> None:
+    def prefill_baseline(
+        self, instruction_id: str, prompts: Sequence[ValidationPrompt], group: str
+    ) -> None:
         """Unsteered answers depend on the query, not on the instruction checked: reuse those
         any earlier search logged for the same query and length, checked anew."""
         name = file_name(instruction_id).removesuffix(".safetensors")
@@ -218,10 +235,14 @@ class Builder:
             if ("none", i) in log.records or p.query not in known:
                 continue
             verdict = check(p.check_id, p.kwargs, p.query, known[p.query]["response"])
-            fresh.append({**known[p.query], "prompt": i, "passed": verdict.loose, "strict": verdict.strict})
+            fresh.append(
+                {**known[p.query], "prompt": i, "passed": verdict.loose, "strict": verdict.strict}
+            )
         log.add(fresh)
 
-    def instruction(self, instruction_id: str, group: str, donor: Point | None = None) -> Point | None:
+    def instruction(
+        self, instruction_id: str, group: str, donor: Point | None = None
+    ) -> Point | None:
         """Search (or, given a donor point, verify) one instruction; returns its point."""
         wanted = "searched" if donor is None else "verified"
         path = self.out / file_name(instruction_id)
@@ -238,10 +259,16 @@ class Builder:
             vectors = self.extract(instruction_id, donor.layers, group)
             name = file_name(instruction_id).removesuffix(".safetensors")
             result = verify_point(
-                self.lm, instruction_id, prompts, [vectors] * len(prompts), donor,
-                judge=self.judge, fluency=self.fluency,
+                self.lm,
+                instruction_id,
+                prompts,
+                [vectors] * len(prompts),
+                donor,
+                judge=self.judge,
+                fluency=self.fluency,
                 sampling=Sampling(max_new_tokens=TOKENS[group]),
-                log_path=self.work / f"{name}.jsonl", batch_size=self.batch_size,
+                log_path=self.work / f"{name}.jsonl",
+                batch_size=self.batch_size,
             )
             self.say(
                 f"{instruction_id}: verified {donor.key} score {result.best.score:.2f}, "
@@ -256,7 +283,7 @@ class Builder:
 
     def keywords(self) -> None:
         words = keyword_words()
-        if all((self.out / file_name(keyword_instruction(w).id)).is_file() for w in words):
+        if all(self.status(keyword_instruction(w).id) == "searched" for w in words):
             return
         picked = keyword_validation(self.n_prompts, seed=self.seed)
         per_prompt = [
@@ -268,7 +295,7 @@ class Builder:
         for word in words:
             instruction_id = keyword_instruction(word).id
             path = self.out / file_name(instruction_id)
-            if path.is_file():
+            if self.status(instruction_id) == "searched":
                 continue
             vectors = self.extract(instruction_id, point.layers, "keywords")
             record = calibration_record(result, vectors, self.space, self.seed)
@@ -276,7 +303,13 @@ class Builder:
             write_calibrated(path, steerings_for(point, vectors), record)
         self.say(f"keywords: wrote {len(words)} word vectors at {point.key}")
 
-    def run(self, groups: Sequence[str], only: Sequence[str] = (), quick: bool = False) -> None:
+    def run(
+        self,
+        groups: Sequence[str],
+        only: Sequence[str] = (),
+        quick: bool = False,
+        pending_only: bool = False,
+    ) -> None:
         """Pending files for everything first, then the searches in `groups` order.
 
         `quick` searches only the first instruction of a group and verifies its point on the
@@ -293,6 +326,10 @@ class Builder:
         for group, ids in selected.items():
             for instruction_id in ids:
                 self.pending(instruction_id, group)
+        if pending_only:
+            if "keywords" in groups:
+                self.keywords_pending()
+            return
         for group in groups:
             if group == "keywords":
                 if not only or KEYWORD_CLASS in only:
@@ -324,6 +361,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="search one instruction per group, verify the rest"
     )
+    parser.add_argument("--layers", help="stage-1 layers, comma-separated (default: every 4th)")
+    parser.add_argument("--projection-scales", help="stage-2 target scales (default 2,4)")
+    parser.add_argument("--additive-scales", help="stage-2 additive scales (default 1,2)")
+    parser.add_argument(
+        "--pending-only", action="store_true", help="only extract the files not yet written"
+    )
     parser.add_argument(
         "--layers-only", action="store_true", help="stage 1 of the search only (the layer sweep)"
     )
@@ -331,7 +374,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     groups = [g for g in args.groups.split(",") if g]
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
-        print(f"error: unknown group(s) {unknown}; choose from {', '.join(GROUPS)}", file=sys.stderr)
+        print(
+            f"error: unknown group(s) {unknown}; choose from {', '.join(GROUPS)}", file=sys.stderr
+        )
         return 2
     lm = load_model(args.model)
     judge = None if args.judge == "none" else load_model(args.judge)
@@ -340,11 +385,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     builder = Builder(
         lm, judge, out, work, n_prompts=args.n_prompts, seed=args.seed, batch_size=args.batch_size
     )
+    floats = lambda text: tuple(float(x) for x in text.split(",") if x)  # noqa: E731
+    if args.layers:
+        builder.space = replace(builder.space, layers=tuple(int(x) for x in args.layers.split(",")))
+    if args.projection_scales is not None:
+        builder.space = replace(builder.space, projection_scales=floats(args.projection_scales))
+    if args.additive_scales is not None:
+        builder.space = replace(builder.space, additive_scales=floats(args.additive_scales))
     if args.layers_only:
         builder.space = replace(
-            builder.space, projection_scales=(), additive_scales=(), multi_layer=0, try_generated=False
+            builder.space,
+            projection_scales=(),
+            additive_scales=(),
+            multi_layer=0,
+            try_generated=False,
         )
-    builder.run(groups, [i for i in args.only.split(",") if i], quick=args.quick)
+    builder.run(
+        groups,
+        [i for i in args.only.split(",") if i],
+        quick=args.quick,
+        pending_only=args.pending_only,
+    )
     return 0
 
 

@@ -148,10 +148,11 @@ def listing(model_id: str = DEFAULT_MODEL, directory: Path | None = None) -> lis
     folder = directory or shipped_dir(model_id)
     for instruction_id in shipped_ids(model_id, folder):
         shipped = read_calibrated(folder / file_name(instruction_id))
-        validation = shipped.calibration.get("validation", {})
+        validation = shipped.calibration.get("validation") or {}
         rows.append(
             {
                 "instruction_id": instruction_id,
+                "status": shipped.calibration.get("status", "searched"),
                 "recommended": shipped.recommended,
                 "point": shipped.calibration.get("point", ""),
                 "score": validation.get("score"),

@@ -60,6 +60,7 @@ __all__ = [
     "SearchSpace",
     "choose",
     "compression_ratio",
+    "tail_compression",
     "run_search",
     "steerings_for",
     "verify_point",
@@ -74,25 +75,35 @@ Progress = Callable[[int], None]
 
 @dataclass(frozen=True)
 class Fluency:
-    """When a response counts as degenerate.
+    """When an answer counts as degenerate, and how a point's share of them counts.
 
     Word-trigram repetition misses loops inside one "word" (a script without spaces, or
     "صيريوريوريوريو..."), and a judge that knows the script finds such loops plausible, so the
-    main signal is the zlib compression ratio of the answer (`compression_ratio`): looping
-    text compresses to a fraction of its size. Measured on the first search (Arabic, 96
-    tokens, docs/shipped.md): the ten unsteered answers compress to 0.37–0.62 and have
-    trigram repetition ≤ 0.43 and perplexity 3.7–16 under Gemma 3 270M base; the looping
-    answers at layers 14, 18 and 26 compress to 0.11–0.30. Thresholds sit just outside the
-    unsteered range.
+    main signal is how well the *end* of the answer compresses (`tail_compression`, the last
+    300 characters, so answers of any length compare): a loop compresses to a fraction of its
+    size. Measured on the first searches (docs/shipped.md): unsteered answers that read fine
+    have tail ratios 0.46–0.69, looping ones (steered, and the model's own greedy loops at 256
+    tokens) 0.05–0.35; trigram repetition of fine answers stays ≤ 0.55; their perplexity
+    under Gemma 3 270M base is 3.7–16. Thresholds sit outside the fine range.
+
+    Trigram repetition grows with length: fine 256-token answers reach 0.55, loops 0.75–0.96.
+
+    The unsteered model itself loops in about half of its 256-token answers, so zeroing a point
+    for a share of degenerate answers would zero "no steering" too. Instead an answer counts as
+    *broken* when it is degenerate and the unsteered answer to the same prompt is not: steering
+    must not make the text worse, the model's own loops are not its doing. A point's score is
+    the share of answers that pass and are not broken (`max_degenerate` = 1 for
+    `calibration.score_point`); its `degenerate` is the share of broken answers.
     """
 
-    max_repetition: float = 0.5
+    max_repetition: float = 0.7
     min_perplexity: float = 1.8
     max_perplexity: float = 80.0
-    min_compression: float = 0.3
+    min_tail_compression: float = 0.4
+    max_degenerate: float = 1.0
 
-    def degenerate(self, repetition: float, perplexity: float, compression: float = 1.0) -> bool:
-        if repetition > self.max_repetition or compression < self.min_compression:
+    def degenerate(self, repetition: float, perplexity: float, tail: float = 1.0) -> bool:
+        if repetition > self.max_repetition or tail < self.min_tail_compression:
             return True
         if not math.isfinite(perplexity):
             return False  # an empty answer fails its check instead
@@ -284,13 +295,30 @@ def compression_ratio(text: str) -> float:
     return len(zlib.compress(data, 9)) / len(data) if data else 1.0
 
 
-def _summarize(point: Point, records: Sequence[dict[str, Any]], fluency: Fluency) -> PointResult:
+def tail_compression(text: str, chars: int = 300) -> float:
+    """`compression_ratio` of the last `chars` characters: loops take over the end."""
+    return compression_ratio(text[-chars:])
+
+
+def _degenerate(record: dict[str, Any], fluency: Fluency) -> bool:
+    return fluency.degenerate(
+        record["repetition"], record["perplexity"], tail_compression(record["response"])
+    )
+
+
+def _summarize(
+    point: Point,
+    records: Sequence[dict[str, Any]],
+    baseline: Sequence[dict[str, Any]],
+    fluency: Fluency,
+) -> PointResult:
+    """`baseline[i]` is the unsteered answer to the prompt of `records[i]`."""
     degenerate = [
-        fluency.degenerate(r["repetition"], r["perplexity"], compression_ratio(r["response"]))
-        for r in records
+        _degenerate(r, fluency) and not _degenerate(b, fluency)
+        for r, b in zip(records, baseline, strict=True)
     ]
     passed = [bool(r["passed"]) for r in records]
-    accuracy, score = score_point(passed, degenerate)
+    accuracy, score = score_point(passed, degenerate, max_degenerate=fluency.max_degenerate)
     finite = [r["perplexity"] for r in records if math.isfinite(r["perplexity"])]
     return PointResult(
         point=point,
@@ -375,8 +403,10 @@ class _Runner:
 
     def results(self, points: Sequence[Point], fluency: Fluency) -> list[PointResult]:
         n = len(self.prompts)
+        baseline = [self.log.records[(Point().key, i)] for i in range(n)]
         return [
-            _summarize(p, [self.log.records[(p.key, i)] for i in range(n)], fluency) for p in points
+            _summarize(p, [self.log.records[(p.key, i)] for i in range(n)], baseline, fluency)
+            for p in points
         ]
 
 

@@ -21,6 +21,7 @@ from ifsteer.search import (
     projection_target,
     run_search,
     steerings_for,
+    tail_compression,
 )
 from ifsteer.steering import Steering
 from ifsteer.validation import validation_prompts
@@ -107,7 +108,7 @@ def test_fluency_band():
     assert fluency.degenerate(0.1, 1.2)  # looping
     assert fluency.degenerate(0.1, 400.0)  # broken
     assert not fluency.degenerate(0.0, math.nan)  # empty answers fail their check instead
-    assert fluency.degenerate(0.0, 10.0, compression=0.1)  # a loop inside one long "word"
+    assert fluency.degenerate(0.0, 10.0, tail=0.1)  # a loop inside one long "word"
 
 
 def test_compression_ratio_separates_loops_from_prose():
@@ -116,6 +117,8 @@ def test_compression_ratio_separates_loops_from_prose():
     )
     assert compression_ratio("صيريوريوريوريو" + "ريو" * 80) < 0.2 < compression_ratio(prose)
     assert compression_ratio("") == 1.0
+    # Only the end counts: a fine opening does not hide a loop that took over.
+    assert tail_compression(prose * 3 + "a cup of tea, " * 40) < 0.2
 
 
 def test_run_search_chooses_the_best_valid_point_and_resumes(

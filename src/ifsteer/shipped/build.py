@@ -118,7 +118,8 @@ def calibration_record(
             "max_repetition": result.fluency.max_repetition,
             "min_perplexity": result.fluency.min_perplexity,
             "max_perplexity": result.fluency.max_perplexity,
-            "min_compression": result.fluency.min_compression,
+            "min_tail_compression": result.fluency.min_tail_compression,
+            "max_degenerate": result.fluency.max_degenerate,
         },
         "seed": seed,
     }

@@ -90,8 +90,9 @@ class Fluency:
 
     The unsteered model itself loops in about half of its 256-token answers, so zeroing a point
     for a share of degenerate answers would zero "no steering" too. Instead an answer counts as
-    *broken* when it is degenerate and the unsteered answer to the same prompt is not: steering
-    must not make the text worse, the model's own loops are not its doing. A point's score is
+    *broken* when it is degenerate and the unsteered answer to the same prompt is not, or both
+    loop and the steered one loops harder (its tail compresses further): steering must not make
+    the text worse, the model's own loops are not its doing. A point's score is
     the share of answers that pass and are not broken (`max_degenerate` = 1 for
     `calibration.score_point`); its `degenerate` is the share of broken answers.
     """
@@ -306,6 +307,15 @@ def _degenerate(record: dict[str, Any], fluency: Fluency) -> bool:
     )
 
 
+def _broken(record: dict[str, Any], baseline: dict[str, Any], fluency: Fluency) -> bool:
+    """Degenerate where the unsteered answer is not, or loops harder than it does."""
+    if not _degenerate(record, fluency):
+        return False
+    if not _degenerate(baseline, fluency):
+        return True
+    return tail_compression(record["response"]) < tail_compression(baseline["response"])
+
+
 def _summarize(
     point: Point,
     records: Sequence[dict[str, Any]],
@@ -313,10 +323,7 @@ def _summarize(
     fluency: Fluency,
 ) -> PointResult:
     """`baseline[i]` is the unsteered answer to the prompt of `records[i]`."""
-    degenerate = [
-        _degenerate(r, fluency) and not _degenerate(b, fluency)
-        for r, b in zip(records, baseline, strict=True)
-    ]
+    degenerate = [_broken(r, b, fluency) for r, b in zip(records, baseline, strict=True)]
     passed = [bool(r["passed"]) for r in records]
     accuracy, score = score_point(passed, degenerate, max_degenerate=fluency.max_degenerate)
     finite = [r["perplexity"] for r in records if math.isfinite(r["perplexity"])]

@@ -27,7 +27,8 @@ def vectors_list(
         print(json.dumps(rows, indent=2))
         return
     table = Table(title=f"calibrated vectors shipped for {model} ({len(rows)})")
-    for column in ("instruction", "status", "steer", "point", "validation", "no steering"):
+    table.add_column("instruction", no_wrap=True)
+    for column in ("status", "steer", "point", "validation", "no steering"):
         table.add_column(column)
     for row in rows:
         table.add_row(

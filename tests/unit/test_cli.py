@@ -203,3 +203,22 @@ def test_threads_and_batch_size_must_be_positive(monkeypatch, capsys, tmp_path):
         code, _, err = run(monkeypatch, capsys, "run-paper", "--out", str(tmp_path / "r"),
                            "--data", str(tmp_path / "none.jsonl"), option, "0")
         assert code == 2 and option in err and "Traceback" not in err
+
+
+def test_vectors_list_shows_the_shipped_vectors_and_their_scores(monkeypatch, capsys):
+    code, stdout, _ = run(monkeypatch, capsys, "vectors", "list", "--json")
+    assert code == 0
+    rows = {row["instruction_id"]: row for row in json.loads(stdout)}
+    title = rows["detectable_format:title"]
+    assert title["status"] == "searched" and title["recommended"]
+    assert title["score"] > title["no_steering_score"]
+    assert all(row["status"] in ("searched", "verified", "pending") for row in rows.values())
+    code, stdout, _ = run(monkeypatch, capsys, "vectors", "list")
+    assert code == 0 and "detectable_format:title" in stdout
+
+
+def test_generate_refuses_an_instruction_that_ships_no_vector(monkeypatch, capsys):
+    code, _, stderr = run(
+        monkeypatch, capsys, "generate", "-p", "Hi.", "--instruction-id", "free:nothing"
+    )
+    assert code == 2 and "no calibrated vector ships" in stderr and "Traceback" not in stderr

@@ -10,8 +10,41 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ifsteer.cli.app import app, out, vectors_app
+from ifsteer.cli.app import ModelOption, app, out, vectors_app
 from ifsteer.errors import InvalidSteering
+
+
+@vectors_app.command("list")
+def vectors_list(
+    model: ModelOption = "smollm2-135m-instruct",
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Calibrated vectors that ship for a model, and how each did on validation."""
+    from ifsteer.shipped import listing
+
+    rows = listing(model)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"calibrated vectors shipped for {model} ({len(rows)})")
+    table.add_column("instruction", no_wrap=True)
+    for column in ("status", "steer", "point", "validation", "no steering"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["instruction_id"],
+            row["status"],
+            "yes" if row["recommended"] else "no",
+            row["point"],
+            _score(row["score"]),
+            _score(row["no_steering_score"]),
+        )
+    out.print(table)
+    out.print("steer: whether the vector beat no steering on its validation prompts")
+
+
+def _score(value: float | None) -> str:
+    return "–" if value is None else f"{value:.2f}"
 
 
 @vectors_app.command("show")

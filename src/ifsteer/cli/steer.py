@@ -134,6 +134,14 @@ def generate(
         typer.Option("--vector", "-v", help="PATH[:mode[:weight]] (repeatable; vectors compose)."),
     ] = None,
     layer: Annotated[int | None, typer.Option(help="Apply every vector at this layer.")] = None,
+    instruction_id: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--instruction-id",
+            "-i",
+            help="Steer with the calibrated vector that ships for this id (repeatable).",
+        ),
+    ] = None,
     no_steer: Annotated[bool, typer.Option("--no-steer", help="Unsteered only.")] = False,
     baseline: Annotated[
         bool, typer.Option(help="Show the unsteered answer next to the steered one.")
@@ -147,9 +155,16 @@ def generate(
         bool, typer.Option(help="Apply vectors extracted from another model of equal size.")
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="Add each answer's IFEval verdict for --instruction-id.")
+    ] = False,
     dtype: DtypeOption = "float32",
 ) -> None:
-    """Generate with steering vectors, next to the unsteered answer."""
+    """Generate with steering vectors, next to the unsteered answer.
+
+    `--instruction-id` steers with the calibrated vector that ships for the model, so no
+    extraction is needed; `ifsteer vectors list` shows which ship.
+    """
     from ifsteer.generation import Sampling
     from ifsteer.generation import generate as run
     from ifsteer.progress import progress_bar
@@ -164,6 +179,11 @@ def generate(
     for spec in [] if no_steer else vector or []:
         path, mode, weight = parse_vector_spec(spec)
         steering.append(Steering(load_vector(path, layer), mode=mode, weight=weight))  # type: ignore[arg-type]
+    if not no_steer:
+        from ifsteer.shipped import load_shipped
+
+        for shipped_id in instruction_id or []:
+            steering += load_shipped(shipped_id, model).steerings()
     lm = load(model, dtype)
     check_steering(lm, steering, allow_transfer=allow_transfer)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
@@ -182,18 +202,52 @@ def generate(
                 allow_transfer=allow_transfer,
                 progress=advance,
             )
-    _show_generations(texts, results, as_json)
+    answers = {name: [c.text for c in completions] for name, completions in results.items()}
+    verdicts = _verdicts(instruction_id or [], texts, answers) if check else {}
+    _show_generations(texts, answers, verdicts, as_json)
 
 
-def _show_generations(texts: Sequence[str], results: dict[str, list[Any]], as_json: bool) -> None:
+def _verdicts(
+    instruction_ids: Sequence[str], texts: Sequence[str], answers: dict[str, list[str]]
+) -> dict[str, list[bool]]:
+    """Whether each answer passes every given instruction's IFEval loose check."""
+    from ifsteer.checks import check as run_check
+    from ifsteer.validation import check_for
+
+    if not instruction_ids:
+        raise InvalidSteering("--check needs the --instruction-id whose check to run")
+    checks = [check_for(i) for i in instruction_ids]
+    return {
+        name: [
+            all(run_check(cid, kwargs, text, answer).loose for cid, kwargs in checks)
+            for text, answer in zip(texts, texts_answers, strict=True)
+        ]
+        for name, texts_answers in answers.items()
+    }
+
+
+def _show_generations(
+    texts: Sequence[str],
+    answers: dict[str, list[str]],
+    verdicts: dict[str, list[bool]],
+    as_json: bool,
+) -> None:
     if as_json:
         for i, text in enumerate(texts):
-            print(json.dumps({"prompt": text, **{k: v[i].text for k, v in results.items()}}))
+            row: dict[str, Any] = {"prompt": text, **{k: v[i] for k, v in answers.items()}}
+            row |= {f"{k}_passed": v[i] for k, v in verdicts.items()}
+            print(json.dumps(row, ensure_ascii=False))
         return
     table = Table(show_lines=True)
     table.add_column("prompt", style="cyan", max_width=30)
-    for name in results:
+    for name in answers:
         table.add_column(name)
     for i, text in enumerate(texts):
-        table.add_row(text, *(v[i].text for v in results.values()))
+        cells = []
+        for name, texts_answers in answers.items():
+            mark = ""
+            if name in verdicts:
+                mark = "\n[green]IFEval ✓[/green]" if verdicts[name][i] else "\n[red]IFEval ✗[/red]"
+            cells.append(texts_answers[i].replace("[", "\\[") + mark)
+        table.add_row(text, *cells)
     out.print(table)

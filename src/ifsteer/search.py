@@ -1,0 +1,511 @@
+"""Where and how hard to steer one instruction: a staged search on validation prompts.
+
+The paper sweeps layers at its one setting (projection onto c̄) and lets "no steering" win when
+nothing beats it. On a 135M model that setting rarely changes the output, so the search also
+varies how hard to steer and where, in stages, so a CPU can afford it (`SearchSpace`):
+
+1. **layers**: "no steering", then projection with target scale 1 (the paper) at each layer of
+   a coarse grid;
+2. **weights**: at the best layer of stage 1, projection with larger target scales and additive
+   steering with weights in units of the vector's norm ‖u‖;
+3. **where**: the best point so far applied to generated tokens only, and the vector at the top
+   layers of stage 1 at once.
+
+*Projection target scale* `s` sets each position's component along û to `c̄ + (s−1)·‖u‖`.
+Since the with- and without-instruction projections differ by exactly ‖u‖ on the extraction
+pairs, s = 1 is the paper's c̄ (the with-instruction level), s = 0 the without level, and s = 2
+as far past the with level as that is past the without level: "more of the instruction" even
+at layers where c̄ itself is negative (scaling c̄ there would push away from it). *Additive
+scale* `s` adds `s·‖u‖·û`; at several layers at once the scale is split evenly between them,
+while projection sets the same target scale at each.
+
+A response passes when IFEval's loose check passes and it is fluent (`Fluency`): few repeated
+trigrams and a perplexity under a *different* model (the judge, Gemma 3 270M base here) inside
+a band measured on unsteered answers. A point's score is `calibration.score_point` of those.
+`choose` keeps "no steering" unless a steered point scores strictly higher; among steered
+points ties go to the simpler one (one layer, all positions, the lower layer, the scale
+closest to the paper's).
+
+Every response is appended to a JSONL log as it is scored, so a search that is stopped resumes
+where it was and a rerun with other fluency thresholds needs no generation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import zlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ifsteer.calibration import score_point
+from ifsteer.checks import check
+from ifsteer.errors import InvalidSteering
+from ifsteer.generation import Sampling, generate
+from ifsteer.models import LoadedModel
+from ifsteer.quality import perplexities, repetition_rate
+from ifsteer.steering import Positions, Steering
+from ifsteer.validation import ValidationPrompt
+from ifsteer.vectors import Mode, SteeringVector
+
+__all__ = [
+    "Fluency",
+    "Point",
+    "PointResult",
+    "ResponseLog",
+    "SearchResult",
+    "SearchSpace",
+    "choose",
+    "compression_ratio",
+    "tail_compression",
+    "run_search",
+    "steerings_for",
+    "verify_point",
+]
+
+# Vectors per validation prompt: {layer: vector}. One instruction repeats one mapping; the
+# keyword class gives each prompt the vector of its own word.
+PromptVectors = Sequence[Mapping[int, SteeringVector]]
+FORMAT_SAMPLING = Sampling(max_new_tokens=256)  # long enough for a format check to be decidable
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class Fluency:
+    """When an answer counts as degenerate, and how a point's share of them counts.
+
+    Word-trigram repetition misses loops inside one "word" (a script without spaces, or
+    "صيريوريوريوريو..."), and a judge that knows the script finds such loops plausible, so the
+    main signal is how well the *end* of the answer compresses (`tail_compression`, the last
+    300 characters, so answers of any length compare): a loop compresses to a fraction of its
+    size. Measured on the first searches (docs/shipped.md): unsteered answers that read fine
+    have tail ratios 0.46–0.69, looping ones (steered, and the model's own greedy loops at 256
+    tokens) 0.05–0.35; trigram repetition of fine answers stays ≤ 0.55; their perplexity
+    under Gemma 3 270M base is 3.7–16. Thresholds sit outside the fine range.
+
+    Trigram repetition grows with length: fine 256-token answers reach 0.55, loops 0.75–0.96.
+
+    The unsteered model itself loops in about half of its 256-token answers, so zeroing a point
+    for a share of degenerate answers would zero "no steering" too. Instead an answer counts as
+    *broken* when it is degenerate and the unsteered answer to the same prompt is not, or both
+    loop and the steered one loops harder (its tail compresses further): steering must not make
+    the text worse, the model's own loops are not its doing. A point's score is
+    the share of answers that pass and are not broken (`max_degenerate` = 1 for
+    `calibration.score_point`); its `degenerate` is the share of broken answers.
+    """
+
+    max_repetition: float = 0.7
+    min_perplexity: float = 1.8
+    max_perplexity: float = 80.0
+    min_tail_compression: float = 0.4
+    max_degenerate: float = 1.0
+
+    def degenerate(self, repetition: float, perplexity: float, tail: float = 1.0) -> bool:
+        if repetition > self.max_repetition or tail < self.min_tail_compression:
+            return True
+        if not math.isfinite(perplexity):
+            return False  # an empty answer fails its check instead
+        return not self.min_perplexity <= perplexity <= self.max_perplexity
+
+
+@dataclass(frozen=True)
+class Point:
+    """One way to steer: the layers (none: no steering), mode, scale and positions."""
+
+    layers: tuple[int, ...] = ()
+    mode: Mode = "projection"
+    scale: float = 1.0
+    positions: Positions = "all"
+
+    @property
+    def key(self) -> str:
+        if not self.layers:
+            return "none"
+        layers = "+".join(map(str, self.layers))
+        return f"L{layers}:{self.mode}:{self.scale:g}:{self.positions}"
+
+    def rank(self) -> tuple[Any, ...]:
+        """Simplicity, for ties: fewer layers, all positions, lower layer, paper-like scale."""
+        paper_scale = 1.0 if self.mode == "projection" else 0.0
+        return (
+            len(self.layers),
+            self.positions != "all",
+            self.layers,
+            self.mode != "projection",
+            abs(self.scale - paper_scale),
+        )
+
+
+def projection_target(vector: SteeringVector, scale: float) -> float:
+    """c̄ + (scale − 1)·‖u‖: scale 1 is the paper's target, larger is more of the instruction."""
+    return vector.target + (scale - 1.0) * vector.norm
+
+
+def steerings_for(point: Point, vectors: Mapping[int, SteeringVector]) -> list[Steering]:
+    """The steerings that apply `point` with one prompt's vectors (none for "no steering")."""
+    missing = [layer for layer in point.layers if layer not in vectors]
+    if missing:
+        raise InvalidSteering(f"no vector at layer(s) {missing} for point {point.key}")
+    steerings = []
+    for layer in point.layers:
+        v = vectors[layer]
+        if point.mode == "projection":
+            v = replace(v, target=projection_target(v, point.scale))
+            steerings.append(Steering(v, mode="projection", weight=1.0, positions=point.positions))
+        else:
+            weight = point.scale * v.norm / len(point.layers)
+            steerings.append(Steering(v, mode="additive", weight=weight, positions=point.positions))
+    return steerings
+
+
+@dataclass(frozen=True)
+class PointResult:
+    point: Point
+    accuracy: float
+    score: float
+    degenerate: float
+    repetition: float
+    perplexity: float | None
+    n: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "point": {**asdict(self.point), "key": self.point.key}}
+
+
+def choose(results: Sequence[PointResult]) -> PointResult:
+    """ "No steering" unless a steered point scores strictly higher; then the simplest best."""
+    if not results:
+        raise InvalidSteering("an empty search has nothing to choose from")
+    steered = [r for r in results if r.point.layers]
+    baseline = max((r for r in results if not r.point.layers), key=lambda r: r.score, default=None)
+    if not steered:
+        assert baseline is not None
+        return baseline
+    best = best_steered(steered)
+    if baseline is None or round(best.score, 9) > round(baseline.score, 9):
+        return best
+    return baseline
+
+
+def best_steered(results: Sequence[PointResult]) -> PointResult:
+    steered = [r for r in results if r.point.layers]
+    if not steered:
+        raise InvalidSteering("no steered point to choose from")
+    return min(steered, key=lambda r: (-round(r.score, 9), -round(r.accuracy, 9), r.point.rank()))
+
+
+# --- the log --------------------------------------------------------------------------------
+
+
+class ResponseLog:
+    """Scored responses of one search, one JSON line each, keyed by (point, prompt index)."""
+
+    def __init__(self, path: str | Path | None) -> None:
+        self.path = None if path is None else Path(path)
+        self.records: dict[tuple[str, int], dict[str, Any]] = {}
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text("utf-8").splitlines():
+                if line.strip():
+                    record = json.loads(line)
+                    self.records[(record["point"], int(record["prompt"]))] = record
+
+    def add(self, records: Sequence[dict[str, Any]]) -> None:
+        for record in records:
+            self.records[(record["point"], int(record["prompt"]))] = record
+        if self.path is not None and records:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                for record in records:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# --- running --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What each stage tries; see the module docstring."""
+
+    layers: tuple[int, ...]
+    projection_scales: tuple[float, ...] = (2.0, 4.0)
+    additive_scales: tuple[float, ...] = (1.0, 2.0)
+    multi_layer: int = 3  # how many of stage 1's top layers to steer at once (0: skip)
+    try_generated: bool = True
+
+    @classmethod
+    def coarse(cls, n_layers: int) -> SearchSpace:
+        """Every fourth layer from L//5: half the paper's grid, which steps by two."""
+        return cls(layers=tuple(range(n_layers // 5, n_layers, 4)))
+
+    def stage_layers(self) -> list[Point]:
+        return [Point(), *(Point((layer,)) for layer in self.layers)]
+
+    def stage_weights(self, layer: int) -> list[Point]:
+        points = [Point((layer,), "projection", s) for s in self.projection_scales]
+        return points + [Point((layer,), "additive", s) for s in self.additive_scales]
+
+    def stage_where(self, best: Point, top_layers: Sequence[int]) -> list[Point]:
+        points = []
+        if self.try_generated:
+            points.append(replace(best, positions="generated"))
+        if self.multi_layer > 1 and len(top_layers) > 1:
+            layers = tuple(sorted(top_layers[: self.multi_layer]))
+            points.append(replace(best, layers=layers, positions="all"))
+        return points
+
+
+@dataclass
+class SearchResult:
+    instruction_id: str
+    results: list[PointResult]
+    chosen: PointResult
+    best: PointResult  # best steered point, also when "no steering" wins
+    baseline: PointResult
+    fluency: Fluency
+    max_new_tokens: int
+    n_prompts: int
+    with_instruction: bool
+    examples: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def recommended(self) -> bool:
+        return bool(self.chosen.point.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "instruction_id": self.instruction_id,
+            "recommended": self.recommended,
+            "chosen": self.chosen.to_json(),
+            "best_steered": self.best.to_json(),
+            "no_steering": self.baseline.to_json(),
+            "grid": [r.to_json() for r in self.results],
+            "fluency": asdict(self.fluency),
+            "max_new_tokens": self.max_new_tokens,
+            "n_prompts": self.n_prompts,
+            "with_instruction": self.with_instruction,
+        }
+
+
+def compression_ratio(text: str) -> float:
+    """zlib-compressed size over UTF-8 size: ordinary prose is near 0.5, loops far lower.
+    An empty text scores 1 (nothing repeats)."""
+    data = text.encode("utf-8")
+    return len(zlib.compress(data, 9)) / len(data) if data else 1.0
+
+
+def tail_compression(text: str, chars: int = 300) -> float:
+    """`compression_ratio` of the last `chars` characters: loops take over the end."""
+    return compression_ratio(text[-chars:])
+
+
+def _degenerate(record: dict[str, Any], fluency: Fluency) -> bool:
+    return fluency.degenerate(
+        record["repetition"], record["perplexity"], tail_compression(record["response"])
+    )
+
+
+def _broken(record: dict[str, Any], baseline: dict[str, Any], fluency: Fluency) -> bool:
+    """Degenerate where the unsteered answer is not, or loops harder than it does."""
+    if not _degenerate(record, fluency):
+        return False
+    if not _degenerate(baseline, fluency):
+        return True
+    return tail_compression(record["response"]) < tail_compression(baseline["response"])
+
+
+def _summarize(
+    point: Point,
+    records: Sequence[dict[str, Any]],
+    baseline: Sequence[dict[str, Any]],
+    fluency: Fluency,
+) -> PointResult:
+    """`baseline[i]` is the unsteered answer to the prompt of `records[i]`."""
+    degenerate = [_broken(r, b, fluency) for r, b in zip(records, baseline, strict=True)]
+    passed = [bool(r["passed"]) for r in records]
+    accuracy, score = score_point(passed, degenerate, max_degenerate=fluency.max_degenerate)
+    finite = [r["perplexity"] for r in records if math.isfinite(r["perplexity"])]
+    return PointResult(
+        point=point,
+        accuracy=accuracy,
+        score=score,
+        degenerate=sum(degenerate) / len(records),
+        repetition=statistics.fmean(r["repetition"] for r in records),
+        perplexity=statistics.median(finite) if finite else None,
+        n=len(records),
+    )
+
+
+class _Runner:
+    """Generates, checks and judges the responses of a batch of points, skipping logged ones."""
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        judge: LoadedModel | None,
+        prompts: Sequence[ValidationPrompt],
+        vectors: PromptVectors,
+        log: ResponseLog,
+        sampling: Sampling,
+        with_instruction: bool,
+        batch_size: int,
+        progress: Progress | None,
+    ) -> None:
+        if len(vectors) != len(prompts):
+            raise InvalidSteering(f"{len(vectors)} vector maps for {len(prompts)} prompts")
+        self.lm, self.judge, self.prompts, self.vectors = lm, judge, prompts, vectors
+        self.log, self.sampling, self.batch_size = log, sampling, batch_size
+        self.with_instruction, self.progress = with_instruction, progress
+
+    def text(self, i: int) -> str:
+        p = self.prompts[i]
+        return p.with_instruction if self.with_instruction else p.query
+
+    def run(self, points: Sequence[Point]) -> None:
+        todo = [
+            (point, i)
+            for point in points
+            for i in range(len(self.prompts))
+            if (point.key, i) not in self.log.records
+        ]
+        if not todo:
+            return
+        texts = [self.text(i) for _, i in todo]
+        per_row = [steerings_for(point, self.vectors[i]) for point, i in todo]
+        completions = generate(
+            self.lm,
+            texts,
+            per_row=per_row,
+            sampling=self.sampling,
+            batch_size=self.batch_size,
+            progress=self.progress,
+        )
+        responses = [c.text for c in completions]
+        if self.judge is not None:
+            ppl = perplexities(self.judge, [self.prompts[i].query for _, i in todo], responses)
+        else:
+            ppl = [math.nan] * len(todo)
+        records = []
+        for (point, i), completion, perplexity in zip(todo, completions, ppl, strict=True):
+            p = self.prompts[i]
+            verdict = check(p.check_id, p.kwargs, self.text(i), completion.text)
+            records.append(
+                {
+                    "point": point.key,
+                    "prompt": i,
+                    "query": p.query,
+                    "response": completion.text,
+                    "finish": completion.finish_reason,
+                    "passed": verdict.loose,
+                    "strict": verdict.strict,
+                    "repetition": repetition_rate(completion.text),
+                    "perplexity": perplexity,
+                    "max_new_tokens": self.sampling.max_new_tokens,
+                    "with_instruction": self.with_instruction,
+                }
+            )
+        self.log.add(records)
+
+    def results(self, points: Sequence[Point], fluency: Fluency) -> list[PointResult]:
+        n = len(self.prompts)
+        baseline = [self.log.records[(Point().key, i)] for i in range(n)]
+        return [
+            _summarize(p, [self.log.records[(p.key, i)] for i in range(n)], baseline, fluency)
+            for p in points
+        ]
+
+
+def verify_point(
+    lm: LoadedModel,
+    instruction_id: str,
+    prompts: Sequence[ValidationPrompt],
+    vectors: PromptVectors,
+    point: Point,
+    *,
+    judge: LoadedModel | None = None,
+    fluency: Fluency = Fluency(),
+    sampling: Sampling = FORMAT_SAMPLING,
+    log_path: str | Path | None = None,
+    batch_size: int = 32,
+) -> SearchResult:
+    """Score one point found for another instruction against "no steering" on this one's
+    prompts: a cheap calibration for instructions of a group (the languages) that share one."""
+    log = ResponseLog(log_path)
+    runner = _Runner(lm, judge, prompts, vectors, log, sampling, False, batch_size, None)
+    points = [Point(), point]
+    runner.run(points)
+    baseline, steered = runner.results(points, fluency)
+    return SearchResult(
+        instruction_id=instruction_id,
+        results=[baseline, steered],
+        chosen=choose([baseline, steered]),
+        best=steered,
+        baseline=baseline,
+        fluency=fluency,
+        max_new_tokens=sampling.max_new_tokens,
+        n_prompts=len(prompts),
+        with_instruction=False,
+        examples={k: log.records[(k, 0)]["response"] for k in (Point().key, point.key)},
+    )
+
+
+def run_search(
+    lm: LoadedModel,
+    instruction_id: str,
+    prompts: Sequence[ValidationPrompt],
+    vectors: PromptVectors,
+    space: SearchSpace,
+    *,
+    judge: LoadedModel | None = None,
+    fluency: Fluency = Fluency(),
+    sampling: Sampling = FORMAT_SAMPLING,
+    with_instruction: bool = False,
+    log_path: str | Path | None = None,
+    batch_size: int = 32,
+    progress: Progress | None = None,
+) -> SearchResult:
+    """Run the three stages for one instruction and choose; see the module docstring.
+
+    Without a judge model only repetition flags degenerate text.
+    """
+    if not prompts:
+        raise InvalidSteering(f"no validation prompts for {instruction_id!r}")
+    log = ResponseLog(log_path)
+    runner = _Runner(
+        lm, judge, prompts, vectors, log, sampling, with_instruction, batch_size, progress
+    )
+    tried: list[Point] = []
+
+    def stage(points: Sequence[Point]) -> list[PointResult]:
+        fresh = [p for p in dict.fromkeys(points) if p not in tried]
+        runner.run(fresh)
+        tried.extend(fresh)
+        return runner.results(tried, fluency)
+
+    results = stage(space.stage_layers())
+    by_layer = sorted(
+        (r for r in results if r.point.layers),
+        key=lambda r: (-r.score, -r.accuracy, r.degenerate, r.point.layers),
+    )
+    top_layers = [r.point.layers[0] for r in by_layer]
+    results = stage(space.stage_weights(top_layers[0]))
+    results = stage(space.stage_where(best_steered(results).point, top_layers))
+    baseline = next(r for r in results if not r.point.layers)
+    chosen, best = choose(results), best_steered(results)
+    examples = {
+        key: log.records[(key, 0)]["response"] for key in {baseline.point.key, best.point.key}
+    }
+    return SearchResult(
+        instruction_id=instruction_id,
+        results=results,
+        chosen=chosen,
+        best=best,
+        baseline=baseline,
+        fluency=fluency,
+        max_new_tokens=sampling.max_new_tokens,
+        n_prompts=len(prompts),
+        with_instruction=with_instruction,
+        examples=examples,
+    )

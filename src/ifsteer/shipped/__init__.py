@@ -1,0 +1,163 @@
+"""Calibrated vectors that ship inside the package, one folder per model.
+
+Extraction is cheap but calibration is not (it generates hundreds of answers per instruction),
+so the embedded model's vectors come already calibrated: `ifsteer generate --instruction-id ID`
+steers with no extraction and no sweep. Each file holds only the layer(s) the search chose and
+records, in its metadata (`extra["calibration"]`), the chosen point, its validation scores and
+those of "no steering". A file is shipped also when "no steering" won its search, with
+`recommended: false`: the user sees that steering did not help on validation instead of
+finding no file.
+
+The search's projection *target scale* is stored as the target itself (`c̄ + (s−1)·‖u‖`, see
+`ifsteer.search`), with the paper's c̄ per layer kept in `paper_targets`; so any code that loads
+the file with `ifsteer.vectors.load_vector` and steers with it applies the calibrated point.
+Several chosen layers keep their per-layer weights in `weights`.
+
+`python -m ifsteer.shipped.build` (or `scripts/build_vectors.py`) rebuilds the files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ifsteer.errors import IfsteerError
+from ifsteer.models import DEFAULT_MODEL
+from ifsteer.steering import Steering
+from ifsteer.vectors import SteeringVector, load_vectors, save_vectors
+
+__all__ = [
+    "NotShipped",
+    "ShippedVector",
+    "file_name",
+    "listing",
+    "load_shipped",
+    "shipped_dir",
+    "shipped_ids",
+    "write_calibrated",
+]
+
+
+class NotShipped(IfsteerError):
+    """No calibrated vector ships for this instruction and model."""
+
+
+@dataclass(frozen=True)
+class ShippedVector:
+    """A calibrated vector file: the vectors of its chosen layers and how to apply them."""
+
+    path: Path
+    vectors: tuple[SteeringVector, ...]
+    weights: tuple[float, ...]
+    positions: str
+    calibration: Mapping[str, Any]
+
+    @property
+    def instruction_id(self) -> str:
+        return self.vectors[0].instruction_id
+
+    @property
+    def recommended(self) -> bool:
+        return bool(self.calibration.get("recommended", False))
+
+    def steerings(self, scale: float = 1.0) -> list[Steering]:
+        """What `steer` needs; `scale` multiplies every weight (-1 excludes a keyword)."""
+        return [
+            Steering(v, mode=v.mode, weight=w * scale, positions=self.positions)  # type: ignore[arg-type]
+            for v, w in zip(self.vectors, self.weights, strict=True)
+        ]
+
+
+def shipped_dir(model_id: str = DEFAULT_MODEL) -> Path:
+    return Path(str(resources.files("ifsteer") / "shipped" / model_id))
+
+
+def file_name(instruction_id: str) -> str:
+    return instruction_id.replace(":", "__").replace("/", "_") + ".safetensors"
+
+
+def shipped_ids(model_id: str = DEFAULT_MODEL, directory: Path | None = None) -> list[str]:
+    folder = directory or shipped_dir(model_id)
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p.name[: -len(".safetensors")].replace("__", ":") for p in folder.glob("*.safetensors")
+    )
+
+
+def load_shipped(
+    instruction_id: str, model_id: str = DEFAULT_MODEL, directory: Path | None = None
+) -> ShippedVector:
+    path = (directory or shipped_dir(model_id)) / file_name(instruction_id)
+    if not path.is_file():
+        raise NotShipped(
+            f"no calibrated vector ships for {instruction_id!r} on {model_id!r}: "
+            "`ifsteer vectors list` shows those that do, `ifsteer extract` makes one"
+        )
+    return read_calibrated(path)
+
+
+def read_calibrated(path: Path) -> ShippedVector:
+    vectors, default = load_vectors(path)
+    calibration = dict(vectors[default].extra.get("calibration", {}))
+    layers = [int(layer) for layer in calibration.get("layers", [default])]
+    weights = calibration.get("weights", {})
+    chosen = tuple(vectors[layer] for layer in layers)
+    return ShippedVector(
+        path=path,
+        vectors=chosen,
+        weights=tuple(float(weights.get(str(v.layer), v.weight)) for v in chosen),
+        positions=str(calibration.get("positions", "all")),
+        calibration=calibration,
+    )
+
+
+def write_calibrated(
+    path: Path, steerings: Sequence[Steering], calibration: Mapping[str, Any]
+) -> Path:
+    """One file from the steerings of a chosen point (each at its own layer) and its scores."""
+    if not steerings:
+        raise IfsteerError("a calibrated file needs at least one steering")
+    paper_targets: dict[str, float] = dict(calibration.get("paper_targets", {}))
+    weights = {str(s.vector.layer): s.effective_weight for s in steerings}
+    record = {
+        **calibration,
+        "layers": [s.vector.layer for s in steerings],
+        "weights": weights,
+        "positions": steerings[0].positions,
+        "paper_targets": paper_targets,
+    }
+    vectors = [
+        replace(
+            s.vector,
+            mode=s.effective_mode,
+            weight=s.effective_weight,
+            extra={**s.vector.extra, "calibration": record},
+        )
+        for s in steerings
+    ]
+    return save_vectors(path, vectors, default=vectors[0].layer)
+
+
+def listing(model_id: str = DEFAULT_MODEL, directory: Path | None = None) -> list[dict[str, Any]]:
+    """One row per shipped file: where it steers and how it did on validation."""
+    rows = []
+    folder = directory or shipped_dir(model_id)
+    for instruction_id in shipped_ids(model_id, folder):
+        shipped = read_calibrated(folder / file_name(instruction_id))
+        validation = shipped.calibration.get("validation") or {}
+        rows.append(
+            {
+                "instruction_id": instruction_id,
+                "status": shipped.calibration.get("status", "searched"),
+                "recommended": shipped.recommended,
+                "point": shipped.calibration.get("point", ""),
+                "score": validation.get("score"),
+                "no_steering_score": validation.get("no_steering_score"),
+                "n_prompts": validation.get("n_prompts"),
+            }
+        )
+    return rows

@@ -1,0 +1,414 @@
+"""Rebuild the calibrated vectors: extract, search, write one file per instruction.
+
+    python -m ifsteer.shipped.build                     # the embedded model, into the package
+    python -m ifsteer.shipped.build --model DIR --out my-vectors/
+
+Seeded and resumable: vectors are extracted from the extraction share of our base queries with
+a fixed seed, generation is greedy, every scored response is logged (`--work`), and an
+instruction whose file exists is skipped; so a stopped run continues where it was, and two runs
+give the same files. Format instructions generate up to 256 tokens (the check must be
+decidable), languages 96 (langdetect is settled long before), keywords 128.
+
+Keywords are calibrated as one class (PAPER.md §3): the search runs on one validation question
+per word for ten words, each steered by its own word's vector, and every word the keyword test
+sets need is then extracted at the chosen layer(s) and written with the class's point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from ifsteer.checks import check
+from ifsteer.datasets import data_path
+from ifsteer.generation import Sampling
+from ifsteer.instructions import (
+    FORMAT_INSTRUCTION_IDS,
+    LANGUAGES,
+    LENGTH_LEVELS,
+    get_instruction,
+    keyword_instruction,
+)
+from ifsteer.models import DEFAULT_MODEL, LoadedModel, load_model
+from ifsteer.paths import cache_home
+from ifsteer.search import (
+    Fluency,
+    Point,
+    ResponseLog,
+    SearchResult,
+    SearchSpace,
+    run_search,
+    steerings_for,
+    verify_point,
+)
+from ifsteer.shipped import file_name, read_calibrated, shipped_dir, write_calibrated
+from ifsteer.validation import (
+    ValidationPrompt,
+    extraction_queries,
+    keyword_validation,
+    validation_prompts,
+)
+from ifsteer.vectors import SteeringVector, default_layer, extract_instruction
+
+# Most promising first, so an interrupted build has shipped what matters most.
+GROUPS = ("language", "format", "keywords", "length")
+KEYWORD_CLASS = "keywords:existence"
+TOKENS = {"format": 256, "language": 96, "keywords": 128, "length": 256}
+N_PAIRS = {"format": 64, "language": 64, "keywords": 20, "length": 64}
+
+
+def group_ids(group: str) -> list[str]:
+    if group == "format":
+        return list(FORMAT_INSTRUCTION_IDS)
+    if group == "language":
+        return [f"language:response_language:{code}" for code in LANGUAGES]
+    if group == "length":
+        return [f"length:{level}" for level in LENGTH_LEVELS]
+    raise ValueError(group)
+
+
+def keyword_words() -> list[str]:
+    """Every word the keyword include/exclude test sets name, lowercased, in file order."""
+    words: dict[str, None] = {}
+    for name in ("ifeval_keywords_include.txt", "ifeval_keywords_exclude.txt"):
+        for line in data_path(name).read_text("utf-8").splitlines():
+            if line.strip():
+                words[line.strip().lower()] = None
+    return list(words)
+
+
+def calibration_record(
+    result: SearchResult,
+    vectors: Mapping[int, SteeringVector],
+    space: SearchSpace,
+    seed: int,
+    status: str = "searched",
+) -> dict[str, Any]:
+    point = result.chosen if result.recommended else result.best
+    return {
+        "status": status,
+        "recommended": result.recommended,
+        "point": point.point.key,
+        "mode": point.point.mode,
+        "scale": point.point.scale,
+        "validation": {
+            "score": point.score,
+            "accuracy": point.accuracy,
+            "degenerate": point.degenerate,
+            "no_steering_score": result.baseline.score,
+            "no_steering_accuracy": result.baseline.accuracy,
+            "n_prompts": result.n_prompts,
+            "max_new_tokens": result.max_new_tokens,
+        },
+        "paper_targets": {str(layer): vectors[layer].target for layer in point.point.layers},
+        "search": {
+            "layers": list(space.layers),
+            "projection_scales": list(space.projection_scales),
+            "additive_scales": list(space.additive_scales),
+            "multi_layer": space.multi_layer,
+            "points": len(result.results),
+        },
+        "fluency": {
+            "max_repetition": result.fluency.max_repetition,
+            "min_perplexity": result.fluency.min_perplexity,
+            "max_perplexity": result.fluency.max_perplexity,
+            "min_tail_compression": result.fluency.min_tail_compression,
+            "max_degenerate": result.fluency.max_degenerate,
+        },
+        "seed": seed,
+    }
+
+
+class Builder:
+    def __init__(
+        self,
+        lm: LoadedModel,
+        judge: LoadedModel | None,
+        out: Path,
+        work: Path,
+        *,
+        n_prompts: int,
+        seed: int,
+        batch_size: int,
+    ) -> None:
+        self.lm, self.judge, self.out, self.work = lm, judge, out, work
+        self.n_prompts, self.seed, self.batch_size = n_prompts, seed, batch_size
+        self.space = SearchSpace.coarse(lm.n_layers)
+        self.fluency = Fluency()
+
+    def say(self, text: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+    def extract(
+        self, instruction_id: str, layers: Sequence[int], group: str
+    ) -> dict[int, SteeringVector]:
+        return extract_instruction(
+            self.lm,
+            get_instruction(instruction_id),
+            layers,
+            n_pairs=N_PAIRS[group],
+            queries=extraction_queries(),
+            seed=self.seed,
+        )
+
+    def search(
+        self, instruction_id: str, prompts: Sequence[Any], vectors: Sequence[Any], group: str
+    ) -> SearchResult:
+        name = file_name(instruction_id).removesuffix(".safetensors")
+        result = run_search(
+            self.lm,
+            instruction_id,
+            prompts,
+            vectors,
+            self.space,
+            judge=self.judge,
+            fluency=self.fluency,
+            sampling=Sampling(max_new_tokens=TOKENS[group]),
+            log_path=self.work / f"{name}.jsonl",
+            batch_size=self.batch_size,
+        )
+        summary = result.to_json() | {"examples": result.examples}
+        (self.work / f"{name}.summary.json").write_text(
+            json.dumps(summary, indent=1, ensure_ascii=False)
+        )
+        c, b = result.chosen, result.baseline
+        self.say(
+            f"{instruction_id}: chosen {c.point.key} score {c.score:.2f} (acc {c.accuracy:.2f}), "
+            f"no steering {b.score:.2f}; best steered {result.best.point.key} "
+            f"{result.best.score:.2f}"
+        )
+        return result
+
+    def status(self, instruction_id: str) -> str:
+        path = self.out / file_name(instruction_id)
+        if not path.is_file():
+            return "missing"
+        return str(read_calibrated(path).calibration.get("status", "searched"))
+
+    def keywords_pending(self) -> None:
+        """Pending files for every keyword word (one extraction each, 20 pairs)."""
+        for word in keyword_words():
+            self.pending(keyword_instruction(word).id, "keywords")
+
+    def pending(self, instruction_id: str, group: str) -> None:
+        """An uncalibrated file at the paper's setting (a third into the model, projection,
+        c̄): costs one extraction, so every instruction ships before any search has run."""
+        if self.status(instruction_id) != "missing":
+            return
+        layer = default_layer(self.lm.n_layers)
+        vectors = self.extract(instruction_id, [layer], group)
+        point = Point((layer,), get_instruction(instruction_id).mode, 1.0)
+        record = {
+            "status": "pending",
+            "recommended": False,
+            "point": point.key,
+            "mode": point.mode,
+            "scale": point.scale,
+            "validation": None,
+            "paper_targets": {str(layer): vectors[layer].target},
+            "seed": self.seed,
+        }
+        write_calibrated(
+            self.out / file_name(instruction_id), steerings_for(point, vectors), record
+        )
+
+    def prefill_baseline(
+        self, instruction_id: str, prompts: Sequence[ValidationPrompt], group: str
+    ) -> None:
+        """Unsteered answers depend on the query, not on the instruction checked: reuse those
+        any earlier search logged for the same query and length, checked anew."""
+        name = file_name(instruction_id).removesuffix(".safetensors")
+        log = ResponseLog(self.work / f"{name}.jsonl")
+        known: dict[str, dict[str, Any]] = {}
+        for other in self.work.glob("*.jsonl"):
+            for record in ResponseLog(other).records.values():
+                same = record.get("max_new_tokens") == TOKENS[group]
+                if record["point"] == "none" and same and not record.get("with_instruction"):
+                    known.setdefault(record["query"], record)
+        fresh = []
+        for i, p in enumerate(prompts):
+            if ("none", i) in log.records or p.query not in known:
+                continue
+            verdict = check(p.check_id, p.kwargs, p.query, known[p.query]["response"])
+            fresh.append(
+                {**known[p.query], "prompt": i, "passed": verdict.loose, "strict": verdict.strict}
+            )
+        log.add(fresh)
+
+    def instruction(
+        self, instruction_id: str, group: str, donor: Point | None = None
+    ) -> Point | None:
+        """Search (or, given a donor point, verify) one instruction; returns its point."""
+        wanted = "searched" if donor is None else "verified"
+        path = self.out / file_name(instruction_id)
+        status = self.status(instruction_id)
+        if status == "searched" or status == wanted:
+            shipped = read_calibrated(path)
+            return _point_of(shipped.calibration)
+        prompts = validation_prompts(instruction_id, self.n_prompts, seed=self.seed)
+        self.prefill_baseline(instruction_id, prompts, group)
+        if donor is None:
+            vectors = self.extract(instruction_id, self.space.layers, group)
+            result = self.search(instruction_id, prompts, [vectors] * len(prompts), group)
+        else:
+            vectors = self.extract(instruction_id, donor.layers, group)
+            name = file_name(instruction_id).removesuffix(".safetensors")
+            result = verify_point(
+                self.lm,
+                instruction_id,
+                prompts,
+                [vectors] * len(prompts),
+                donor,
+                judge=self.judge,
+                fluency=self.fluency,
+                sampling=Sampling(max_new_tokens=TOKENS[group]),
+                log_path=self.work / f"{name}.jsonl",
+                batch_size=self.batch_size,
+            )
+            self.say(
+                f"{instruction_id}: verified {donor.key} score {result.best.score:.2f}, "
+                f"no steering {result.baseline.score:.2f}"
+            )
+        point = (result.chosen if result.recommended else result.best).point
+        record = calibration_record(result, vectors, self.space, self.seed, wanted)
+        if donor is not None:
+            record["search"] = {"verified_point_of_group": True}
+        write_calibrated(path, steerings_for(point, vectors), record)
+        return point
+
+    def keywords(self) -> None:
+        words = keyword_words()
+        if all(self.status(keyword_instruction(w).id) == "searched" for w in words):
+            return
+        picked = keyword_validation(self.n_prompts, seed=self.seed)
+        per_prompt = [
+            self.extract(keyword_instruction(word).id, self.space.layers, "keywords")
+            for word, _ in picked
+        ]
+        result = self.search(KEYWORD_CLASS, [p for _, p in picked], per_prompt, "keywords")
+        point = (result.chosen if result.recommended else result.best).point
+        for word in words:
+            instruction_id = keyword_instruction(word).id
+            path = self.out / file_name(instruction_id)
+            if self.status(instruction_id) == "searched":
+                continue
+            vectors = self.extract(instruction_id, point.layers, "keywords")
+            record = calibration_record(result, vectors, self.space, self.seed)
+            record["class"] = KEYWORD_CLASS
+            write_calibrated(path, steerings_for(point, vectors), record)
+        self.say(f"keywords: wrote {len(words)} word vectors at {point.key}")
+
+    def run(
+        self,
+        groups: Sequence[str],
+        only: Sequence[str] = (),
+        quick: bool = False,
+        pending_only: bool = False,
+    ) -> None:
+        """Pending files for everything first, then the searches in `groups` order.
+
+        `quick` searches only the first instruction of a group and verifies its point on the
+        others (languages share one; format ids are searched one by one unless quick).
+        """
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.work.mkdir(parents=True, exist_ok=True)
+        # Within a group, ids go in the order `only` gives them (the first is a quick donor).
+        selected = {
+            g: [i for i in only if i in group_ids(g)] if only else group_ids(g)
+            for g in groups
+            if g != "keywords"
+        }
+        for group, ids in selected.items():
+            for instruction_id in ids:
+                self.pending(instruction_id, group)
+        if pending_only:
+            if "keywords" in groups:
+                self.keywords_pending()
+            return
+        for group in groups:
+            if group == "keywords":
+                if not only or KEYWORD_CLASS in only:
+                    self.keywords()
+                continue
+            donor: Point | None = None
+            for instruction_id in selected[group]:
+                point = self.instruction(instruction_id, group, donor if quick else None)
+                if donor is None and point is not None:
+                    donor = point
+
+
+def _point_of(calibration: Mapping[str, Any]) -> Point:
+    layers = tuple(int(layer) for layer in calibration["layers"])
+    return Point(layers, calibration["mode"], float(calibration["scale"]), calibration["positions"])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--judge", default="gemma-3-270m", help="perplexity model; 'none' to skip")
+    parser.add_argument("--out", type=Path, help="vector folder (default: the package's)")
+    parser.add_argument("--work", type=Path, help="response logs (default: the cache)")
+    parser.add_argument("--groups", default=",".join(GROUPS))
+    parser.add_argument("--only", default="", help="comma-separated instruction ids")
+    parser.add_argument("--n-prompts", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--quick", action="store_true", help="search one instruction per group, verify the rest"
+    )
+    parser.add_argument("--layers", help="stage-1 layers, comma-separated (default: every 4th)")
+    parser.add_argument("--projection-scales", help="stage-2 target scales (default 2,4)")
+    parser.add_argument("--additive-scales", help="stage-2 additive scales (default 1,2)")
+    parser.add_argument(
+        "--pending-only", action="store_true", help="only extract the files not yet written"
+    )
+    parser.add_argument(
+        "--layers-only", action="store_true", help="stage 1 of the search only (the layer sweep)"
+    )
+    args = parser.parse_args(argv)
+    groups = [g for g in args.groups.split(",") if g]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        print(
+            f"error: unknown group(s) {unknown}; choose from {', '.join(GROUPS)}", file=sys.stderr
+        )
+        return 2
+    lm = load_model(args.model)
+    judge = None if args.judge == "none" else load_model(args.judge)
+    out = args.out or shipped_dir(lm.model_id)
+    work = args.work or cache_home() / "build" / lm.model_id
+    builder = Builder(
+        lm, judge, out, work, n_prompts=args.n_prompts, seed=args.seed, batch_size=args.batch_size
+    )
+    floats = lambda text: tuple(float(x) for x in text.split(",") if x)  # noqa: E731
+    if args.layers:
+        builder.space = replace(builder.space, layers=tuple(int(x) for x in args.layers.split(",")))
+    if args.projection_scales is not None:
+        builder.space = replace(builder.space, projection_scales=floats(args.projection_scales))
+    if args.additive_scales is not None:
+        builder.space = replace(builder.space, additive_scales=floats(args.additive_scales))
+    if args.layers_only:
+        builder.space = replace(
+            builder.space,
+            projection_scales=(),
+            additive_scales=(),
+            multi_layer=0,
+            try_generated=False,
+        )
+    builder.run(
+        groups,
+        [i for i in args.only.split(",") if i],
+        quick=args.quick,
+        pending_only=args.pending_only,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""The staged calibration search: target-scale semantics, point choice, stages and resuming."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from ifsteer import search as search_module
+from ifsteer.generation import Sampling, generate
+from ifsteer.instructions import get_instruction
+from ifsteer.prompts import build_pairs
+from ifsteer.search import (
+    Fluency,
+    Point,
+    PointResult,
+    ResponseLog,
+    SearchSpace,
+    choose,
+    compression_ratio,
+    projection_target,
+    run_search,
+    steerings_for,
+    tail_compression,
+)
+from ifsteer.steering import Steering
+from ifsteer.validation import validation_prompts
+from ifsteer.vectors import extract_vectors, last_token_activations
+
+LOWER = "change_case:english_lowercase"
+
+
+@pytest.fixture(scope="module")
+def lower_vectors(tiny_lm):
+    pairs = build_pairs(get_instruction(LOWER), 12, seed=0)
+    return pairs, extract_vectors(
+        tiny_lm, pairs, [1, 2, 3], instruction="lower", instruction_id=LOWER
+    )
+
+
+def result(point: Point, score: float, accuracy: float | None = None) -> PointResult:
+    return PointResult(point, score if accuracy is None else accuracy, score, 0.0, 0.0, None, 10)
+
+
+def test_target_scale_zero_is_the_without_level_and_one_the_paper(tiny_lm, lower_vectors):
+    pairs, vectors = lower_vectors
+    without = last_token_activations(tiny_lm, [p.without_instruction for p in pairs], [2])[2]
+    v = vectors[2]
+    assert projection_target(v, 1.0) == v.target
+    assert projection_target(v, 0.0) == pytest.approx(
+        float((without @ v.direction).mean()), rel=1e-4
+    )
+    # Scale 2 is "more of the instruction" whatever the sign of c̄.
+    assert projection_target(v, 2.0) - projection_target(v, 1.0) == pytest.approx(v.norm)
+
+
+def test_scale_one_steers_exactly_as_the_paper(tiny_lm, lower_vectors):
+    _, vectors = lower_vectors
+    prompts = ["Write a poem about rain.", "What causes tides?"]
+    sampling = Sampling(max_new_tokens=6)
+    paper = generate(tiny_lm, prompts, steering=[Steering(vectors[2])], sampling=sampling)
+    ours = generate(
+        tiny_lm, prompts, steering=steerings_for(Point((2,)), vectors), sampling=sampling
+    )
+    assert [c.text for c in ours] == [c.text for c in paper]
+
+
+def test_additive_weight_is_split_across_layers_and_projection_is_not(lower_vectors):
+    _, vectors = lower_vectors
+    assert steerings_for(Point(), vectors) == []
+    spread = steerings_for(Point((1, 3), "additive", 2.0), vectors)
+    assert [s.effective_weight for s in spread] == pytest.approx([vectors[1].norm, vectors[3].norm])
+    projected = steerings_for(Point((1, 3), "projection", 2.0, "generated"), vectors)
+    assert [s.vector.target for s in projected] == pytest.approx(
+        [vectors[1].target + vectors[1].norm, vectors[3].target + vectors[3].norm]
+    )
+    assert {s.positions for s in projected} == {"generated"}
+    with pytest.raises(Exception, match="no vector at layer"):
+        steerings_for(Point((0,)), vectors)
+
+
+def test_choose_takes_the_best_and_breaks_ties_toward_the_simpler_point():
+    none = result(Point(), 0.1)
+    low, high = result(Point((6,)), 0.5), result(Point((10,)), 0.5)
+    multi = result(Point((6, 10), "additive", 2.0), 0.5)
+    generated = result(Point((6,), positions="generated"), 0.5)
+    strong = result(Point((6,), "projection", 4.0), 0.5)
+    assert choose([none, high, multi, generated, strong, low]).point == Point((6,))
+    better = result(Point((10,), "additive", 2.0), 0.6)
+    assert choose([none, low, better]) is better
+    # Equal score, higher accuracy (the degenerate passes) wins the tie.
+    assert choose([none, result(Point((10,)), 0.5, 0.9), low]).point == Point((10,))
+
+
+def test_no_steering_wins_unless_beaten_strictly():
+    none = result(Point(), 0.3)
+    assert choose([none, result(Point((6,)), 0.3)]) is none
+    assert choose([result(Point((6,)), 0.0), none]) is none
+    assert choose([none]) is none
+    with pytest.raises(Exception, match="empty"):
+        choose([])
+
+
+def test_fluency_band():
+    fluency = Fluency(max_repetition=0.5, min_perplexity=2.0, max_perplexity=50.0)
+    assert not fluency.degenerate(0.1, 10.0)
+    assert fluency.degenerate(0.6, 10.0)
+    assert fluency.degenerate(0.1, 1.2)  # looping
+    assert fluency.degenerate(0.1, 400.0)  # broken
+    assert not fluency.degenerate(0.0, math.nan)  # empty answers fail their check instead
+    assert fluency.degenerate(0.0, 10.0, tail=0.1)  # a loop inside one long "word"
+
+
+def test_compression_ratio_separates_loops_from_prose():
+    prose = (
+        "Bees dance to tell the hive where flowers are; the angle and length of the dance matter."
+    )
+    assert compression_ratio("صيريوريوريوريو" + "ريو" * 80) < 0.2 < compression_ratio(prose)
+    assert compression_ratio("") == 1.0
+    # Only the end counts: a fine opening does not hide a loop that took over.
+    assert tail_compression(prose * 3 + "a cup of tea, " * 40) < 0.2
+
+
+def test_run_search_chooses_the_best_valid_point_and_resumes(
+    tiny_lm, lower_vectors, tmp_path, monkeypatch
+):
+    _, vectors = lower_vectors
+    prompts = validation_prompts(LOWER, 3)
+    space = SearchSpace(layers=(1, 2, 3), projection_scales=(2.0,), additive_scales=(1.0,))
+    log = tmp_path / "log.jsonl"
+    kwargs = dict(sampling=Sampling(max_new_tokens=5), log_path=log, batch_size=8)
+    found = run_search(tiny_lm, LOWER, prompts, [vectors] * 3, space, **kwargs)
+    # Stage 1: none + 3 layers; stage 2: 2 weights at the best layer; stage 3: generated + multi.
+    assert len(found.results) == 1 + 3 + 2 + 2
+    assert found.chosen == choose(found.results)
+    best_score = max(r.score for r in found.results)
+    assert found.chosen.score == best_score
+    assert found.baseline.point == Point()
+    assert found.best.point.layers
+    multi = [r for r in found.results if len(r.point.layers) > 1]
+    assert len(multi) == 1 and len(multi[0].point.layers) == 3
+    assert len(ResponseLog(log).records) == len(found.results) * 3
+
+    calls = []
+    real = search_module.generate
+    monkeypatch.setattr(search_module, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = run_search(tiny_lm, LOWER, prompts, [vectors] * 3, space, **kwargs)
+    assert calls == []  # everything came from the log
+    assert again.to_json() == found.to_json()
+
+
+def test_degenerate_points_are_zeroed_by_the_judge_band(tiny_lm, lower_vectors, tmp_path):
+    _, vectors = lower_vectors
+    prompts = validation_prompts(LOWER, 2)
+    space = SearchSpace(
+        layers=(2,), projection_scales=(), additive_scales=(), multi_layer=0, try_generated=False
+    )
+    # A band nothing fits: every answer is degenerate, so every score is zero and none wins.
+    strict = Fluency(max_repetition=1.0, min_perplexity=1e9, max_perplexity=1e10)
+    found = run_search(
+        tiny_lm,
+        LOWER,
+        prompts,
+        [vectors] * 2,
+        space,
+        judge=tiny_lm,
+        fluency=strict,
+        sampling=Sampling(max_new_tokens=4),
+        log_path=tmp_path / "l.jsonl",
+    )
+    assert all(r.score == 0.0 for r in found.results)
+    assert not found.recommended and found.chosen.point == Point()
+    records = ResponseLog(tmp_path / "l.jsonl").records.values()
+    assert all(math.isfinite(r["perplexity"]) or not r["response"] for r in records)

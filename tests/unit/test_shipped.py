@@ -1,0 +1,108 @@
+"""Calibrated vector files: what they record, and the vectors that ship in the package."""
+
+from __future__ import annotations
+
+import pytest
+
+from ifsteer.instructions import get_instruction
+from ifsteer.prompts import build_pairs
+from ifsteer.search import Point, steerings_for
+from ifsteer.shipped import (
+    NotShipped,
+    file_name,
+    listing,
+    load_shipped,
+    read_calibrated,
+    shipped_dir,
+    shipped_ids,
+    write_calibrated,
+)
+from ifsteer.vectors import extract_vectors, load_vector
+
+TITLE = "detectable_format:title"
+REQUIRED = (
+    "status",
+    "recommended",
+    "point",
+    "validation",
+    "layers",
+    "weights",
+    "positions",
+    "paper_targets",
+)
+
+
+@pytest.fixture(scope="module")
+def title_vectors(tiny_lm):
+    pairs = build_pairs(get_instruction(TITLE), 8, seed=0)
+    return extract_vectors(tiny_lm, pairs, [1, 2, 3], instruction="t", instruction_id=TITLE)
+
+
+def calibration(point: Point, vectors) -> dict:
+    return {
+        "recommended": True,
+        "point": point.key,
+        "validation": {"score": 0.4, "no_steering_score": 0.1, "n_prompts": 10},
+        "paper_targets": {str(layer): vectors[layer].target for layer in point.layers},
+    }
+
+
+@pytest.mark.parametrize(
+    "point", [Point((2,), "projection", 2.0), Point((1, 3), "additive", 4.0, "generated")]
+)
+def test_a_written_point_reads_back_as_the_same_steerings(tmp_path, title_vectors, point):
+    steerings = steerings_for(point, title_vectors)
+    path = write_calibrated(
+        tmp_path / file_name(TITLE), steerings, calibration(point, title_vectors)
+    )
+    shipped = read_calibrated(path)
+    again = shipped.steerings()
+    assert [s.vector.layer for s in again] == list(point.layers)
+    assert [s.effective_weight for s in again] == pytest.approx(
+        [s.effective_weight for s in steerings]
+    )
+    assert [s.vector.target for s in again] == pytest.approx([s.vector.target for s in steerings])
+    assert {s.positions for s in again} == {point.positions}
+    assert shipped.recommended and shipped.instruction_id == TITLE
+    # A plain load gives the calibrated default layer, target and weight too.
+    plain = load_vector(path)
+    assert plain.layer == point.layers[0] and plain.mode == point.mode
+    assert [s.effective_weight for s in shipped.steerings(-1.0)] == pytest.approx(
+        [-s.effective_weight for s in steerings]
+    )
+
+
+def test_listing_and_a_missing_vector(tmp_path, title_vectors):
+    point = Point((2,))
+    write_calibrated(
+        tmp_path / file_name(TITLE),
+        steerings_for(point, title_vectors),
+        calibration(point, title_vectors),
+    )
+    assert shipped_ids(directory=tmp_path) == [TITLE]
+    [row] = listing(directory=tmp_path)
+    assert row["instruction_id"] == TITLE and row["score"] == 0.4 and row["point"] == point.key
+    with pytest.raises(NotShipped, match="vectors list"):
+        load_shipped("startend:quotation", directory=tmp_path)
+
+
+def test_every_shipped_vector_fits_the_embedded_model_and_carries_its_scores():
+    ids = shipped_ids()
+    assert ids, f"no vectors ship in {shipped_dir()}"
+    calibrated = 0
+    for instruction_id in ids:
+        shipped = load_shipped(instruction_id)
+        assert shipped.instruction_id == instruction_id
+        for vector in shipped.vectors:
+            vector.check_fits("smollm2-135m-instruct", 576, 30)
+        assert all(key in shipped.calibration for key in REQUIRED), instruction_id
+        if shipped.calibration["status"] == "pending":
+            assert not shipped.recommended and shipped.calibration["validation"] is None
+            continue
+        calibrated += 1
+        validation = shipped.calibration["validation"]
+        assert validation["n_prompts"] >= 10
+        assert 0.0 <= validation["score"] <= 1.0
+        assert shipped.recommended == (validation["score"] > validation["no_steering_score"])
+        assert (shipped.path.stat().st_size) < 64_000
+    assert calibrated >= 2

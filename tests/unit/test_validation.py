@@ -1,0 +1,66 @@
+"""Validation prompts: held apart from extraction, enough per instruction, checkable."""
+
+from __future__ import annotations
+
+import pytest
+
+from ifsteer.checks import check
+from ifsteer.errors import IfsteerError
+from ifsteer.instructions import list_instructions
+from ifsteer.prompts import BASE_QUERIES
+from ifsteer.validation import (
+    check_for,
+    extraction_queries,
+    keyword_validation,
+    validation_prompts,
+    validation_queries,
+)
+
+
+def test_validation_and_extraction_queries_split_the_base_queries():
+    val, ext = validation_queries(), extraction_queries()
+    assert not set(val) & set(ext)
+    assert sorted(val + ext) == sorted(BASE_QUERIES)
+    assert len(val) >= 20 and len(ext) >= 100
+
+
+@pytest.mark.parametrize("instruction", list_instructions(), ids=lambda i: i.id)
+def test_every_instruction_has_ten_checkable_prompts(instruction):
+    prompts = validation_prompts(instruction.id, 10)
+    assert len({p.query for p in prompts}) == 10
+    assert {p.query for p in prompts} <= set(validation_queries())
+    assert all(p.with_instruction.endswith(instruction.phrasings[0]) for p in prompts)
+    # The kwargs are complete: the checker builds without drawing anything at random.
+    first = [check(p.check_id, p.kwargs, p.query, "Some answer.").loose for p in prompts[:2]]
+    assert first == [
+        check(p.check_id, p.kwargs, p.query, "Some answer.").loose for p in prompts[:2]
+    ]
+
+
+def test_draws_are_seeded_and_differ_between_instructions():
+    a = validation_prompts("detectable_format:title", 10)
+    assert a == validation_prompts("detectable_format:title", 10)
+    assert a != validation_prompts("detectable_format:title", 10, seed=1)
+    assert [p.query for p in a] != [p.query for p in validation_prompts("startend:quotation", 10)]
+    with pytest.raises(IfsteerError, match="n must be"):
+        validation_prompts("detectable_format:title", 1000)
+
+
+def test_checks_match_the_instruction():
+    assert check_for("language:response_language:de") == (
+        "language:response_language",
+        {"language": "de"},
+    )
+    assert check_for("length:concise")[0] == "length_constraints:number_sentences"
+    assert check_for("keywords:existence:river") == ("keywords:existence", {"keywords": ["river"]})
+    with pytest.raises(IfsteerError, match="no validation check"):
+        check_for("free:whatever")
+
+
+def test_keyword_validation_has_one_question_per_word():
+    picked = keyword_validation(10)
+    words = [w for w, _ in picked]
+    assert len(set(words)) == 10
+    for word, prompt in picked:
+        assert prompt.kwargs == {"keywords": [word]}
+        assert check(prompt.check_id, prompt.kwargs, prompt.query, f"It is {word}.").loose

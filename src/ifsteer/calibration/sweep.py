@@ -314,6 +314,20 @@ def _grid_point(
 _REQUEST_OPTIONS = ("instruction_id", "with_instruction", "mode")
 
 
+def _swept(
+    lm: LoadedModel,
+    vectors: VectorSource,
+    rows: Sequence[Row],
+    layers: Sequence[int] | None,
+    n_prompts: int | None,
+) -> tuple[dict[str, VectorFile], list[Row], list[int]]:
+    """What a layer or weight request sweeps: its vector files, its first `n_prompts` rows and
+    the layers those files hold (or `layers`)."""
+    rows = list(rows)[:n_prompts] if n_prompts is not None else list(rows)
+    mapping = _vector_files(vectors, rows)
+    return mapping, rows, _layers_for(_serving(mapping, rows), layers, lm.n_layers)
+
+
 def layer_request(
     lm: LoadedModel,
     vectors: VectorSource,
@@ -326,9 +340,7 @@ def layer_request(
     """The paper's layer sweep as a request: "no steering" plus every layer of
     `range(L//5, L, 2)` held by the vector files (or `layers`), at the files' default weight,
     on the first `n_prompts` rows."""
-    rows = list(rows)[:n_prompts] if n_prompts is not None else list(rows)
-    mapping = _vector_files(vectors, rows)
-    grid = _layers_for(_serving(mapping, rows), layers, lm.n_layers)
+    mapping, rows, grid = _swept(lm, vectors, rows, layers, n_prompts)
     points: list[tuple[int | None, float | None]] = [(None, None)] + [(la, None) for la in grid]
     return SweepRequest(mapping, rows, points, **options)
 
@@ -349,9 +361,7 @@ def weight_request(
     the mode is additive unless `mode` says otherwise."""
     if not weights:
         raise InvalidSteering("give at least one weight for a weight grid")
-    rows = list(rows)[:n_prompts] if n_prompts is not None else list(rows)
-    mapping = _vector_files(vectors, rows)
-    grid = _layers_for(_serving(mapping, rows), layers, lm.n_layers)
+    mapping, rows, grid = _swept(lm, vectors, rows, layers, n_prompts)
     points: list[tuple[int | None, float | None]] = [(None, None)]
     points += [(la, float(w)) for la in grid for w in weights]
     options.setdefault("mode", "additive")

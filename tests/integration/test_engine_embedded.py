@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from transformers import GenerationConfig
 
 from ifsteer.engine import Engine, Job, Sampling
 from ifsteer.instructions import get_instruction
-from ifsteer.steering import Steering, steer
+from ifsteer.steering import Steering
 from ifsteer.vectors import extract_instruction
 from tests.integration.conftest import requires_smollm2
+from tests.unit.test_engine import alone
 
 pytestmark = pytest.mark.integration
 
@@ -22,22 +21,6 @@ PROMPTS = [
     "Say hello.",
 ]
 LENGTHS = [12, 16, 12, 8, 10]
-
-
-def alone(lm, prompt: str, steering, max_new_tokens: int) -> str:
-    batch = lm.encode([prompt])
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        eos_token_id=lm.stop_token_ids(),
-        pad_token_id=lm.tokenizer.pad_token_id,
-    )
-    with steer(lm, steering), torch.no_grad():
-        out = lm.model.generate(**batch, generation_config=config)
-    return lm.tokenizer.decode(out[0, batch["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
 @requires_smollm2
@@ -58,6 +41,9 @@ def test_engine_rows_equal_hf_generate_alone(smollm2):
         for p, r, n in zip(PROMPTS, rows, LENGTHS, strict=True)
     ]
     done = engine.run()
-    expected = [alone(smollm2, p, r, n) for p, r, n in zip(PROMPTS, rows, LENGTHS, strict=True)]
+    expected = [
+        smollm2.tokenizer.decode(alone(smollm2, p, r, n), skip_special_tokens=True)
+        for p, r, n in zip(PROMPTS, rows, LENGTHS, strict=True)
+    ]
     assert [done[i].text for i in ids] == expected
     assert any(done[i].finish_reason == "stop" for i in ids), "no row reached its end of turn"

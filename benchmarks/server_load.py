@@ -1,6 +1,6 @@
 """Throughput and latency of the server under 32 concurrent requests: batched vs one at a time.
 
-Runs the real server (uvicorn, loopback port) around the embedded model twice: with dynamic
+Runs the real server (uvicorn, loopback port) around the embedded model twice: with continuous
 batching (`--max-batch-size 32`) and with `max_batch_size=1`, which serves the same burst one
 request at a time. Half the requests are steered (an instruction vector extracted here, at
 the default layer), half are not. Prints completion tokens per second, the ratio, p50/p95
@@ -98,13 +98,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "model": lm.model_id, "requests": args.requests, "max_tokens": args.max_tokens,
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "batch_window_ms": args.window_ms,
     }
     texts = {}
     for name, batch_size in (("batched", args.requests), ("one_at_a_time", 1)):
         app = create_app(
-            lm, {"lowercase": vector}, max_batch_size=batch_size,
-            batch_window_s=args.window_ms / 1000,
+            lm, {"lowercase": vector}, max_batch_size=batch_size
         )
         server, thread, url = _start(app)
         try:
@@ -144,7 +142,6 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--window-ms", type=float, default=20.0)
     parser.add_argument("--json", help="Also write the report to this file.")
     args = parser.parse_args()
     report = run(args)

@@ -151,6 +151,11 @@ class Engine:
     def busy(self) -> bool:
         return bool(self._waiting or self._active)
 
+    @property
+    def rows(self) -> int:
+        """Rows decoding now (shared jobs count once)."""
+        return len(self._active)
+
     def submit(self, job: Job) -> int:
         """Queue a job and return its id; bad steering or sampling is refused here, at once."""
         check_steering(self.lm, job.steering, allow_transfer=self.allow_transfer)

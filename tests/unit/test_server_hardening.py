@@ -67,7 +67,7 @@ def start() -> Iterator[Start]:
 
 @pytest.fixture(scope="module")
 def url(tiny_lm, start) -> str:
-    return start(create_app(tiny_lm, {}, batch_window_s=0.05, limits=LIMITS, extract_pairs=4),
+    return start(create_app(tiny_lm, {}, limits=LIMITS, extract_pairs=4),
                  header_timeout_s=0.5)
 
 
@@ -179,7 +179,7 @@ def test_vectors_listing_hides_free_text_and_groups_layers(http):
 def test_extractions_in_flight_are_bounded_and_generation_goes_first(slow_lm, start):
     limits = Limits(max_prompt_tokens=96, max_tokens=32, default_max_tokens=2,
                     max_pending_extractions=2)
-    url = start(create_app(slow_lm, {}, batch_window_s=0.01, limits=limits, extract_pairs=128))
+    url = start(create_app(slow_lm, {}, limits=limits, extract_pairs=128))
     # 128 pairs = 16 pieces of 16 prompts, >= 0.32 s each extraction on the slowed model
 
     async def scenario() -> tuple[list[httpx.Response], httpx.Response, list[float]]:
@@ -211,8 +211,33 @@ def test_extractions_in_flight_are_bounded_and_generation_goes_first(slow_lm, st
 # --- 3. abandoned requests, the queue, deadlines -------------------------------------------
 
 
+def test_a_short_request_behind_a_long_one_is_answered_first(slow_lm, start):
+    """Continuous batching: the short request joins the running batch and leaves it when its
+    own tokens are done (a static batch answered it only after the long one)."""
+    url = start(create_app(slow_lm, {}, limits=LIMITS))
+
+    async def scenario() -> tuple[dict, float, dict, float]:
+        async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+            async def timed(body: dict) -> tuple[dict, float]:
+                response = await c.post("/v1/completions", json=body)
+                assert response.status_code == 200, response.text
+                return response.json(), time.monotonic()
+
+            long = asyncio.ensure_future(timed(
+                {"model": MODEL, "prompt": "Tell a long story.", "max_tokens": 32}))
+            await asyncio.sleep(0.1)  # the long request is decoding
+            short, short_done = await timed(
+                {"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+            return (*await long, short, short_done)
+
+    long, long_done, short, short_done = asyncio.run(scenario())
+    assert long["usage"]["completion_tokens"] == 32  # the premise: it really was long
+    assert short["usage"]["completion_tokens"] == 2
+    assert short_done < long_done
+
+
 def test_abandoned_requests_are_not_generated(slow_lm, start):
-    url = start(create_app(slow_lm, {}, batch_window_s=0.01, limits=LIMITS))
+    url = start(create_app(slow_lm, {}, limits=LIMITS))
     with httpx.Client(base_url=url, timeout=60) as http:
         before = _stats(http)["requests"]
 
@@ -236,7 +261,7 @@ def test_abandoned_requests_are_not_generated(slow_lm, start):
 
 def test_a_full_queue_is_a_429_and_a_deadline_a_504(slow_lm, start):
     limits = Limits(max_prompt_tokens=96, max_tokens=32, max_queued=2, request_timeout_s=0.3)
-    url = start(create_app(slow_lm, {}, batch_window_s=0.01, limits=limits))
+    url = start(create_app(slow_lm, {}, limits=limits))
 
     async def scenario() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:

@@ -1,20 +1,20 @@
-"""The Hugging Face engine: one worker thread owns a local model and generates jobs in batches.
+"""The Hugging Face engine: one worker thread owns a local model and decodes every request in
+one continuous batch (`ifsteer.engine.Engine`).
 
-Model work is blocking, so it runs off the event loop, in one thread: a batching loop takes the
-jobs that arrive within a short window (or pile up while a batch runs) and generates them as one
-batch through `ifsteer.generation.generate`, each row with its own vectors. Rows are grouped by
-decoding settings (greedy and max_tokens, or the sampling parameters; a seeded request runs
-alone), so a request gets the output it would get alone. Inline extraction runs on the same
-thread, as the model is not safe to use from two, in pieces of `EXTRACTION_PIECE` prompts with
-any queued generation run between pieces: a 2-token request waits for one piece, not for the
-whole extraction.
+Model work is blocking, so it runs off the event loop, in one thread. A request joins the batch
+at the next decode step and leaves it the step it ends, so a short request never waits for a
+long one, and no arrival window delays the first request of a burst. Each row keeps its own
+vectors and its own sampling generator (its seed, or fresh entropy), so a request gets the
+output it would get alone whatever else is in flight. Inline extraction runs on the same thread,
+as the model is not safe to use from two, in pieces of `EXTRACTION_PIECE` prompts: a piece runs
+when no request is decoding, or once `EXTRACTION_SHARE_S` has passed since the last piece, so
+generation goes first and an extraction still ends under a constant load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
-import itertools
 import logging
 import queue
 import threading
@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
+from ifsteer import engine as continuous
 from ifsteer.chat import Prompt
-from ifsteer.generation import Completion, generate
+from ifsteer.generation import Completion
 from ifsteer.instructions import Instruction
 from ifsteer.models import LoadedModel
 from ifsteer.prompts import BASE_QUERIES, build_pairs
@@ -40,9 +41,9 @@ from ifsteer.vectors import (
 from . import Job, OnText
 
 log = logging.getLogger("ifsteer.backends.hf")
-DEFAULT_BATCH_WINDOW_S = 0.02
 DEFAULT_MAX_BATCH_SIZE = 32
 EXTRACTION_PIECE = 16  # prompts per extraction forward, extract_instruction's batch size
+EXTRACTION_SHARE_S = 2.0  # longest a waiting extraction piece yields to generation
 
 
 @dataclass(eq=False)
@@ -50,24 +51,11 @@ class _Pending:
     """A job waiting for the worker, and how to hand its result back to the event loop."""
 
     job: Job
-    text: str  # what generate() reads
-    formatted: bool  # generate(formatted=...)
+    text: str  # what the engine reads
+    formatted: bool  # engine Job(formatted=...)
     future: asyncio.Future[Completion]
     loop: asyncio.AbstractEventLoop
     on_text: OnText | None
-    seq: int
-
-    def group_key(self) -> tuple[Any, ...]:
-        s = self.job.sampling
-        if s.temperature <= 0.0:  # greedy reads nothing else of the sampling settings
-            decoding: tuple[Any, ...] = ("greedy", s.max_new_tokens, s.ignore_eos)
-        elif s.seed is not None:
-            # generate() seeds the global generator once per batch: a seeded request runs
-            # alone, so the same seed gives the same text whatever else is in flight.
-            decoding = ("seeded", self.seq)
-        else:
-            decoding = ("sample", s)
-        return (self.formatted, *decoding)
 
     def emit(self, delta: str) -> None:
         if self.on_text is not None:
@@ -114,13 +102,12 @@ _STOP = object()
 
 
 class BatchingEngine:
-    """One worker thread owns the model; concurrent requests are generated as one batch."""
+    """One worker thread owns the model; concurrent requests share one continuous batch."""
 
     def __init__(
         self,
         lm: LoadedModel,
         *,
-        batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         allow_transfer: bool = False,
         extract_pairs: int = 64,
@@ -129,23 +116,30 @@ class BatchingEngine:
             raise ValueError("max_batch_size must be at least 1")
         self.lm = lm
         self.model_id = lm.model_id
-        # The event loop tokenizes (limits, rendering) while the worker tokenizes a batch; a
-        # fast tokenizer cannot be used from two threads at once ("Already borrowed").
+        # The event loop tokenizes (limits, rendering) while the worker tokenizes joining rows;
+        # a fast tokenizer cannot be used from two threads at once ("Already borrowed").
         self.tokenizer = copy.deepcopy(lm.tokenizer)
         self.n_layers = lm.n_layers
         self.hidden_size = lm.hidden_size
         self.context_length = getattr(lm.model.config, "max_position_embeddings", None)
-        self.batch_window_s = batch_window_s
         self.max_batch_size = max_batch_size
         self.allow_transfer = allow_transfer
         self.extract_pairs = extract_pairs
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._seq = itertools.count()
-        self._extractions: list[_Extraction] = []  # worker-side, oldest first
-        self._stats = {"requests": 0, "batches": 0, "largest_batch": 0, "extractions": 0,
-                       "extraction_pieces": 0}
+        # worker side: the batch, the requests in it by engine job id, waiting extractions
+        self._engine = self._new_engine()
+        self._in_flight: dict[int, _Pending] = {}
+        self._extractions: list[_Extraction] = []  # oldest first
+        self._last_piece = time.monotonic()
+        self._stats = {"requests": 0, "steps": 0, "largest_batch": 0, "cancelled": 0,
+                       "extractions": 0, "extraction_pieces": 0}
         self._warned_bos = False
+
+    def _new_engine(self) -> continuous.Engine:
+        return continuous.Engine(
+            self.lm, batch_size=self.max_batch_size, allow_transfer=self.allow_transfer
+        )
 
     # event-loop side
 
@@ -163,9 +157,7 @@ class BatchingEngine:
     async def generate(self, job: Job, on_text: OnText | None = None) -> Completion:
         loop = asyncio.get_running_loop()
         text, formatted = self._generate_input(job.prompt)
-        pending = _Pending(
-            job, text, formatted, loop.create_future(), loop, on_text, next(self._seq)
-        )
+        pending = _Pending(job, text, formatted, loop.create_future(), loop, on_text)
         self._queue.put(pending)
         return await pending.future
 
@@ -196,13 +188,13 @@ class BatchingEngine:
         return vectors[layer]
 
     def stats(self) -> dict[str, Any]:
-        return {**self._stats, "queued": self._queue.qsize()}
+        return {**self._stats, "queued": self._queue.qsize(), "in_flight": len(self._in_flight)}
 
     def _generate_input(self, prompt: Prompt) -> tuple[str, bool]:
-        """Text and `formatted` flag that make generate() read exactly `prompt_ids(prompt)`.
+        """Text and `formatted` flag that make the engine read exactly `prompt_ids(prompt)`.
 
-        generate(formatted=False) tokenizes with special tokens, which would put a second BOS
-        before a chat template's own: strip the template's, and check the ids agree.
+        The engine tokenizes unformatted text with special tokens, which would put a second
+        BOS before a chat template's own: strip the template's, and check the ids agree.
         """
         if prompt.add_special_tokens:
             return prompt.text, False
@@ -228,73 +220,81 @@ class BatchingEngine:
 
     def _run(self) -> None:
         while True:
-            if self._extractions and self._queue.empty():  # generation always goes first
+            idle = not self._engine.busy and not self._extractions
+            if not self._take(block=idle):
+                return
+            self._drop_abandoned()
+            if self._extractions and (
+                not self._engine.busy
+                or time.monotonic() - self._last_piece >= EXTRACTION_SHARE_S
+            ):
                 if self._extractions[0].step():
                     self._extractions.pop(0)
-                continue
-            first = self._queue.get()
-            if first is _STOP:
-                return
-            batch, stop = self._collect(first)
-            self._extractions.extend(item for item in batch if isinstance(item, _Extraction))
-            jobs = [item for item in batch if isinstance(item, _Pending)]
-            groups: dict[tuple[Any, ...], list[_Pending]] = {}
-            for pending in jobs:
-                groups.setdefault(pending.group_key(), []).append(pending)
-            for group in groups.values():
-                self._run_group(group)
-            if stop:
-                return
+                self._last_piece = time.monotonic()
+            elif self._engine.busy:
+                self._step()
 
-    def _collect(self, first: Any) -> tuple[list[Any], bool]:
-        """The first item, plus what follows it with gaps shorter than the window, for at most
-        four windows and up to the batch size: a burst that trickles in still forms one batch."""
-        batch = [first]
-        n_jobs = int(isinstance(first, _Pending))
-        deadline = time.monotonic() + 4 * self.batch_window_s
-        while n_jobs < self.max_batch_size:
-            wait = min(self.batch_window_s, deadline - time.monotonic())
+    def _take(self, *, block: bool) -> bool:
+        """Move what arrived onto the batch (waiting for one item when idle); False on stop."""
+        while True:
             try:
-                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                item = self._queue.get(block=block)
             except queue.Empty:
-                break
+                return True
+            block = False
             if item is _STOP:
-                return batch, True
-            batch.append(item)
-            n_jobs += isinstance(item, _Pending)
-        return batch, False
+                return False
+            if isinstance(item, _Extraction):
+                if not self._extractions:
+                    self._last_piece = time.monotonic()
+                self._extractions.append(item)
+            else:
+                self._submit(item)
 
-    def _run_group(self, group: list[_Pending]) -> None:
-        live = [p for p in group if not p.future.done()]  # drop requests already abandoned
-        if not live:
+    def _submit(self, pending: _Pending) -> None:
+        if pending.future.done():  # abandoned while it waited in the queue
+            self._stats["cancelled"] += 1
             return
-        streaming = any(p.on_text is not None for p in live)
-        sampling = live[0].job.sampling
-        if sampling.temperature > 0.0 and sampling.seed is None:
-            torch.seed()  # not the state a previous request's seed left behind
-        started = time.perf_counter()
+        streaming = pending.on_text is not None
+        job = continuous.Job(
+            pending.text,
+            steering=pending.job.steering,
+            sampling=pending.job.sampling,
+            formatted=pending.formatted,
+            on_text=pending.emit if streaming else None,
+            on_done=pending.finish,
+        )
         try:
-            completions = generate(
-                self.lm,
-                [p.text for p in live],
-                per_row=[list(p.job.steering) for p in live],
-                sampling=sampling,
-                batch_size=len(live),
-                formatted=live[0].formatted,
-                allow_transfer=self.allow_transfer,
-                on_text=(lambda row, delta: live[row].emit(delta)) if streaming else None,
-            )
-        except BaseException as exc:
-            log.exception("batch of %d failed", len(live))
-            for p in live:
-                p.finish(exc)
+            job_id = self._engine.submit(job)
+        except Exception as exc:  # bad steering or sampling: that request's own error
+            pending.finish(exc)
             return
-        self._stats["requests"] += len(live)
-        self._stats["batches"] += 1
-        self._stats["largest_batch"] = max(self._stats["largest_batch"], len(live))
-        log.debug("batch of %d in %.2fs", len(live), time.perf_counter() - started)
-        for p, completion in zip(live, completions, strict=True):
-            p.finish(completion)
+        self._in_flight[job_id] = pending
+
+    def _drop_abandoned(self) -> None:
+        """Requests whose client went away leave the batch instead of being generated."""
+        for job_id in [j for j, p in self._in_flight.items() if p.future.done()]:
+            del self._in_flight[job_id]
+            self._engine.cancel(job_id)
+            self._stats["cancelled"] += 1
+
+    def _step(self) -> None:
+        try:
+            finished = self._engine.step()
+        except BaseException as exc:
+            # The batch's cache is in an unknown state: fail what it held, start a fresh one.
+            log.exception("decoding a batch of %d failed", len(self._in_flight))
+            for pending in self._in_flight.values():
+                pending.finish(exc)
+            self._in_flight.clear()
+            self._engine = self._new_engine()
+            return
+        self._stats["steps"] += 1
+        decoded = self._engine.rows + len(finished)
+        self._stats["largest_batch"] = max(self._stats["largest_batch"], decoded)
+        for job_id, _ in finished:
+            if self._in_flight.pop(job_id, None) is not None:
+                self._stats["requests"] += 1
 
 
-__all__ = ["DEFAULT_BATCH_WINDOW_S", "DEFAULT_MAX_BATCH_SIZE", "BatchingEngine"]
+__all__ = ["DEFAULT_MAX_BATCH_SIZE", "EXTRACTION_SHARE_S", "BatchingEngine"]

@@ -38,11 +38,8 @@ def serve(
         typer.Option(envvar="IFSTEER_API_KEY", help="Require 'Authorization: Bearer KEY'."),
     ] = None,
     max_batch_size: Annotated[
-        int, typer.Option(help="hf only: requests generated as one batch.")
+        int, typer.Option(help="hf only: most requests decoded together (continuous batch).")
     ] = 32,
-    batch_window_ms: Annotated[
-        float, typer.Option(help="hf only: longest gap between requests that join one batch.")
-    ] = 20.0,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted.")] = 4096,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens accepted.")] = 1024,
     max_queued: Annotated[
@@ -90,7 +87,6 @@ def serve(
             lm,
             named,
             api_key=api_key,
-            batch_window_s=batch_window_ms / 1000,
             max_batch_size=max_batch_size,
             limits=limits,
             allow_transfer=allow_transfer,

@@ -26,7 +26,7 @@ from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ifsteer.backends import Engine, Job
-from ifsteer.backends.hf import DEFAULT_BATCH_WINDOW_S, DEFAULT_MAX_BATCH_SIZE, BatchingEngine
+from ifsteer.backends.hf import DEFAULT_MAX_BATCH_SIZE, BatchingEngine
 from ifsteer.chat import render_text
 from ifsteer.errors import IfsteerError
 from ifsteer.models import LoadedModel
@@ -64,7 +64,6 @@ def create_app(
     vectors: Mapping[str, SteeringVector | NamedVector],
     *,
     api_key: str | None = None,
-    batch_window_s: float = DEFAULT_BATCH_WINDOW_S,
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     limits: Limits | None = None,
     allow_transfer: bool = False,
@@ -72,8 +71,8 @@ def create_app(
 ) -> FastAPI:
     """The server around a loaded Hugging Face model and named vectors."""
     engine = BatchingEngine(
-        lm, batch_window_s=batch_window_s, max_batch_size=max_batch_size,
-        allow_transfer=allow_transfer, extract_pairs=extract_pairs,
+        lm, max_batch_size=max_batch_size, allow_transfer=allow_transfer,
+        extract_pairs=extract_pairs,
     )
     return build_app(
         engine, vectors, api_key=api_key, limits=limits, allow_transfer=allow_transfer

@@ -51,6 +51,7 @@ __all__ = [
     "load_rows",
     "prepare_rows",
     "sentence_limit",
+    "held_out_split",
     "split_rows",
 ]
 
@@ -329,14 +330,17 @@ class Split:
     evaluation: list[Row]
     per_group: int
     seed: int
+    rule: str = (
+        "per instruction, rows ranked by sha256(seed:key); the first min(per_group, n // 2) "
+        "preferring distinct vectors go to validation, the rest to evaluation (interleaved "
+        "round-robin across instructions)"
+    )
 
     def to_json(self) -> dict[str, Any]:
         return {
             "per_group": self.per_group,
             "seed": self.seed,
-            "rule": "per instruction, rows ranked by sha256(seed:key); the first "
-            "min(per_group, n // 2) preferring distinct vectors go to validation, "
-            "the rest to evaluation (interleaved round-robin across instructions)",
+            "rule": self.rule,
             "validation": {g: [r.key for r in rows] for g, rows in self.validation.items()},
             "evaluation": [r.key for r in self.evaluation],
         }
@@ -371,8 +375,28 @@ def split_rows(rows: Sequence[Row], per_group: int, *, seed: int = 0) -> Split:
         if chosen:
             validation[group] = chosen
         rest[group] = [r for r in ranked if r not in chosen]
+    return Split(validation, _interleave(rest), per_group, seed)
+
+
+def held_out_split(
+    rows: Sequence[Row], validation: dict[str, list[Row]], *, per_group: int, seed: int = 0
+) -> Split:
+    """Every row held out for evaluation; the sweeps validate on rows made elsewhere
+    (`ifsteer.validation.validation_rows`, from our own queries)."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(group_of(row), []).append(row)
+    ranked = {g: sorted(m, key=lambda r: _rank(seed, r.key)) for g, m in sorted(groups.items())}
+    rule = ("validation rows built from our own base queries (ifsteer.validation), per_group "
+            "per instruction; every data row held out for evaluation, ranked by "
+            "sha256(seed:key) and interleaved round-robin across instructions")
+    return Split(validation, _interleave(ranked), per_group, seed, rule)
+
+
+def _interleave(groups: dict[str, list[Row]]) -> list[Row]:
+    """Rows of every group in turn, so a prefix covers every instruction about equally."""
     evaluation: list[Row] = []
-    depth = max((len(v) for v in rest.values()), default=0)
+    depth = max((len(v) for v in groups.values()), default=0)
     for i in range(depth):
-        evaluation.extend(members[i] for members in rest.values() if i < len(members))
-    return Split(validation, evaluation, per_group, seed)
+        evaluation.extend(members[i] for members in groups.values() if i < len(members))
+    return evaluation

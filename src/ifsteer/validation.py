@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ from ifsteer.datasets import resolve_data
 from ifsteer.errors import IfsteerError
 from ifsteer.instructions import LANGUAGES, get_instruction
 from ifsteer.prompts import BASE_QUERIES
+from ifsteer.rows import Row, group_of
 
 __all__ = [
     "FORMAT_KWARGS",
@@ -38,6 +39,7 @@ __all__ = [
     "keyword_validation",
     "validation_prompts",
     "validation_queries",
+    "validation_rows",
 ]
 
 # One query in VALIDATION_SHARE goes to validation (41 of our 182), the rest to extraction.
@@ -162,3 +164,30 @@ def keyword_validation(n: int = 10, *, seed: int = 0) -> list[tuple[str, Validat
         )
         picked.append((word, prompt))
     return picked
+
+
+def validation_rows(
+    group: str, members: Sequence[Row], n: int = 10, *, seed: int = 0
+) -> list[Row]:
+    """`n` validation rows for the sweep of `group`, as IFEval-format rows, none of `members`.
+
+    A format group validates on its own instruction; the language group, which sweeps one
+    layer for every language, on the languages its rows ask for in turn.
+    """
+    ids = sorted({v for row in members if group_of(row) == group for v in row.vector_ids()})
+    if not ids:
+        raise IfsteerError(f"no rows of {group!r} to build validation prompts for")
+    rows = []
+    for i, vector_id in enumerate(ids):
+        share = len(range(i, n, len(ids)))  # round-robin: ids[j % len(ids)] for j < n
+        prompts = validation_prompts(vector_id, share, seed=seed) if share else []
+        for j, prompt in enumerate(prompts):
+            rows.append(Row(
+                key=f"validation:{vector_id}:{j}",
+                prompt=prompt.with_instruction,
+                prompt_without_instruction=prompt.query,
+                instruction_id_list=(prompt.check_id,),
+                kwargs=(dict(prompt.kwargs),),
+                source="validation",
+            ))
+    return rows

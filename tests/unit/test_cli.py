@@ -222,3 +222,18 @@ def test_generate_refuses_an_instruction_that_ships_no_vector(monkeypatch, capsy
         monkeypatch, capsys, "generate", "-p", "Hi.", "--instruction-id", "free:nothing"
     )
     assert code == 2 and "no calibrated vector ships" in stderr and "Traceback" not in stderr
+
+
+def test_data_is_a_shipped_set_by_name_or_a_path(monkeypatch, capsys, tmp_path, model_dir):
+    code, _, err = run(monkeypatch, capsys, "eval", "--data", "nope", "--out", str(tmp_path / "r"))
+    assert code == 2 and "--data 'nope'" in err and "keywords-include" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+    # the shipped format set by name: one row, unsteered, on the tiny model
+    code, out, err = run(
+        monkeypatch, capsys, "eval", "--data", "format", "--limit", "1", "--model",
+        str(model_dir), "--settings", "no_instruction", "--max-new-tokens", "2",
+        "--no-perplexity", "--out", str(tmp_path / "r"),
+    )
+    assert code == 0, err
+    response = json.loads((tmp_path / "r" / "responses.jsonl").read_text().splitlines()[0])
+    assert response["setting"] == "no_instruction" and response["experiment"] == "format"

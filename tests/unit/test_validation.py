@@ -8,12 +8,14 @@ from ifsteer.checks import check
 from ifsteer.errors import IfsteerError
 from ifsteer.instructions import list_instructions
 from ifsteer.prompts import BASE_QUERIES
+from ifsteer.rows import Row
 from ifsteer.validation import (
     check_for,
     extraction_queries,
     keyword_validation,
     validation_prompts,
     validation_queries,
+    validation_rows,
 )
 
 
@@ -64,3 +66,30 @@ def test_keyword_validation_has_one_question_per_word():
     for word, prompt in picked:
         assert prompt.kwargs == {"keywords": [word]}
         assert check(prompt.check_id, prompt.kwargs, prompt.query, f"It is {word}.").loose
+
+
+def _row(key: str, iid: str, kwargs: dict) -> Row:
+    return Row(key, f"Describe {key}. Follow the rule.", f"Describe {key}.", (iid,), (kwargs,))
+
+
+def test_validation_rows_are_our_queries_checked_as_ifeval_checks_them():
+    members = [_row("a", "startend:quotation", {}), _row("b", "startend:quotation", {})]
+    rows = validation_rows("startend:quotation", members, 10, seed=0)
+    assert len(rows) == 10 and {r.key for r in rows}.isdisjoint({"a", "b"})
+    assert {r.prompt_without_instruction for r in rows} <= set(validation_queries())
+    assert all(r.vector_ids() == ["startend:quotation"] for r in rows)
+    assert all(r.prompt.startswith(r.prompt_without_instruction + " ") for r in rows)
+    assert validation_rows("startend:quotation", members, 10, seed=0) == rows  # seeded
+    assert validation_rows("startend:quotation", members, 10, seed=1) != rows
+
+
+def test_the_language_sweep_validates_on_every_language_its_rows_ask_for():
+    group = "language:response_language"
+    members = [_row("de", group, {"language": "de"}), _row("it", group, {"language": "it"}),
+               _row("fr", group, {"language": "ko"})]
+    rows = validation_rows(group, members, 10)
+    languages = [r.kwargs[0]["language"] for r in rows]
+    assert sorted(set(languages)) == ["de", "it", "ko"]
+    assert sorted(languages.count(code) for code in ("de", "it", "ko")) == [3, 3, 4]
+    with pytest.raises(IfsteerError, match="no rows"):
+        validation_rows("detectable_format:title", members, 10)

@@ -28,6 +28,7 @@ from ifsteer.cli.app import (
     print_table,
     set_threads,
 )
+from ifsteer.datasets import resolve_data
 from ifsteer.errors import InvalidSteering
 
 T = TypeVar("T")
@@ -68,10 +69,10 @@ def _eval_mode(text: str) -> str:
 @app.command("eval")
 def eval_command(
     data: Annotated[
-        Path,
+        str,
         typer.Option(
-            help="IFEval-format jsonl: prompt, prompt_without_instruction, "
-            "instruction_id_list, kwargs."
+            help="A shipped set (format, keywords-include, keywords-exclude, ifeval, ...) or an "
+            "IFEval-format jsonl: prompt, prompt_without_instruction, instruction_id_list, kwargs."
         ),
     ],
     out_dir: Annotated[
@@ -156,7 +157,7 @@ def eval_command(
     judge = None if judge_url is None else Judge(judge_url, str(judge_model), judge_api_key)
     weights = _eval_assignments(weight, "--weight", _eval_finite)
     modes = _eval_assignments(mode, "--mode", _eval_mode)
-    rows = prepare_rows(load_rows(data, limit), experiment)
+    rows = prepare_rows(load_rows(resolve_data(data), limit), experiment)
     found = load_vector_directory(vectors) if vectors is not None else None
     pending = count_pending(out_dir, rows, experiment=experiment, settings=chosen)
     lm = load(model, dtype)
@@ -199,10 +200,10 @@ def sweep_command(
         Path, typer.Argument(help="A vector file, or a directory of them (one sweep each).")
     ],
     data: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
-            help="Validation rows (IFEval-format jsonl); the first --n-prompts rows "
-            "of each instruction are used."
+            help="Validation rows: a shipped set's name or an IFEval-format jsonl; the first "
+            "--n-prompts rows of each instruction are used."
         ),
     ] = None,
     out_dir: Annotated[
@@ -251,14 +252,13 @@ def sweep_command(
 
     if data is None:
         raise InvalidSteering(
-            "give --data PATH: validation rows in IFEval format, e.g. "
-            "--data ../shared/data/ifeval_single_instr_format.jsonl (format, languages) or "
-            "../shared/data/inclusion_validation.jsonl (keywords)"
+            "give --data NAME|PATH: validation rows in IFEval format, e.g. "
+            "--data inclusion-validation (keywords) or a jsonl of your own"
         )
     if n_prompts < 1:
         raise InvalidSteering("--n-prompts must be at least 1")
     files = load_vector_files(vectors)
-    groups = validation_groups(load_rows(data), files, n_prompts, instruction_id)
+    groups = validation_groups(load_rows(resolve_data(data)), files, n_prompts, instruction_id)
     if not groups:
         raise InvalidSteering(
             f"no row of {data} has an instruction served by the vectors in {vectors} "

@@ -18,6 +18,7 @@ from ifsteer.cli.app import (
     out,
     set_threads,
 )
+from ifsteer.datasets import resolve_data
 from ifsteer.errors import InvalidSteering
 
 
@@ -25,22 +26,22 @@ from ifsteer.errors import InvalidSteering
 def run_paper_command(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Run directory (resumable).")],
     data: Annotated[
-        Path | None,
-        typer.Option(
-            help="IFEval format set, e.g. ../shared/data/ifeval_single_instr_format.jsonl"
-        ),
-    ] = None,
+        str,
+        typer.Option(help="IFEval's format set (shipped as 'format') or a jsonl of your own."),
+    ] = "format",
     model: ModelOption = "smollm2-135m-instruct",
     limit: Annotated[
         int, typer.Option(help="Evaluation rows, spread over all instructions; 0 = all.")
     ] = 24,
     sweep_prompts: Annotated[
-        int, typer.Option(help="Validation rows per instruction for its layer sweep.")
-    ] = 3,
+        int,
+        typer.Option(help="Validation prompts per instruction (from our own queries)."),
+    ] = 10,
     layer_step: Annotated[
-        int, typer.Option(help="Sweep every Nth layer of range(L//5, L) (the paper: 2).")
-    ] = 4,
-    max_new_tokens: int = 64,
+        int,
+        typer.Option(help="Sweep every Nth layer of range(L//5, L), aligned on L-4 (paper: 2)."),
+    ] = 8,
+    max_new_tokens: int = 256,
     batch_size: BatchOption = None,
     n_pairs: Annotated[int, typer.Option(help="Prompt pairs per vector.")] = 16,
     with_instruction: Annotated[
@@ -58,8 +59,8 @@ def run_paper_command(
 ) -> None:
     """The paper's format experiment end to end: extract, sweep, evaluate, report.
 
-    The defaults are a quick run (under 10 minutes for the embedded model on 2 CPU cores); the
-    plan it prints names the paper-sized command.
+    The defaults are a quick run (24 evaluation rows, 3 sweep layers); the plan it prints says
+    how long it will take and names the paper-sized command.
     """
     import logging
     import time
@@ -68,17 +69,12 @@ def run_paper_command(
     from ifsteer.progress import RichStages
 
     logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
-    if data is None:
-        raise InvalidSteering(
-            "give --data PATH to IFEval's single-instruction format set, e.g. "
-            "--data ../shared/data/ifeval_single_instr_format.jsonl"
-        )
     check_batch_size(batch_size)
     set_threads(threads)
     if limit < 0 or sweep_prompts < 0 or max_new_tokens < 1 or n_pairs < 1:
         raise InvalidSteering("--limit and --sweep-prompts must be ≥ 0, the other sizes ≥ 1")
     config = PaperConfig(
-        data=data,
+        data=resolve_data(data),
         out=out_dir,
         model=model,
         limit=limit or None,

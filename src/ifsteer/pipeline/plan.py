@@ -16,8 +16,9 @@ from typing import Any
 from ifsteer.errors import IfsteerError
 from ifsteer.instructions import get_instruction
 from ifsteer.models import LoadedModel
-from ifsteer.rows import SETTINGS, Row, Split, load_rows, split_rows
+from ifsteer.rows import SETTINGS, Row, Split, group_of, held_out_split, load_rows
 from ifsteer.rundir import SPLIT, SWEEPS, sweep_path, vector_path
+from ifsteer.validation import validation_rows
 
 __all__ = [
     "DEFAULTS",
@@ -55,16 +56,16 @@ class PipelineError(IfsteerError):
 
 @dataclass(frozen=True)
 class PaperConfig:
-    """Options of one run; the defaults (quick) take under 10 minutes on the embedded model
-    on a 2-core CPU; `full_config` is the paper-sized run."""
+    """Options of one run: the defaults are the quick run (fewer evaluation rows, pairs and
+    layers, the calibration's own prompts and tokens); `full_config` is the paper-sized run."""
 
     data: Path
     out: Path
     model: str = "smollm2-135m-instruct"
     limit: int | None = 24  # evaluation rows (stratified prefix); None = all
-    sweep_prompts: int = 3  # validation rows per instruction (at most half of its rows)
-    layer_step: int = 4  # sweep range(L//5, L, layer_step); the paper's grid is step 2
-    max_new_tokens: int = 64
+    sweep_prompts: int = 10  # validation prompts per instruction, from our own queries
+    layer_step: int = 8  # every 8th layer of the paper's grid, aligned on L−4 (sweep_grid)
+    max_new_tokens: int = 256
     batch_size: int | None = None  # None: sized to the model and free memory
     n_pairs: int = 16
     with_instruction: bool = False  # sweep with the instruction in the prompt
@@ -122,10 +123,19 @@ def _steerable(rows: Sequence[Row]) -> list[Row]:
 
 
 def sweep_grid(n_layers: int, step: int) -> list[int]:
-    """The layers a sweep visits: the paper's `range(L//5, L, 2)` at step 2, a subset above."""
+    """The layers a sweep visits: the paper's `range(L//5, L, 2)` at step 2, a subset above.
+
+    A coarser grid is aligned on its deep end, so it always holds layer L−4 (26 of 30): the
+    searches for the shipped vectors found the embedded model steerable only there and above
+    (docs/shipped.md), and a grid from L//5 at step 8 would stop at 22.
+    """
     if step < 2 or step % 2:
         raise PipelineError(f"--layer-step must be an even number ≥ 2, got {step}")
-    return list(range(n_layers // 5, n_layers, step))
+    first = n_layers // 5
+    if step == 2:
+        return list(range(first, n_layers, 2))
+    start = first + max(0, n_layers - 4 - first) % step
+    return list(range(start, n_layers - 1, step)) or [first]
 
 
 def plan_run(config: PaperConfig, n_layers: int) -> Plan:
@@ -140,7 +150,7 @@ def plan_run(config: PaperConfig, n_layers: int) -> Plan:
         raise PipelineError(
             f"{config.data}: no row has a format or language instruction that ifsteer can steer"
         )
-    split = split_rows(rows, config.sweep_prompts, seed=config.seed)
+    split = _split(rows, config)
     _check_recorded_split(config.out / SPLIT, split)
     evaluation = split.evaluation if config.limit is None else split.evaluation[: config.limit]
     needed = [r for rows_ in split.validation.values() for r in rows_] + evaluation
@@ -152,6 +162,19 @@ def plan_run(config: PaperConfig, n_layers: int) -> Plan:
         sweep_layers=sweep_grid(n_layers, config.layer_step),
         groups=sorted(split.validation),
     )
+
+
+def _split(rows: Sequence[Row], config: PaperConfig) -> Split:
+    """Every data row held out; each instruction's sweep validates on `sweep_prompts` prompts
+    built from our own queries (`ifsteer.validation`), never on the rows it is scored on."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(group_of(row), []).append(row)
+    validation = {
+        group: validation_rows(group, members, config.sweep_prompts, seed=config.seed)
+        for group, members in sorted(groups.items())
+    } if config.sweep_prompts else {}
+    return held_out_split(rows, validation, per_group=config.sweep_prompts, seed=config.seed)
 
 
 def _check_recorded_split(path: Path, split: Split) -> None:
@@ -258,10 +281,7 @@ def minutes_text(seconds: float) -> str:
 def full_plan(config: PaperConfig, plan: Plan, n_layers: int) -> Plan:
     """The plan `full_config(config)` would follow on the same data."""
     full = full_config(config)
-    split = split_rows(
-        [r for rows in plan.split.validation.values() for r in rows] + plan.split.evaluation,
-        full.sweep_prompts, seed=full.seed,
-    )
+    split = _split(plan.split.evaluation, full)
     return Plan(
         split=split,
         evaluation=split.evaluation,

@@ -2,8 +2,9 @@
 
 Stages, each skipping what an earlier (interrupted) run left in the output directory:
 
-1. **split**: the IFEval format set is split once into a few validation rows per instruction
-   (for the sweeps) and evaluation rows (everything else), recorded in `split.json`;
+1. **split**: every row of the IFEval format set is held out for evaluation; each instruction's
+   sweep validates on prompts built from our own queries (`ifsteer.validation`), recorded in
+   `split.json`;
 2. **extract**: one vector file per instruction the rows need (12 format ids, plus one per
    response language present), all layers of the paper grid, in `vectors/`;
 3. **sweep**: one layer sweep per instruction (the languages share one), on its validation
@@ -14,9 +15,9 @@ Stages, each skipping what an earlier (interrupted) run left in the output direc
    unsteered in the steered settings, as in the paper;
 5. **report**: `report.html` and `figures/`.
 
-`run.json` records the options, what each stage did and how long it took. The defaults are a
-quick run, about 10 minutes for the embedded 135M model on a 2-core CPU (`ifsteer.pipeline.plan`
-prices it). The sweeps share one job queue, so a run killed during them redoes them all.
+`run.json` records the options, what each stage did and how long it took; `ifsteer.pipeline.plan`
+prices a run before it starts. The sweeps share one job queue, so a run killed during them
+redoes them all.
 """
 
 from __future__ import annotations

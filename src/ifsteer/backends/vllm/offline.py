@@ -60,6 +60,7 @@ class OfflineVLLM:
         self._llm: Any = None
         self._registered: set[str] = set()
         self._lent: VLLMQueue | None = None
+        self._side: LoadedModel | None = None
 
     def start(self) -> None:
         require_vllm()
@@ -82,9 +83,12 @@ class OfflineVLLM:
             self._llm = None
 
     def side_model(self) -> LoadedModel:
-        """The HF model on the same weights, under the served id (`EngineSetup.side_model`):
-        what the runners tokenize, check vectors and score perplexity with."""
-        return self.setup.side_model()
+        """The HF model on the same weights, under the served id (`EngineSetup.side_model`),
+        loaded on first use: what the runners tokenize, check vectors and score perplexity
+        with."""
+        if self._side is None:
+            self._side = self.setup.side_model()
+        return self._side
 
     def register(self, vectors: Sequence[SteeringVector]) -> None:
         """Put vectors in every worker's bank (once each)."""

@@ -18,23 +18,13 @@ from ifsteer.engine import Job, Sampling
 from ifsteer.errors import InvalidSteering
 from ifsteer.evaluation import run_evaluation
 from ifsteer.evaluation.store import read_responses
-from ifsteer.instructions import get_instruction
 from ifsteer.models import DEFAULT_MODEL, load_model
 from ifsteer.rows import load_rows
-from ifsteer.vectors import default_layer, extract_instruction, load_vector_files, save_vectors
+from ifsteer.vectors import load_vector_files
 
-from .conftest import vllm_model_dir
+from .conftest import CAPITAL, vllm_model_dir, write_capital_case
 
 pytestmark = pytest.mark.vllm
-CAPITAL = "change_case:english_capital"
-QUERIES = [
-    "Describe a forest at dawn.",
-    "Why is the sky blue?",
-    "Write a note to a neighbour who lent you a ladder.",
-    "Explain how bees tell the hive where flowers are.",
-    "Give three tips for learning to cook.",
-    "What makes a good friend?",
-]
 TOKENS = 24
 
 
@@ -45,23 +35,9 @@ def lm():
 
 @pytest.fixture(scope="module")
 def data(lm, tmp_path_factory):
-    """IFEval rows asking for capitals, and the HF model's capital vector at two layers."""
     root = tmp_path_factory.mktemp("runners")
-    rows = root / "rows.jsonl"
-    rows.write_text("".join(json.dumps({
-        "key": i, "prompt": f"{q} Your entire response should be in English, and in all "
-        "capital letters.", "prompt_without_instruction": q,
-        "instruction_id_list": [CAPITAL], "kwargs": [{}],
-    }) + "\n" for i, q in enumerate(QUERIES)))
-    layer = default_layer(lm.n_layers)
-    vectors = extract_instruction(lm, get_instruction(CAPITAL), [layer, layer + 4], n_pairs=16)
-    (root / "vectors").mkdir()
-    save_vectors(
-        root / "vectors" / "capital.safetensors",
-        [v.with_defaults(mode="projection", weight=2.0) for v in vectors.values()],
-        default=layer,
-    )
-    return root, load_rows(rows), [layer, layer + 4]
+    rows, layers = write_capital_case(root, lm)
+    return root, load_rows(rows), layers
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +114,9 @@ def test_a_sweep_on_vllm_picks_a_point_and_writes_it(lm, data, offline, tmp_path
     print(f"sweep answers equal to the HF engine's: {agree} of {len(hf.responses)}; "
           f"chosen {ours.chosen.layer} (HF: {hf.chosen.layer})")
     assert agree >= len(hf.responses) - 2
+    if agree == len(hf.responses):  # the same answers and verdicts: the same grid and choice
+        assert ours.grid == hf.grid and ours.chosen == hf.chosen
+    assert extra["sweep"]["recommended"] == ours.chosen.recommended
 
 
 def test_a_queue_checks_what_vllm_would_refuse_late(lm, offline):

@@ -49,6 +49,9 @@ from .engine import (
     vector_key,
 )
 
+# Request ids stay unique across the queues one engine lends out.
+_RUNS = itertools.count()
+
 
 class OfflineVLLM:
     """One vLLM engine for a process's runs: started once (`start`, about 40 s on a CPU), then
@@ -249,10 +252,6 @@ class VLLMQueue:
         if request.job.on_text is not None and len(request.text) > request.sent:
             delta, request.sent = request.text[request.sent :], len(request.text)
             request.job.on_text(delta)
-
-
-# Request ids stay unique across the queues one engine lends out.
-_RUNS = itertools.count()
 
 
 def _job_id(request_id: str) -> int:

@@ -20,6 +20,7 @@ import inspect
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +77,49 @@ class Job:
     decided: Decider | None = None
     on_text: OnDelta | None = None
     on_done: Callable[[Completion], None] | None = None
+
+
+class JobQueue(Protocol):
+    """What the runners drive (`run_evaluation`, `calibration.sweeps`): jobs in, completions
+    out. `Engine` is one; `backends.vllm.OfflineVLLM.queue` gives another, on vLLM."""
+
+    @property
+    def busy(self) -> bool: ...
+
+    def submit(self, job: Job) -> int: ...
+
+    def step(self) -> list[tuple[int, Completion]]: ...
+
+    def run(self, progress: Callable[[int], None] | None = None) -> dict[int, Completion]: ...
+
+
+class EngineFactory(Protocol):
+    """How a runner gets its queue for `lm`: `Engine` itself (the default), or a factory that
+    hands the runner another backend's queue. `max_tokens` (longest prompt + answer) sizes the
+    batch; `allow_transfer` accepts vectors of another model of the same hidden size."""
+
+    def __call__(
+        self, lm: LoadedModel, *, batch_size: int | None, max_tokens: int, allow_transfer: bool
+    ) -> JobQueue: ...
+
+
+def drain(queue: JobQueue, progress: Callable[[int], None] | None = None) -> dict[int, Completion]:
+    """Step `queue` until it is empty; completions by job id, `progress(n)` as n finish."""
+    done: dict[int, Completion] = {}
+    while queue.busy:
+        finished = queue.step()
+        done.update(finished)
+        if progress is not None and finished:
+            progress(len(finished))
+    return done
+
+
+def job_token_ids(lm: LoadedModel, job: Job) -> list[int]:
+    """The tokens a job's prompt is read as, by every backend: chat template (or `Q: ...`)
+    when `formatted`, special tokens only where the template does not write them."""
+    text = lm.format_prompt(job.prompt) if job.formatted else job.prompt
+    add_special = not (job.formatted and lm.is_chat)
+    return list(lm.tokenizer(text, add_special_tokens=add_special).input_ids)
 
 
 @dataclass(eq=False)
@@ -161,9 +205,7 @@ class Engine:
         check_steering(self.lm, job.steering, allow_transfer=self.allow_transfer)
         if job.sampling.max_new_tokens < 1:
             raise InvalidSteering("max_new_tokens must be at least 1")
-        text = self.lm.format_prompt(job.prompt) if job.formatted else job.prompt
-        add_special = not (job.formatted and self.lm.is_chat)
-        ids = list(self.lm.tokenizer(text, add_special_tokens=add_special).input_ids)
+        ids = job_token_ids(self.lm, job)
         key = _job_key(ids, job)
         with self._lock:
             ticket = _Ticket(self._next_id, job)
@@ -208,13 +250,7 @@ class Engine:
 
     def run(self, progress: Callable[[int], None] | None = None) -> dict[int, Completion]:
         """Decode until the queue is empty; completions by job id."""
-        done: dict[int, Completion] = {}
-        while self.busy:
-            finished = self.step()
-            done.update(finished)
-            if progress is not None and finished:
-                progress(len(finished))
-        return done
+        return drain(self, progress)
 
     @torch.no_grad()
     def step(self) -> list[tuple[int, Completion]]:

@@ -48,10 +48,12 @@ LAYERS = {
     "ifsteer.search": "runners",
     "ifsteer.shipped.build": "runners",
     "ifsteer.backends": "adapters",
+    "ifsteer.backends.vllm.offline": "adapters",  # lends the runners a queue; they never import it
     "ifsteer.report": "faces",
     "ifsteer.pipeline": "faces",
     "ifsteer.server": "faces",
     "ifsteer.cli": "faces",
+    "ifsteer.cli.backend": "faces",  # chooses the runners' engine: the faces choose adapters
 }
 
 

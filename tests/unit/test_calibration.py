@@ -24,6 +24,7 @@ from ifsteer.calibration import (
     sweep_weights,
     validation_groups,
 )
+from ifsteer.engine import Engine
 from ifsteer.errors import IfsteerError, InvalidSteering, VectorMismatch
 from ifsteer.generation import Sampling, generate
 from ifsteer.instructions import get_instruction
@@ -294,10 +295,8 @@ def test_cli_sweep_writes_the_choice(monkeypatch, capsys, tmp_path, tiny10, lowe
 
 
 def test_groups_swept_together_share_one_queue_and_match_sweeping_alone(
-    tiny10, lower_file, tmp_path, monkeypatch
+    tiny10, lower_file, tmp_path
 ):
-    import importlib
-
     from ifsteer.calibration import calibrate, calibrate_groups
     from ifsteer.vectors import load_vector_files
 
@@ -311,19 +310,16 @@ def test_groups_swept_together_share_one_queue_and_match_sweeping_alone(
     sampling = Sampling(max_new_tokens=4)
     alone = {g: calibrate(tiny10, files, g, rows, tmp_path / "alone", layers=[4, 6],
                           sampling=sampling, batch_size=1)[0] for g, rows in groups.items()}
-    sweep_module = importlib.import_module("ifsteer.calibration.sweep")  # the package
-    engines = []  # exports a function of the same name
-    real = sweep_module.Engine
+    engines = []
 
-    def counting(*args, **kwargs):
-        engines.append(real(*args, **kwargs))
+    def counting(*args, **kwargs):  # the queue factory the sweep is handed
+        engines.append(Engine(*args, **kwargs))
         return engines[-1]
 
-    monkeypatch.setattr(sweep_module, "Engine", counting)
     advanced: list[int] = []
     together = calibrate_groups(tiny10, load_vector_files(tmp_path), groups, tmp_path / "one",
                                 layers=[4, 6], sampling=sampling, batch_size=1,
-                                progress=advanced.append)
+                                progress=advanced.append, engine=counting)
     assert len(engines) == 1 and sum(advanced) == (2 + 1) * 3
     for group, (result, _, written) in together.items():
         assert written.is_file()

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from safetensors.torch import save_file
 
+from ifsteer.engine import Engine
 from ifsteer.errors import EvaluationError, MalformedVectorFile, VectorMismatch
 from ifsteer.evaluation import (
     count_pending,
@@ -488,18 +489,15 @@ def test_cli_eval_errors_are_one_line(monkeypatch, capsys, tmp_path):
 
 
 def test_all_settings_share_one_engine_and_each_answer_reaches_disk_as_it_ends(
-    tmp_path, tiny_lm, resume_case, monkeypatch
+    tmp_path, tiny_lm, resume_case
 ):
     """One queue for every row × setting: rows of different settings decode side by side,
     and progress counts answers already on disk (so a kill loses none that were reported)."""
-    import ifsteer.evaluation.run as run_module
-
     rows, vectors = resume_case
     engines: list[Any] = []
     widest: list[int] = []
-    real = run_module.Engine
 
-    class Counting(real):  # type: ignore[misc, valid-type]
+    class Counting(Engine):  # the queue factory the run is handed
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             engines.append(self)
@@ -509,12 +507,11 @@ def test_all_settings_share_one_engine_and_each_answer_reaches_disk_as_it_ends(
             widest.append(len(self._active) + len(done))
             return done
 
-    monkeypatch.setattr(run_module, "Engine", Counting)
     on_disk: list[int] = []
     responses = tmp_path / "run" / "responses.jsonl"
     summary = run_evaluation(
         tiny_lm, rows, vectors, tmp_path / "run", sampling=SHORT, batch_size=16,
-        progress=lambda n: on_disk.append(len(read_responses(responses))),
+        progress=lambda n: on_disk.append(len(read_responses(responses))), engine=Counting,
     )
     assert len(engines) == 1 and summary.generated == 16
     assert max(widest) == 16  # all four settings of all four rows in one batch

@@ -12,6 +12,7 @@ import pytest
 from safetensors import safe_open
 
 import ifsteer.backends.vllm as adapter
+import ifsteer.cli.backend as backend_cli
 import ifsteer.cli.serve as serve_cli
 from ifsteer.errors import InvalidSteering, ModelNotFound
 from ifsteer.models import DEFAULT_MODEL, cache_dir, checkpoint_dir
@@ -40,7 +41,7 @@ def _platform(monkeypatch, *, cpu: bool) -> None:
     fake = SimpleNamespace(platforms=SimpleNamespace(
         current_platform=SimpleNamespace(is_cpu=lambda: cpu)
     ))
-    monkeypatch.setattr(serve_cli, "require_vllm_cli", lambda: fake)
+    monkeypatch.setattr(backend_cli, "require_vllm_cli", lambda: fake)
 
 
 def _engine(**options: Any) -> Any:
@@ -63,7 +64,7 @@ def test_an_embedded_model_is_served_from_its_cache_under_the_hf_backends_id(
     with safe_open(str(directory / "model.safetensors"), "pt") as f:
         assert "model.embed_tokens.weight" in set(f.keys())  # the layout vLLM loads
     assert engine.context_length == LIMITS.max_prompt_tokens + LIMITS.max_tokens
-    assert built[-1]["kv_cache_memory_bytes"] == int(serve_cli.CPU_KV_CACHE_GIB * (1 << 30))
+    assert built[-1]["kv_cache_memory_bytes"] == int(backend_cli.CPU_KV_CACHE_GIB * (1 << 30))
     assert (built[-1]["extract_pairs"], built[-1]["tensor_parallel_size"]) == (16, 1)
 
 

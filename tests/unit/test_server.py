@@ -40,6 +40,7 @@ from ifsteer.server.schema import (
 )
 from ifsteer.steering import Steering, _resolve
 from ifsteer.vectors import default_layer, extract_instruction, load_vector, save_vectors
+from tests.bad_inputs import BAD, Served, replay
 from tests.conftest import make_tiny, tiny_llama_config
 from tests.unit.test_vectors import make_vector
 
@@ -329,93 +330,34 @@ def test_concurrent_mixed_requests_equal_each_request_sent_alone(srv, http):
 # --- bad input ----------------------------------------------------------------------------
 
 
-def _body(**changes) -> str:
-    return json.dumps({**_chat(PROMPTS[1], max_tokens=1), **changes})
-
-
-BAD = {
-    "malformed JSON": ("/v1/chat/completions", '{"model": "tiny-llama", "messages": [', 400,
-                       "invalid_json", None),
-    "not an object": ("/v1/chat/completions", "[1, 2]", 400, "invalid_json", None),
-    "unknown vector": ("/v1/chat/completions", _body(steering=[{"vector": "nope"}]), 404,
-                       "vector_not_found", "steering.0.vector"),
-    "wrong mode": ("/v1/chat/completions", _body(steering=[{"vector": "upper", "mode": "add"}]),
-                   400, "invalid_value", "steering.0.mode"),
-    "weight NaN": ("/v1/chat/completions",
-                   _body(steering=[{"vector": "upper", "weight": 1.0}]).replace("1.0", "NaN"),
-                   400, "invalid_value", "steering.0.weight"),
-    "weight Infinity": ("/v1/chat/completions",
-                        _body(steering=[{"vector": "upper", "weight": 1.0}]).replace(
-                            "1.0", "-Infinity"), 400, "invalid_value", "steering.0.weight"),
-    "weight overflows": ("/v1/chat/completions",
-                         _body(steering=[{"vector": "upper", "weight": 1.0}]).replace(
-                             "1.0", "1e999"), 400, "invalid_value", "steering.0.weight"),
-    "weight over limit": ("/v1/chat/completions",
-                          _body(steering=[{"vector": "upper", "weight": 1e6}]), 400,
-                          "invalid_value", "steering.0.weight"),
-    "weight not a number": ("/v1/chat/completions",
-                            _body(steering=[{"vector": "upper", "weight": "heavy"}]), 400,
-                            "invalid_value", "steering.0.weight"),
-    "vector from another model": ("/v1/chat/completions",
-                                  _body(steering=[{"vector": "foreign"}]), 422,
-                                  "vector_mismatch", "steering.0"),
-    "layer not in file": ("/v1/chat/completions",
-                          _body(steering=[{"vector": "multi", "layer": 2}]), 422,
-                          "vector_mismatch", "steering.0.layer"),
-    "prompt too long": ("/v1/chat/completions",
-                        _body(messages=[{"role": "user", "content": "forest " * 200}]), 400,
-                        "context_length_exceeded", "messages"),
-    "max_tokens over limit": ("/v1/chat/completions", _body(max_tokens=33), 400,
-                              "invalid_value", "max_tokens"),
-    "max_tokens zero": ("/v1/chat/completions", _body(max_tokens=0), 400, "invalid_value",
-                        "max_tokens"),
-    "unknown model": ("/v1/chat/completions", _body(model="gpt-4o"), 404, "model_not_found",
-                      "model"),
-    "no messages": ("/v1/chat/completions", _body(messages=[]), 400, "invalid_value",
-                    "messages"),
-    "base-model chat ending in an answer": (
-        "/v1/chat/completions",
-        _body(messages=[{"role": "user", "content": "Hi"},
-                        {"role": "assistant", "content": "Hello"}]),
-        400, "invalid_request", "messages"),
-    "vector and instruction": ("/v1/chat/completions",
-                               _body(steering=[{"vector": "upper", "instruction": "Be brief."}]),
-                               400, "invalid_value", "steering.0"),
-    "misspelt field": ("/v1/chat/completions",
-                       _body(steering=[{"vector": "upper", "wieght": 2}]), 400,
-                       "invalid_value", "steering.0.wieght"),
-    "too many vectors": ("/v1/chat/completions", _body(steering=[{"vector": "upper"}] * 9), 400,
-                         "invalid_request", "steering"),
-    "unknown instruction id": ("/v1/chat/completions",
-                               _body(steering=[{"instruction_id": "no:such"}]), 404,
-                               "instruction_not_found", None),
-    "inline layer out of range": ("/v1/chat/completions",
-                                  _body(steering=[{"instruction": "Be brief.", "layer": 9}]),
-                                  422, "invalid_value", "steering.0.layer"),
-    "several choices": ("/v1/chat/completions", _body(n=2), 400, "invalid_value", "n"),
-    "stop sequences": ("/v1/chat/completions", _body(stop=["."]), 400,
-                       "unsupported_parameter", "stop"),
-    "temperature too high": ("/v1/chat/completions", _body(temperature=7), 400,
-                             "invalid_value", "temperature"),
-    "too many prompts": ("/v1/completions",
-                         json.dumps({"model": MODEL, "prompt": ["a"] * 17, "max_tokens": 1}),
-                         400, "invalid_request", "prompt"),
-}
+@pytest.fixture(scope="module")
+def keyed(tiny_lm, vector_dir, run_server) -> Iterator[httpx.Client]:
+    """The server the shared bad-input table is replayed against: a key, the table's vectors."""
+    app = create_app(tiny_lm, load_vector_dir(vector_dir), api_key=Served.key, limits=LIMITS,
+                     extract_pairs=4)
+    with httpx.Client(base_url=run_server(app).url, timeout=120) as c:
+        yield c
 
 
 @pytest.mark.parametrize("case", list(BAD))
-def test_bad_input_gets_a_4xx_and_the_next_request_succeeds(http, case):
-    path, body, status, code, param = BAD[case]
-    response = http.post(path, content=body, headers={"content-type": "application/json"})
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert (error["code"], error["param"], error["type"]) == (
-        code, param, "invalid_request_error"
-    )
-    assert error["message"]
-    good = http.post("/v1/chat/completions", json=_chat(PROMPTS[0], max_tokens=1))
+def test_bad_input_gets_a_4xx_and_the_next_request_succeeds(keyed, tiny_lm, case):
+    served = Served(MODEL, tiny_lm.n_layers, LIMITS.max_prompt_tokens, LIMITS.max_tokens,
+                    missing_layer=2, max_body_bytes=LIMITS.max_body_bytes)
+    replay(keyed, served, BAD[case])
+    good = keyed.post("/v1/chat/completions", json=_chat(PROMPTS[0], max_tokens=1),
+                      headers={"authorization": f"Bearer {served.key}"})
     assert good.status_code == 200, good.text
+
+
+def test_a_base_model_chat_must_end_with_a_question(http):
+    body = _chat(PROMPTS[1], max_tokens=1)
+    body["messages"] = [{"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello"}]
+    response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert (response.json()["error"]["code"], response.json()["error"]["param"]) == (
+        "invalid_request", "messages"
+    )
 
 
 def test_unknown_routes_answer_in_the_openai_error_shape(http):

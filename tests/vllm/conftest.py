@@ -8,6 +8,7 @@ vLLM's engine and worker processes are spawned, never forked from the test proce
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import threading
 import warnings
@@ -56,6 +57,44 @@ def vllm_model_dir() -> Path:
             "fix): rebuild it, or set IFSTEER_VLLM_MODEL to a standard checkpoint directory"
         )
     return directory
+
+
+CAPITAL = "change_case:english_capital"
+# The tier's prompts: answered by both backends and compared.
+PROMPTS = [
+    "Describe a forest at dawn.",
+    "Why is the sky blue?",
+    "Write a note to a neighbour who lent you a ladder.",
+    "Explain how bees tell the hive where flowers are.",
+    "Give three tips for learning to cook.",
+    "What makes a good friend?",
+    "Summarise the water cycle.",
+    "Tell me about the moon.",
+]
+
+
+def write_capital_case(root: Path, lm: Any) -> tuple[Path, list[int]]:
+    """`root/rows.jsonl` (IFEval rows asking for capitals) and `root/vectors/capital.safetensors`
+    (the HF model's vector, projection at weight 2, at two layers); the rows' path and the
+    layers. What the runners are compared on, HF against vLLM."""
+    from ifsteer.instructions import get_instruction
+    from ifsteer.vectors import default_layer, extract_instruction, save_vectors
+
+    rows = root / "rows.jsonl"
+    rows.write_text("".join(json.dumps({
+        "key": i, "prompt": f"{q} Your entire response should be in English, and in all "
+        "capital letters.", "prompt_without_instruction": q,
+        "instruction_id_list": [CAPITAL], "kwargs": [{}],
+    }) + "\n" for i, q in enumerate(PROMPTS[:6])))
+    layer = default_layer(lm.n_layers)
+    vectors = extract_instruction(lm, get_instruction(CAPITAL), [layer, layer + 4], n_pairs=16)
+    (root / "vectors").mkdir()
+    save_vectors(
+        root / "vectors" / "capital.safetensors",
+        [v.with_defaults(mode="projection", weight=2.0) for v in vectors.values()],
+        default=layer,
+    )
+    return rows, [layer, layer + 4]
 
 
 class LoopThread:

@@ -21,19 +21,9 @@ from ifsteer.models import DEFAULT_MODEL, load_model
 from ifsteer.steering import Steering
 from ifsteer.vectors import default_layer, extract_instruction
 
-from .conftest import vllm_model_dir
+from .conftest import PROMPTS, vllm_model_dir
 
 pytestmark = pytest.mark.vllm
-PROMPTS = [
-    "Describe a forest at dawn.",
-    "Why is the sky blue?",
-    "Write a note to a neighbour who lent you a ladder.",
-    "Explain how bees tell the hive where flowers are.",
-    "Give three tips for learning to cook.",
-    "What makes a good friend?",
-    "Summarise the water cycle.",
-    "Tell me about the moon.",
-]
 TOKENS = 16
 
 

@@ -3,7 +3,7 @@ and the HF server's errors, on a real uvicorn server (loopback port) and one vLL
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import socket
 import threading
 import time
@@ -17,14 +17,16 @@ from ifsteer.backends.vllm import VLLMEngine
 from ifsteer.generation import Sampling, generate
 from ifsteer.instructions import get_instruction
 from ifsteer.models import DEFAULT_MODEL, load_model
-from ifsteer.server import build_app
+from ifsteer.server import Limits, NamedVector, build_app
 from ifsteer.steering import Steering
 from ifsteer.vectors import default_layer, extract_instruction
+from tests.bad_inputs import BAD, Served, replay
 
 from .conftest import vllm_model_dir
 
 pytestmark = pytest.mark.vllm
-KEY = "sekrit"
+KEY = Served.key
+LIMITS = Limits(max_prompt_tokens=512, max_tokens=64)
 PROMPTS = ["Why is the sky blue?", "Tell me about the moon."]
 TOKENS = 16
 
@@ -33,20 +35,26 @@ TOKENS = 16
 def hf():
     lm = load_model(DEFAULT_MODEL, "float32")
     layer = default_layer(lm.n_layers)
-    upper = extract_instruction(
-        lm, get_instruction("change_case:english_capital"), [layer], n_pairs=16
-    )[layer].with_defaults(weight=2.0)
-    return lm, upper
+    extracted = extract_instruction(
+        lm, get_instruction("change_case:english_capital"), [layer, layer + 2], n_pairs=16
+    )
+    upper = extracted[layer].with_defaults(weight=2.0)
+    return lm, upper, extracted
 
 
 @pytest.fixture(scope="module")
 def url(hf):
-    lm, upper = hf
+    """The server, holding the vectors the shared bad-input table names."""
+    lm, upper, extracted = hf
     engine = VLLMEngine(
         str(vllm_model_dir()), model_id=lm.model_id, dtype="float32", max_model_len=1024,
         kv_cache_memory_bytes=256 << 20, extract_pairs=16,
     )
-    app = build_app(engine, {"upper": upper}, api_key=KEY)
+    named = {
+        "upper": upper, "foreign": dataclasses.replace(upper, model_id="other-model"),
+        "multi": NamedVector(upper, extracted),  # two layers apart: lacks the one between
+    }
+    app = build_app(engine, named, api_key=KEY, limits=LIMITS)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -77,7 +85,7 @@ def _chat(client, model: str, prompt: str, steering=None, **extra) -> str:
 
 
 def test_the_openai_client_gets_the_hf_backends_answers(hf, client):
-    lm, upper = hf
+    lm, upper, _ = hf
     for prompt in PROMPTS:
         plain = _chat(client, lm.model_id, prompt)
         steered = _chat(client, lm.model_id, prompt, [{"vector": "upper"}])
@@ -90,7 +98,7 @@ def test_the_openai_client_gets_the_hf_backends_answers(hf, client):
 
 
 def test_streamed_text_is_the_whole_answer(hf, client):
-    lm, _ = hf
+    lm, *_ = hf
     stream = client.chat.completions.create(
         model=lm.model_id, messages=[{"role": "user", "content": PROMPTS[0]}],
         max_tokens=TOKENS, temperature=0, stream=True,
@@ -102,7 +110,7 @@ def test_streamed_text_is_the_whole_answer(hf, client):
 
 
 def test_inline_instructions_are_extracted_once_and_steer(hf, client):
-    lm, _ = hf
+    lm, *_ = hf
     layer = default_layer(lm.n_layers)
     inline = [{"instruction": "Answer in capital letters only.", "layer": layer}]
     first = _chat(client, lm.model_id, PROMPTS[1], inline)
@@ -110,36 +118,11 @@ def test_inline_instructions_are_extracted_once_and_steer(hf, client):
     assert _chat(client, lm.model_id, PROMPTS[1], inline) == first
 
 
-@pytest.mark.parametrize(("body", "status", "code", "param"), [
-    ('{"model": "m", "messages": [', 400, "invalid_json", None),
-    ({"steering": [{"vector": "nope"}]}, 404, "vector_not_found", "steering.0.vector"),
-    ({"steering": [{"vector": "upper", "mode": "add"}]}, 400, "invalid_value", "steering.0.mode"),
-    ({"steering": [{"vector": "upper", "wieght": 2}]}, 400, "invalid_value",
-     "steering.0.wieght"),
-    ({"model": "gpt-4o"}, 404, "model_not_found", "model"),
-    ({"max_tokens": 0}, 400, "invalid_value", "max_tokens"),
-    ({"max_tokens": 1000}, 400, "context_length_exceeded", "max_tokens"),
-    ({"stop": ["."]}, 400, "unsupported_parameter", "stop"),
-])
-def test_bad_input_gets_the_hf_servers_4xx(hf, url, body, status, code, param):
-    lm, _ = hf
-    if isinstance(body, dict):
-        body = json.dumps({
-            "model": lm.model_id, "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 2, **body,
-        })
-    response = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=120, headers={
-        "content-type": "application/json", "authorization": f"Bearer {KEY}",
-    })
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert (error["code"], error["param"]) == (code, param)
-
-
-def test_requests_without_the_key_are_refused(hf, url):
-    lm, _ = hf
-    response = httpx.post(f"{url}/v1/chat/completions", json={
-        "model": lm.model_id, "messages": [{"role": "user", "content": "hi"}],
-    })
-    assert response.status_code == 401
-    assert response.json()["error"]["code"] == "invalid_api_key"
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gets_the_hf_servers_4xx(hf, url, case):
+    lm, *_ = hf
+    served = Served(lm.model_id, lm.n_layers, LIMITS.max_prompt_tokens, LIMITS.max_tokens,
+                    missing_layer=default_layer(lm.n_layers) + 1,
+                    max_body_bytes=LIMITS.max_body_bytes, key=KEY)
+    with httpx.Client(base_url=url, timeout=120) as client:
+        replay(client, served, BAD[case])

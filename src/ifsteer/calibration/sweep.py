@@ -31,7 +31,7 @@ from ifsteer.calibration.grid import (
 )
 from ifsteer.checks import check_row
 from ifsteer.deciders import row_failure
-from ifsteer.engine import Completion, Engine, Job, Sampling
+from ifsteer.engine import Completion, Engine, EngineFactory, Job, Sampling
 from ifsteer.errors import IfsteerError, InvalidSteering, VectorMismatch
 from ifsteer.models import LoadedModel
 from ifsteer.rows import Row, group_of
@@ -187,6 +187,7 @@ def sweeps(
     max_degenerate: float = MAX_DEGENERATE,
     early_stop: bool = True,
     progress: Progress | None = None,
+    engine: EngineFactory = Engine,
 ) -> list[SweepResult]:
     """Run several sweeps as one continuous-batching job queue and score each.
 
@@ -195,12 +196,16 @@ def sweeps(
     weight, as in evaluation. With `early_stop`, a row stops as soon as its loose check has
     failed for good (`deciders.row_failure`): a failed answer scores nothing whatever its
     fluency (`score_point`), so stopping it changes no score; passes are always generated to
-    the end, since their fluency decides whether they count.
+    the end, since their fluency decides whether they count. `engine` makes the job queue
+    (`Engine`, or `OfflineVLLM.queue` for vLLM), as in `run_evaluation`.
     """
     planned = [_plan(lm, request) for request in requests]
     # Characters bound a prompt's tokens from above: enough to size the KV cache.
     longest = max((len(text) for plan in planned for _, _, text, _ in plan.jobs), default=0)
-    engine = Engine(lm, batch_size=batch_size, max_tokens=longest + sampling.max_new_tokens)
+    queue = engine(
+        lm, batch_size=batch_size, max_tokens=longest + sampling.max_new_tokens,
+        allow_transfer=False,
+    )
     ids: list[list[int]] = []
     for plan in planned:
         decide = [
@@ -208,10 +213,10 @@ def sweeps(
             for row, _ in plan.usable
         ]
         ids.append([
-            engine.submit(Job(text, steering=steerings, sampling=sampling, decided=decide[r]))
+            queue.submit(Job(text, steering=steerings, sampling=sampling, decided=decide[r]))
             for _, r, text, steerings in plan.jobs
         ])
-    done = engine.run(progress)
+    done = queue.run(progress)
     return [
         _score(lm, plan, [done[i] for i in job_ids], sampling, perplexity, max_degenerate)
         for plan, job_ids in zip(planned, ids, strict=True)

@@ -28,6 +28,14 @@ from ifsteer.cli.app import (
     print_table,
     set_threads,
 )
+from ifsteer.cli.backend import (
+    BackendOption,
+    KvCacheOption,
+    MaxModelLenOption,
+    TensorParallelOption,
+    check_backend,
+    runner_backend,
+)
 from ifsteer.datasets import resolve_data
 from ifsteer.errors import InvalidSteering
 
@@ -136,9 +144,17 @@ def eval_command(
     ] = None,
     dtype: DtypeOption = "float32",
     threads: ThreadsOption = None,
+    backend: BackendOption = "hf",
+    tensor_parallel_size: TensorParallelOption = 1,
+    max_model_len: MaxModelLenOption = None,
+    kv_cache_gib: KvCacheOption = None,
 ) -> None:
-    """Evaluate the four settings (no instruction, steer, instruction, instruction + steer)."""
+    """Evaluate the four settings (no instruction, steer, instruction, instruction + steer).
+
+    `--backend vllm` generates on vLLM (the HF model on the side checks vectors and scores
+    perplexity); the run directory is the same."""
     check_batch_size(batch_size)
+    check_backend(backend)
     set_threads(threads)
     import logging
 
@@ -160,9 +176,14 @@ def eval_command(
     rows = prepare_rows(load_rows(resolve_data(data), limit), experiment)
     found = load_vector_directory(vectors) if vectors is not None else None
     pending = count_pending(out_dir, rows, experiment=experiment, settings=chosen)
-    lm = load(model, dtype)
-    scorer = load(fluency_model, dtype) if fluency_model and perplexity else None
-    with progress_bar(f"eval {experiment}", pending) as advance:
+    with (
+        runner_backend(
+            backend, model, dtype, tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+        ) as (lm, engine),
+        progress_bar(f"eval {experiment}", pending) as advance,
+    ):
+        scorer = load(fluency_model, dtype) if fluency_model and perplexity else None
         summary = run_evaluation(
             lm,
             rows,
@@ -179,6 +200,7 @@ def eval_command(
             perplexity=perplexity,
             fluency_lm=scorer,
             progress=advance,
+            engine=engine,
         )
     if summary.missing_vectors:
         out.print(
@@ -237,9 +259,16 @@ def sweep_command(
     batch_size: BatchOption = None,
     dtype: DtypeOption = "float32",
     threads: ThreadsOption = None,
+    backend: BackendOption = "hf",
+    tensor_parallel_size: TensorParallelOption = 1,
+    max_model_len: MaxModelLenOption = None,
+    kv_cache_gib: KvCacheOption = None,
 ) -> None:
-    """Choose each vector's layer (and weight) on validation prompts; write it into the file."""
+    """Choose each vector's layer (and weight) on validation prompts; write it into the file.
+
+    `--backend vllm` generates on vLLM; the choice and the files written are the same."""
     check_batch_size(batch_size)
+    check_backend(backend)
     set_threads(threads)
     from ifsteer.calibration import calibrate_groups, validation_groups
     from ifsteer.generation import Sampling
@@ -267,18 +296,23 @@ def sweep_command(
     grid_layers = csv_ints(layers)
     grid_weights = csv_floats(weights, "--weights")
     target = out_dir or (vectors if vectors.is_dir() else vectors.parent).parent / SWEEPS
-    lm = load(model, dtype)
     sampling = Sampling(max_new_tokens=max_new_tokens)
-    n_points = 1 + len(grid_layers or default_layers(lm.n_layers)) * len(grid_weights or [None])
     label = next(iter(groups)) if len(groups) == 1 else f"{len(groups)} groups"
-    total = sum(len(rows) for rows in groups.values()) * n_points
-    with progress_bar(f"sweep {label}", total) as advance:
-        done = calibrate_groups(
-            lm, files, dict(sorted(groups.items())), target, weights=grid_weights,
-            set_default=set_default, layers=grid_layers, with_instruction=with_instruction,
-            sampling=sampling, batch_size=batch_size, perplexity=perplexity,
-            progress=advance,
+    with runner_backend(
+        backend, model, dtype, tensor_parallel_size=tensor_parallel_size,
+        max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+    ) as (lm, engine):
+        n_points = 1 + len(grid_layers or default_layers(lm.n_layers)) * len(
+            grid_weights or [None]
         )
+        total = sum(len(rows) for rows in groups.values()) * n_points
+        with progress_bar(f"sweep {label}", total) as advance:
+            done = calibrate_groups(
+                lm, files, dict(sorted(groups.items())), target, weights=grid_weights,
+                set_default=set_default, layers=grid_layers, with_instruction=with_instruction,
+                sampling=sampling, batch_size=batch_size, perplexity=perplexity,
+                progress=advance, engine=engine,
+            )
     for group, (result, updated, written) in done.items():
         plot_sweep(result.to_json(), written.with_suffix(".png"))
         print_table(sweep_table(result), simple=False)

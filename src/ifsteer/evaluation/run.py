@@ -26,7 +26,7 @@ from typing import Any
 
 from ifsteer import quality
 from ifsteer.checks import check_row, ensure_punkt
-from ifsteer.engine import Completion, Engine, Job, Sampling
+from ifsteer.engine import Completion, Engine, EngineFactory, Job, Sampling
 from ifsteer.errors import EvaluationError
 from ifsteer.evaluation.plan import VectorPlan, VectorSource, plan_vectors
 from ifsteer.evaluation.store import check_resume, done_key, open_for_append, read_responses
@@ -116,6 +116,7 @@ def run_evaluation(
     perplexity: bool = True,
     fluency_lm: LoadedModel | None = None,
     progress: Progress | None = None,
+    engine: EngineFactory = Engine,
 ) -> Summary:
     """Answer `rows` in each setting, append every response to out_dir/responses.jsonl, and
     write out_dir/summary.json; responses already in the file are skipped (resume).
@@ -129,8 +130,10 @@ def run_evaluation(
     1.2-2.5), so the paper's "perplexity < 2.5 is degenerate" rule, made for an independent
     scorer (GPT-2), is applied only when `fluency_lm` is another model; with `lm` itself a
     response is degenerate by repetition alone. All answers of all settings go to one
-    continuous-batching `Engine` (`batch_size` None: sized to the model and free memory);
-    `progress(n)` is called as soon as n more answers are on disk.
+    continuous-batching `Engine` (`batch_size` None: sized to the model and free memory), or
+    to the queue `engine(lm, ...)` makes (`OfflineVLLM.queue`: the same jobs on vLLM; `lm`
+    still tokenizes, checks the vectors and scores perplexity); `progress(n)` is called as
+    soon as n more answers are on disk.
     """
     started = time.perf_counter()
     settings = _check_settings(settings)
@@ -174,21 +177,21 @@ def run_evaluation(
         done = {done_key(r) for r in existing}
         todo = _schedule(lm, rows, settings, experiment, done)
         skipped = len(rows) * len(settings) - len(todo)
-        engine = Engine(
+        queue = engine(
             lm, batch_size=batch_size, allow_transfer=True,  # vectors were checked when planned
             max_tokens=_longest_prompt(lm, todo) + sampling.max_new_tokens,
         )
         finished: list[tuple[str, Row, Completion]] = []
         for setting, row in todo:
-            engine.submit(Job(
+            queue.submit(Job(
                 row.prompt_for(setting),
                 steering=plan.steerings[str(row.key)] if setting in STEERED else (),
                 sampling=sampling,
                 on_done=_collect(finished, setting, row),
             ))
         last = time.perf_counter()
-        while engine.busy:
-            engine.step()
+        while queue.busy:
+            queue.step()
             if not finished:
                 continue
             now = time.perf_counter()

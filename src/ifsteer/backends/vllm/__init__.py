@@ -4,8 +4,9 @@ vLLM 0.32.0.
 
 Requests are parsed and their steering resolved by `ifsteer.server` (the code the Hugging Face
 engine is served with); `VLLMEngine` is an `ifsteer.backends.Engine` that generates them and
-`worker.SteeringWorkerExtension` steers inside vLLM's workers. See README.md in this folder for
-the design. Importing this package does not import vLLM.
+`worker.SteeringWorkerExtension` steers inside vLLM's workers. `OfflineVLLM` lends the
+runners (`ifsteer eval`, `ifsteer sweep`) a job queue on an offline vLLM engine. See README.md
+in this folder for the design. Importing this package does not import vLLM.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ from .engine import (
     steering_args,
     vector_key,
 )
+from .offline import OfflineVLLM, VLLMQueue
 
 __all__ = [
     "VLLM_VERSION",
     "WORKER_EXTENSION",
+    "OfflineVLLM",
     "VLLMEngine",
+    "VLLMQueue",
     "bank_entry",
     "cache_salt",
     "require_vllm",

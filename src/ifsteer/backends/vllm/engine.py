@@ -25,13 +25,14 @@ import json
 import os
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ifsteer.backends import Job, OnText
 from ifsteer.chat import prompt_ids, stop_token_ids
 from ifsteer.errors import IfsteerError, InvalidSteering
-from ifsteer.generation import Completion
+from ifsteer.generation import Completion, Sampling
 from ifsteer.instructions import Instruction
 from ifsteer.models import LoadedModel
 from ifsteer.steering import Steering
@@ -120,30 +121,17 @@ class VLLMEngine:
         extract_pairs: int = 64,
         **engine_kwargs: Any,
     ) -> None:
-        from transformers import AutoConfig, AutoTokenizer
-
-        refuse_engine_args(engine_kwargs)
-        path = Path(model).expanduser()
-        self.model_path = str(path)
-        self.model_id = model_id or path.resolve().name
-        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
-        config = AutoConfig.from_pretrained(self.model_path, local_files_only=True)
-        text_config = getattr(config, "text_config", None) or config
-        self.n_layers = int(text_config.num_hidden_layers)
-        self.hidden_size = int(text_config.hidden_size)
-        self.context_length = engine_kwargs.get("max_model_len") or getattr(
-            text_config, "max_position_embeddings", None
+        setup = EngineSetup.of(
+            model, model_id=model_id, tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size, dtype=dtype, **engine_kwargs,
         )
-        self._args = {
-            "model": self.model_path, "tokenizer": self.model_path, "dtype": dtype,
-            "tensor_parallel_size": tensor_parallel_size,
-            "pipeline_parallel_size": pipeline_parallel_size,
-            "enable_prefix_caching": True, **engine_kwargs,
-            "enforce_eager": True, "worker_extension_cls": WORKER_EXTENSION,
-        }
+        self.setup = setup
+        self.model_path, self.model_id = setup.model_path, setup.model_id
+        self.tokenizer = setup.tokenizer
+        self.n_layers, self.hidden_size = setup.n_layers, setup.hidden_size
+        self.context_length = setup.context_length
         self._stop = stop_token_ids(self.tokenizer)
         self.extract_pairs = extract_pairs
-        self._dtype = dtype
         self._llm: Any = None
         self._side: LoadedModel | None = None
         self._registered: set[str] = set()
@@ -159,18 +147,14 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # checked by refuse_engine_args
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self._args))
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.setup.args))
         try:
             infos = await self._llm.collective_rpc("ifsteer_install")
         except Exception as exc:  # the worker's refusal, raised again in this process
             self._llm.shutdown()
             self._llm = None
             raise IfsteerError(f"the vLLM engine cannot be steered: {exc}") from None
-        sizes = {info["hidden_size"] for info in infos}
-        if sizes != {self.hidden_size}:
-            raise IfsteerError(
-                f"workers report hidden sizes {sizes}, the config says {self.hidden_size}"
-            )
+        self.setup.check_workers(infos)
 
     async def close(self) -> None:
         if self._llm is not None:
@@ -188,29 +172,16 @@ class VLLMEngine:
                 self._stats["registered_vectors"] = len(self._registered)
 
     async def generate(self, job: Job, on_text: OnText | None = None) -> Completion:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
         if self._llm is None:
             raise IfsteerError("the vLLM engine is not started")
         await self.register([s.vector for s in job.steering])
-        s = job.sampling
-        params = SamplingParams(
-            max_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p if s.temperature > 0 else 1.0,
-            seed=s.seed,
-            stop_token_ids=self._stop,
-            skip_special_tokens=True,
-            output_kind=RequestOutputKind.DELTA,
-            extra_args={EXTRA_ARGS_KEY: steering_args(job.steering)} if job.steering else None,
+        params = sampling_params(
+            job.sampling, job.steering, self._stop, output_kind=RequestOutputKind.DELTA
         )
         ids = prompt_ids(self.tokenizer, job.prompt)
-        prompt = TokensPrompt(prompt_token_ids=ids)
-        salt = cache_salt(job.steering)
-        if salt is not None:
-            prompt["cache_salt"] = salt
+        prompt = steered_prompt(ids, job.steering)
         pieces: list[str] = []
         n_tokens, last_token, finish = 0, None, None
         async for output in self._llm.generate(prompt, params, request_id=uuid.uuid4().hex):
@@ -249,10 +220,7 @@ class VLLMEngine:
     async def _side_model(self) -> LoadedModel:
         async with self._side_lock:
             if self._side is None:
-                from ifsteer.models import DTYPES, load_model
-
-                dtype = self._dtype if self._dtype in DTYPES else "float32"
-                self._side = await asyncio.to_thread(load_model, self.model_path, dtype)
+                self._side = await asyncio.to_thread(self.setup.side_model)
             return self._side
 
     async def worker_info(self) -> list[dict[str, Any]]:
@@ -261,6 +229,107 @@ class VLLMEngine:
 
     def stats(self) -> dict[str, Any]:
         return dict(self._stats)
+
+
+@dataclass(frozen=True)
+class EngineSetup:
+    """What both vLLM engines (`VLLMEngine`, served; `OfflineVLLM`, for the runners) know
+    before vLLM starts: the model's directory, id, tokenizer and sizes, and the engine
+    arguments with the settings steering needs forced (`enforce_eager`, the worker extension,
+    prefix caching on); refused settings are refused in `of`, before a slow start."""
+
+    model_path: str
+    model_id: str
+    tokenizer: Any
+    n_layers: int
+    hidden_size: int
+    context_length: int | None
+    dtype: str
+    args: dict[str, Any]
+
+    @classmethod
+    def of(
+        cls,
+        model: str,
+        *,
+        model_id: str | None = None,
+        tensor_parallel_size: int = 1,
+        pipeline_parallel_size: int = 1,
+        dtype: str = "auto",
+        **engine_kwargs: Any,
+    ) -> EngineSetup:
+        from transformers import AutoConfig, AutoTokenizer
+
+        refuse_engine_args(engine_kwargs)
+        path = str(Path(model).expanduser())
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+        text_config = getattr(config, "text_config", None) or config
+        args = {
+            "model": path, "tokenizer": path, "dtype": dtype,
+            "tensor_parallel_size": tensor_parallel_size,
+            "pipeline_parallel_size": pipeline_parallel_size,
+            "enable_prefix_caching": True, **engine_kwargs,
+            "enforce_eager": True, "worker_extension_cls": WORKER_EXTENSION,
+        }
+        return cls(
+            model_path=path,
+            model_id=model_id or Path(path).resolve().name,
+            tokenizer=AutoTokenizer.from_pretrained(path, local_files_only=True),
+            n_layers=int(text_config.num_hidden_layers),
+            hidden_size=int(text_config.hidden_size),
+            context_length=engine_kwargs.get("max_model_len")
+            or getattr(text_config, "max_position_embeddings", None),
+            dtype=dtype,
+            args=args,
+        )
+
+    def check_workers(self, infos: Sequence[dict[str, Any]]) -> None:
+        """The workers' `ifsteer_install` reports agree with the config."""
+        sizes = {info["hidden_size"] for info in infos}
+        if sizes != {self.hidden_size}:
+            raise IfsteerError(
+                f"workers report hidden sizes {sizes}, the config says {self.hidden_size}"
+            )
+
+    def side_model(self) -> LoadedModel:
+        """The Hugging Face model on the same weights, named as vLLM serves it: for what vLLM
+        does not do (extraction, perplexity, tokenizing as the HF backend does). Float32 where
+        vLLM's dtype is one torch cannot load alike ("auto")."""
+        from ifsteer.models import DTYPES, load_model
+
+        lm = load_model(self.model_path, self.dtype if self.dtype in DTYPES else "float32")
+        return LoadedModel(lm.model, lm.tokenizer, self.model_id)
+
+
+def sampling_params(
+    sampling: Sampling, steering: Sequence[Steering], stop: Sequence[int], **extra: Any
+) -> Any:
+    """A job's `Sampling` and steering as vLLM's `SamplingParams`. `ignore_eos` ignores every
+    stop token, as the HF engine does (vLLM's own flag ignores EOS only)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=sampling.max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p if sampling.temperature > 0 else 1.0,
+        seed=sampling.seed,
+        stop_token_ids=None if sampling.ignore_eos else list(stop),
+        ignore_eos=sampling.ignore_eos,
+        skip_special_tokens=True,
+        extra_args={EXTRA_ARGS_KEY: steering_args(steering)} if steering else None,
+        **extra,
+    )
+
+
+def steered_prompt(ids: Sequence[int], steering: Sequence[Steering]) -> Any:
+    """A tokenized prompt for vLLM, its prefix cache salted by its steering."""
+    from vllm.inputs import TokensPrompt
+
+    prompt = TokensPrompt(prompt_token_ids=list(ids))
+    salt = cache_salt(steering)
+    if salt is not None:
+        prompt["cache_salt"] = salt
+    return prompt
 
 
 def refuse_engine_args(engine_kwargs: dict[str, Any]) -> None:

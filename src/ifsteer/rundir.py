@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "ANSWERS",
     "FIGURES",
     "REPORT",
     "RESPONSES",
@@ -46,6 +47,7 @@ SPLIT = "split.json"
 RUN = "run.json"
 VECTORS = "vectors"
 SWEEPS = "sweeps"
+ANSWERS = "answers.jsonl"  # in SWEEPS: every sweep answer, as it finished
 FIGURES = "figures"
 REPORT = "report.html"
 

@@ -327,3 +327,50 @@ def test_groups_swept_together_share_one_queue_and_match_sweeping_alone(
             r["response"] for r in alone[group].responses
         ]
         assert result.grid == alone[group].grid and result.chosen == alone[group].chosen
+
+
+def test_a_killed_sweep_resumes_from_its_answers_on_disk(tiny10, lower_file, tmp_path):
+    answers = tmp_path / "answers.jsonl"
+    options = dict(sampling=Sampling(max_new_tokens=4), batch_size=2, layers=[4, 6])
+    full = sweep_layers(tiny10, lower_file, ROWS, **options)
+
+    class Killed(Exception):
+        pass
+
+    finished = []
+
+    def killed_after_three(*args, **kwargs):  # an engine that dies after three answers
+        engine = Engine(*args, **kwargs)
+        step = engine.step
+
+        def dying_step():
+            out = step()
+            finished.extend(out)
+            if len(finished) >= 3:
+                raise Killed
+            return out
+
+        engine.step = dying_step
+        return engine
+
+    with pytest.raises(Killed):
+        sweep_layers(tiny10, lower_file, ROWS, answers=answers, engine=killed_after_three,
+                     **options)
+    on_disk = answers.read_text().splitlines()
+    assert len(on_disk) == len(finished) and 3 <= len(on_disk) < 6
+    with answers.open("a") as f:
+        f.write('{"key": "cut short')  # the line a kill interrupted
+    submitted = []
+
+    def counting(*args, **kwargs):
+        engine = Engine(*args, **kwargs)
+        submit = engine.submit
+        engine.submit = lambda job: submitted.append(job) or submit(job)
+        return engine
+
+    advanced: list[int] = []
+    resumed = sweep_layers(tiny10, lower_file, ROWS, answers=answers, engine=counting,
+                           progress=advanced.append, **options)
+    assert len(submitted) == 6 - len(on_disk) and sum(advanced) == 6
+    assert [r["response"] for r in resumed.responses] == [r["response"] for r in full.responses]
+    assert resumed.grid == full.grid and resumed.chosen == full.chosen

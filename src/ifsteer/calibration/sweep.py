@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ifsteer import quality
+from ifsteer.calibration.answers import AnswerLog
 from ifsteer.calibration.grid import (
     MAX_DEGENERATE,
     MAX_REPETITION,
@@ -188,6 +189,7 @@ def sweeps(
     early_stop: bool = True,
     progress: Progress | None = None,
     engine: EngineFactory = Engine,
+    answers: str | Path | None = None,
 ) -> list[SweepResult]:
     """Run several sweeps as one continuous-batching job queue and score each.
 
@@ -197,7 +199,9 @@ def sweeps(
     failed for good (`deciders.row_failure`): a failed answer scores nothing whatever its
     fluency (`score_point`), so stopping it changes no score; passes are always generated to
     the end, since their fluency decides whether they count. `engine` makes the job queue
-    (`Engine`, or `OfflineVLLM.queue` for vLLM), as in `run_evaluation`.
+    (`Engine`, or `OfflineVLLM.queue` for vLLM), as in `run_evaluation`. With `answers`, a
+    JSONL file (`AnswerLog`), every answer is written there as it finishes and answers already
+    there are not generated again, so a killed run resumes where it stopped.
     """
     planned = [_plan(lm, request) for request in requests]
     # Characters bound a prompt's tokens from above: enough to size the KV cache.
@@ -206,20 +210,36 @@ def sweeps(
         lm, batch_size=batch_size, max_tokens=longest + sampling.max_new_tokens,
         allow_transfer=False,
     )
-    ids: list[list[int]] = []
+    log = AnswerLog(answers) if answers is not None else None
+    slots: list[list[int | Completion]] = []  # per plan: a job id, or an answer from the log
     for plan in planned:
         decide = [
             row_failure(row.instruction_id_list, row.kwargs or ()) if early_stop else None
             for row, _ in plan.usable
         ]
-        ids.append([
-            queue.submit(Job(text, steering=steerings, sampling=sampling, decided=decide[r]))
-            for _, r, text, steerings in plan.jobs
-        ])
+        slots.append([])
+        for p, r, text, steerings in plan.jobs:
+            key = AnswerLog.key(
+                plan.request.instruction_id or group_of(plan.usable[r][0]),
+                plan.request.with_instruction, plan.request.mode, plan.request.points[p],
+                plan.usable[r][0].key, text, sampling, early_stop,
+            )
+            known = log.get(key) if log is not None else None
+            slots[-1].append(known if known is not None else queue.submit(Job(
+                text, steering=steerings, sampling=sampling, decided=decide[r],
+                on_done=log.recorder(key) if log is not None else None,
+            )))
+    reused = sum(isinstance(slot, Completion) for plan_slots in slots for slot in plan_slots)
+    if progress is not None and reused:
+        progress(reused)
     done = queue.run(progress)
     return [
-        _score(lm, plan, [done[i] for i in job_ids], sampling, perplexity, max_degenerate)
-        for plan, job_ids in zip(planned, ids, strict=True)
+        _score(
+            lm, plan,
+            [slot if isinstance(slot, Completion) else done[slot] for slot in plan_slots],
+            sampling, perplexity, max_degenerate,
+        )
+        for plan, plan_slots in zip(planned, slots, strict=True)
     ]
 
 

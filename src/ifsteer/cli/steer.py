@@ -11,7 +11,17 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from ifsteer.cli.app import DtypeOption, ModelOption, app, check_mode, csv_ints, load, out
+from ifsteer.cli.app import (
+    BatchOption,
+    DtypeOption,
+    ModelOption,
+    app,
+    check_batch_size,
+    check_mode,
+    csv_ints,
+    load,
+    out,
+)
 from ifsteer.errors import InvalidSteering
 
 
@@ -150,7 +160,7 @@ def generate(
     max_new_tokens: int = 128,
     temperature: float = 0.0,
     seed: int | None = None,
-    batch_size: int = 8,
+    batch_size: BatchOption = None,
     allow_transfer: Annotated[
         bool, typer.Option(help="Apply vectors extracted from another model of equal size.")
     ] = False,
@@ -172,6 +182,7 @@ def generate(
     from ifsteer.steering import Steering, check_steering
     from ifsteer.vectors import load_vector
 
+    check_batch_size(batch_size)
     texts = list(prompt or []) + (load_queries(prompts_file) if prompts_file else [])
     if not texts:
         raise InvalidSteering("give at least one --prompt or a --prompts-file")

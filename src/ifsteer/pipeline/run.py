@@ -16,8 +16,8 @@ Stages, each skipping what an earlier (interrupted) run left in the output direc
 5. **report**: `report.html` and `figures/`.
 
 `run.json` records the options, what each stage did and how long it took; `ifsteer.pipeline.plan`
-prices a run before it starts. The sweeps share one job queue, so a run killed during them
-redoes them all.
+prices a run before it starts. Every sweep answer is appended to `sweeps/answers.jsonl` as it
+finishes, so a run killed during the sweeps generates only the answers it had not finished.
 """
 
 from __future__ import annotations
@@ -47,7 +47,16 @@ from ifsteer.pipeline.plan import (
 )
 from ifsteer.progress import Stages
 from ifsteer.report import plot_sweep, render_report
-from ifsteer.rundir import RUN, SPLIT, SWEEPS, VECTORS, sweep_path, vector_path, write_json
+from ifsteer.rundir import (
+    ANSWERS,
+    RUN,
+    SPLIT,
+    SWEEPS,
+    VECTORS,
+    sweep_path,
+    vector_path,
+    write_json,
+)
 from ifsteer.vectors import (
     VectorFile,
     default_layer,
@@ -170,6 +179,7 @@ def run_paper(
             lm, files, {g: plan.split.validation[g] for g in groups}, out / SWEEPS,
             layers=plan.sweep_layers, with_instruction=config.with_instruction,
             sampling=sampling, batch_size=config.batch_size, progress=advance,
+            answers=out / SWEEPS / ANSWERS,
         )
         for group, (result, _, written) in done.items():
             plot_sweep(result.to_json(), written.with_suffix(".png"))

@@ -237,3 +237,9 @@ def test_data_is_a_shipped_set_by_name_or_a_path(monkeypatch, capsys, tmp_path, 
     assert code == 0, err
     response = json.loads((tmp_path / "r" / "responses.jsonl").read_text().splitlines()[0])
     assert response["setting"] == "no_instruction" and response["experiment"] == "format"
+
+
+def test_eval_takes_vectors_or_the_shipped_ones_not_both(monkeypatch, capsys, tmp_path):
+    code, _, err = run(monkeypatch, capsys, "eval", "--data", "format", "--shipped",
+                       "--vectors", str(tmp_path), "--out", str(tmp_path / "r"))
+    assert code == 2 and "--vectors or --shipped" in err and len(err.strip().splitlines()) == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from ifsteer.instructions import get_instruction
@@ -13,6 +15,7 @@ from ifsteer.shipped import (
     listing,
     load_shipped,
     read_calibrated,
+    recommended_files,
     shipped_dir,
     shipped_ids,
     write_calibrated,
@@ -84,6 +87,20 @@ def test_listing_and_a_missing_vector(tmp_path, title_vectors):
     assert row["instruction_id"] == TITLE and row["score"] == 0.4 and row["point"] == point.key
     with pytest.raises(NotShipped, match="vectors list"):
         load_shipped("startend:quotation", directory=tmp_path)
+
+
+def test_only_recommended_files_are_steered_with(tmp_path, title_vectors):
+    point = Point((2,))
+    steerings = steerings_for(point, title_vectors)
+    write_calibrated(tmp_path / file_name(TITLE), steerings, calibration(point, title_vectors))
+    lost = {**calibration(point, title_vectors), "recommended": False}
+    other = [replace(s, vector=replace(s.vector, instruction_id="startend:quotation"))
+             for s in steerings]
+    write_calibrated(tmp_path / file_name("startend:quotation"), other, lost)
+    assert shipped_ids(directory=tmp_path) == [TITLE, "startend:quotation"]
+    assert recommended_files(directory=tmp_path) == {TITLE: tmp_path / file_name(TITLE)}
+    with pytest.raises(NotShipped, match="build_vectors"):
+        recommended_files("no-such-model")
 
 
 def test_every_shipped_vector_fits_the_embedded_model_and_carries_its_scores():

@@ -94,6 +94,13 @@ def eval_command(
     vectors: Annotated[
         Path | None, typer.Option(help="Directory of vector files, matched by instruction id.")
     ] = None,
+    shipped: Annotated[
+        bool,
+        typer.Option(
+            help="Steer with the calibrated vectors that ship for --model, where their search "
+            "recommends steering; the other rows run unsteered, as in the paper."
+        ),
+    ] = False,
     model: ModelOption = "smollm2-135m-instruct",
     experiment: Annotated[
         str,
@@ -174,7 +181,15 @@ def eval_command(
     weights = _eval_assignments(weight, "--weight", _eval_finite)
     modes = _eval_assignments(mode, "--mode", _eval_mode)
     rows = prepare_rows(load_rows(resolve_data(data), limit), experiment)
+    if shipped and vectors is not None:
+        raise InvalidSteering("give --vectors or --shipped, not both")
     found = load_vector_directory(vectors) if vectors is not None else None
+    if shipped:
+        from ifsteer.shipped import recommended_files
+
+        found = recommended_files(model)
+        out.print(f"steering with {len(found)} shipped vectors their search recommends: "
+                  + ", ".join(sorted(found)))
     pending = count_pending(out_dir, rows, experiment=experiment, settings=chosen)
     with (
         runner_backend(

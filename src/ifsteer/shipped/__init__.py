@@ -35,6 +35,7 @@ __all__ = [
     "file_name",
     "listing",
     "load_shipped",
+    "recommended_files",
     "shipped_dir",
     "shipped_ids",
     "write_calibrated",
@@ -98,6 +99,27 @@ def load_shipped(
             "`ifsteer vectors list` shows those that do, `ifsteer extract` makes one"
         )
     return read_calibrated(path)
+
+
+def recommended_files(
+    model_id: str = DEFAULT_MODEL, directory: Path | None = None
+) -> dict[str, Path]:
+    """The shipped files whose search found steering better than none, by instruction id.
+
+    What an evaluation of the shipped vectors steers with: a file where no steering won
+    holds its best steered point for inspection, not for use."""
+    folder = directory or shipped_dir(model_id)
+    if not folder.is_dir():
+        raise NotShipped(
+            f"no calibrated vectors ship for {model_id!r}: `ifsteer vectors list` shows the "
+            "models that have them, scripts/build_vectors.py builds them for yours"
+        )
+    files = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        shipped = read_calibrated(path)
+        if shipped.recommended:
+            files[shipped.instruction_id] = path
+    return files
 
 
 def read_calibrated(path: Path) -> ShippedVector:

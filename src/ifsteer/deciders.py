@@ -14,10 +14,14 @@ Decidable here: `change_case:english_lowercase` (a capital letter), `change_case
 (a lowercase letter), `punctuation:no_comma` (a comma), `keywords:forbidden_words` (a forbidden
 word, bounded on both sides), `keywords:existence` (every keyword present). The checkers fail
 these without consulting langdetect, which is what makes them monotone.
+Decided on a failure at the start: `startend:quotation` and `detectable_format:json_format`
+need the (stripped) answer to begin with `"`, or with what a JSON value or a code fence can
+begin with. Every loose variant begins either where the answer does or on its second line, so
+once both starts are written and neither can begin a pass, no continuation passes.
 
 Not decided early, and why:
-- the end of the answer matters: `startend:end_checker`, `startend:quotation`,
-  `detectable_format:json_format`, `detectable_format:constrained_response`;
+- the end of the answer matters: `startend:end_checker`, `detectable_format:constrained_response`
+  (its phrase may come at any point), and a pass of quotation or JSON;
 - the whole text is judged at once: `language:response_language` (langdetect may change its
   mind as text grows), `detectable_format:multiple_sections`, `combination:*`;
 - exact counts, or counts that loose variants can lower: `length_constraints:*`,
@@ -49,6 +53,37 @@ def _fails_once(violates: Callable[[str], bool]) -> Decider:
         return violates(settled) and violates(settled.replace("*", ""))
 
     return decided
+
+
+def _start_fails(may_begin: Callable[[str], bool]) -> Decider:
+    """Decided when the answer's start and its second line's start are both written (a
+    character other than whitespace) and `may_begin` rules each out, with and without `*`."""
+
+    def starts(text: str) -> list[str] | None:
+        first = text.lstrip()
+        _, newline, later = text.partition("\n")
+        second = later.lstrip()
+        return [first, second] if first and newline and second else None
+
+    def decided(text: str) -> bool:
+        for variant in (text, text.replace("*", "")):
+            found = starts(variant)
+            if found is None or any(may_begin(start) for start in found):
+                return False
+        return True
+
+    return decided
+
+
+# Python's json.loads, which IFEval calls, also reads NaN and Infinity.
+_JSON_LITERALS = ("true", "false", "null", "NaN", "Infinity")
+
+
+def _may_begin_json(text: str) -> bool:
+    """Whether a JSON value (or a ``` fence around one) can begin like `text`."""
+    if text[0] in '{["-0123456789`':
+        return True
+    return any(literal.startswith(text[: len(literal)]) for literal in _JSON_LITERALS)
 
 
 def _has_upper(text: str) -> bool:
@@ -93,6 +128,10 @@ def decider(instruction_id: str, kwargs: Mapping[str, Any] | None = None) -> Dec
         return _forbidden(list(kwargs["forbidden_words"]))
     if instruction_id == "keywords:existence" and kwargs.get("keywords"):
         return _all_present(list(kwargs["keywords"]))
+    if instruction_id == "startend:quotation":
+        return _start_fails(lambda start: start[0] == '"')
+    if instruction_id == "detectable_format:json_format":
+        return _start_fails(_may_begin_json)
     return None
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ifsteer.deciders import row_failure
 from ifsteer.errors import IfsteerError
 from ifsteer.instructions import get_instruction
 from ifsteer.models import LoadedModel
@@ -35,18 +36,24 @@ __all__ = [
     "sweep_grid",
 ]
 
-# Wall seconds on the embedded SmolLM2-135M (fp32, one thread) on the 2-core development
-# machine at load ~5 (shared with other jobs; alone, CPU time is about half of these).
-# Generation goes through the continuous-batching engine: a decode step costs a fixed part
-# (reading the weights) plus a part per row, fitted from steps at batch 4 and 64 (0.156 s and
-# 0.82 s). Other models scale by parameter count.
+# Wall seconds on the embedded SmolLM2-135M (fp32, one thread, beside one other one-thread
+# job on the 2-core development machine), fitted on a measured quick run (2026-12-02: extract
+# 117 s, sweep 738 s, evaluate 111 s). Generation goes through the continuous-batching engine:
+# a decode step costs a fixed part (reading the weights) plus a part per row. Other models
+# scale by parameter count.
 REFERENCE_PARAMS = 134_515_008
 SECONDS_LOAD = 10.0
-SECONDS_PER_EXTRACT_PROMPT = 0.40  # one forward up to the deepest grid layer, batch 16
-SECONDS_PER_STEP = 0.111  # the fixed part of one decode step, whatever the batch
-SECONDS_PER_ROW_TOKEN = 0.0111  # what each row adds to a decode step
+SECONDS_PER_EXTRACT_PROMPT = 0.17  # one forward up to the deepest grid layer, batch 16
+SECONDS_PER_STEP = 0.05  # the fixed part of one decode step, whatever the batch
+SECONDS_PER_ROW_TOKEN = 0.006  # what each row adds to a decode step
 SECONDS_PER_EVAL_ROW = 0.2  # IFEval checks and bookkeeping per evaluated answer
 SECONDS_PER_PERPLEXITY_ROW = 0.9  # the extra forward that scores an answer's perplexity
+# Answer lengths as a share of max_new_tokens, measured on the same run: this model's answers
+# mostly run to the limit (sweeps 0.94), except sweep rows whose check has a failure decider,
+# which mostly stop within the first lines (0.37); evaluation answers average 0.71.
+LENGTH_UNDECIDED = 0.94
+LENGTH_DECIDABLE = 0.37
+LENGTH_EVALUATED = 0.71
 CPU_BATCH = 64  # what auto_batch_size gives a ~135M model on a CPU with memory to spare
 
 
@@ -218,15 +225,19 @@ def estimate_seconds(
         from ifsteer.evaluation import count_pending
 
         eval_rows = count_pending(directory, plan.evaluation)
-    sweep_rows = sum(len(plan.split.validation[g]) for g in groups) * (len(plan.sweep_layers) + 1)
+    points = len(plan.sweep_layers) + 1
+    sweep_rows = [row for g in groups for row in plan.split.validation[g]] * points
     batch = config.batch_size or _auto_batch(n_params)
     tokens = config.max_new_tokens
+    sweep_tokens = sum(_expected_length(row, tokens) for row in sweep_rows)
     return {
         "load": SECONDS_LOAD * scale,
         "extract": len(vector_ids) * 2 * config.n_pairs * SECONDS_PER_EXTRACT_PROMPT * scale,
-        "sweep": generation_seconds(sweep_rows, tokens, batch) * scale,
+        "sweep": generation_seconds(
+            len(sweep_rows), sweep_tokens / max(len(sweep_rows), 1), batch
+        ) * scale,
         "evaluate": scale * (
-            generation_seconds(eval_rows, tokens, batch)
+            generation_seconds(eval_rows, LENGTH_EVALUATED * tokens, batch)
             + eval_rows * (SECONDS_PER_EVAL_ROW
                            + (SECONDS_PER_PERPLEXITY_ROW if config.perplexity else 0.0))
         ),
@@ -234,13 +245,18 @@ def estimate_seconds(
     }
 
 
-def generation_seconds(answers: int, tokens: int, batch: int) -> float:
-    """Seconds for the engine to write `answers` answers of up to `tokens` tokens.
+def _expected_length(row: Row, max_new_tokens: int) -> float:
+    """Tokens a sweep answer is expected to take: rows whose check can fail early stop early."""
+    decidable = row_failure(row.instruction_id_list, row.kwargs or ()) is not None
+    return (LENGTH_DECIDABLE if decidable else LENGTH_UNDECIDED) * max_new_tokens
+
+
+def generation_seconds(answers: int, tokens: float, batch: int) -> float:
+    """Seconds for the engine to write `answers` answers of `tokens` tokens on average.
 
     The queue keeps `batch` rows decoding until it runs dry, then the last rows finish in a
     shrinking batch: about answers × tokens / batch full steps plus one answer's length of
-    draining steps, each paying the fixed part, and every row-token its own part. Answers
-    that end early (end of turn, a decided failure) make this an upper bound.
+    draining steps, each paying the fixed part, and every row-token its own part.
     """
     if answers <= 0:
         return 0.0

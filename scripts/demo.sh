@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job on the embedded default model (SmolLM2-135M-Instruct, CPU, offline): answer
-# prompts that do not ask for a title, unsteered and steered by the calibrated title vector
-# that ships with ifsteer (no extraction), each answer marked with its IFEval verdict.
+# prompts that ask for nothing in particular, unsteered and steered by two calibrated vectors
+# that ship with ifsteer (no extraction), each answer marked with its IFEval verdict:
+#   - detectable_format:title   (a title in <<double angular brackets>>; layer 26)
+#   - length:extremely_concise  (fewer than 3 sentences; layer 18)
 # `ifsteer vectors list` shows every shipped vector and how it did on validation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,3 +11,7 @@ export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 ifsteer generate --instruction-id detectable_format:title --check --max-new-tokens 40 \
     --prompt "How do I clean a cast iron pan properly?" \
     --prompt "Describe the smells and sounds of a bakery early in the morning."
+ifsteer generate --instruction-id length:extremely_concise --check --max-new-tokens 128 \
+    --prompt "How does a refrigerator keep food cold?" \
+    --prompt "What should I know before adopting a cat?" \
+    --prompt "Why is the ocean salty?"

@@ -1,9 +1,10 @@
 """Shipped calibrated vectors on the embedded model: they steer with no extraction.
 
-The two instructions are those whose validation search raised the pass count most on this
-135M model (docs/shipped.md): a title in <<double angular brackets>> and German. The prompts
-are their own validation prompts, without the instruction; the answers are cut short, since
-both checks are settled by the first words.
+The instructions are those whose validation search raised the pass count most on this 135M
+model (docs/shipped.md): a title in <<double angular brackets>>, German and fewer than three
+sentences. The prompts are their own validation prompts, without the instruction; the answers
+are cut short where the check is settled by the first words (title, language), and long
+enough for an unsteered answer to run past three sentences (length).
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from tests.integration.conftest import requires_smollm2
 
 pytestmark = pytest.mark.integration
 
-RAISED = {"detectable_format:title": 40, "language:response_language:de": 48}
+RAISED = {
+    "detectable_format:title": 40,
+    "language:response_language:de": 48,
+    "length:extremely_concise": 128,
+}
 
 
 @requires_smollm2

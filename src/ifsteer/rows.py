@@ -44,6 +44,7 @@ __all__ = [
     "Need",
     "Row",
     "Split",
+    "by_group",
     "composition_row",
     "group_of",
     "length_instruction",
@@ -314,6 +315,14 @@ def group_of(row: Row) -> str:
     return row.instruction_id_list[0]
 
 
+def by_group(rows: Sequence[Row]) -> dict[str, list[Row]]:
+    """Rows by the sweep they belong to (`group_of`), in their order."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(group_of(row), []).append(row)
+    return groups
+
+
 def _rank(seed: int, key: object) -> str:
     return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
 
@@ -354,9 +363,7 @@ def split_rows(rows: Sequence[Row], per_group: int, *, seed: int = 0) -> Split:
     """
     if per_group < 0:
         raise InvalidSteering(f"per_group must be at least 0, got {per_group}")
-    groups: dict[str, list[Row]] = {}
-    for row in rows:
-        groups.setdefault(group_of(row), []).append(row)
+    groups = by_group(rows)
     validation: dict[str, list[Row]] = {}
     rest: dict[str, list[Row]] = {}
     for group, members in sorted(groups.items()):
@@ -383,9 +390,7 @@ def held_out_split(
 ) -> Split:
     """Every row held out for evaluation; the sweeps validate on rows made elsewhere
     (`ifsteer.validation.validation_rows`, from our own queries)."""
-    groups: dict[str, list[Row]] = {}
-    for row in rows:
-        groups.setdefault(group_of(row), []).append(row)
+    groups = by_group(rows)
     ranked = {g: sorted(m, key=lambda r: _rank(seed, r.key)) for g, m in sorted(groups.items())}
     rule = ("validation rows built from our own base queries (ifsteer.validation), per_group "
             "per instruction; every data row held out for evaluation, ranked by "

@@ -34,9 +34,6 @@ class AnswerLog:
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # the line a kill cut short
 
-    def __len__(self) -> int:
-        return len(self._known)
-
     @staticmethod
     def key(*parts: Any) -> str:
         return json.dumps(parts, sort_keys=True, default=str)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -219,16 +219,20 @@ def sweeps(
         ]
         slots.append([])
         for p, r, text, steerings in plan.jobs:
+            job = Job(text, steering=steerings, sampling=sampling, decided=decide[r])
+            if log is None:
+                slots[-1].append(queue.submit(job))
+                continue
             key = AnswerLog.key(
                 plan.request.instruction_id or group_of(plan.usable[r][0]),
                 plan.request.with_instruction, plan.request.mode, plan.request.points[p],
                 plan.usable[r][0].key, text, sampling, early_stop,
             )
-            known = log.get(key) if log is not None else None
-            slots[-1].append(known if known is not None else queue.submit(Job(
-                text, steering=steerings, sampling=sampling, decided=decide[r],
-                on_done=log.recorder(key) if log is not None else None,
-            )))
+            known = log.get(key)
+            slots[-1].append(
+                known if known is not None
+                else queue.submit(replace(job, on_done=log.recorder(key)))
+            )
     reused = sum(isinstance(slot, Completion) for plan_slots in slots for slot in plan_slots)
     if progress is not None and reused:
         progress(reused)

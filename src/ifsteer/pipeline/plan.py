@@ -17,7 +17,7 @@ from ifsteer.deciders import row_failure
 from ifsteer.errors import IfsteerError
 from ifsteer.instructions import get_instruction
 from ifsteer.models import LoadedModel
-from ifsteer.rows import SETTINGS, Row, Split, group_of, held_out_split, load_rows
+from ifsteer.rows import SETTINGS, Row, Split, by_group, held_out_split, load_rows
 from ifsteer.rundir import SPLIT, SWEEPS, sweep_path, vector_path
 from ifsteer.validation import validation_rows
 
@@ -174,12 +174,9 @@ def plan_run(config: PaperConfig, n_layers: int) -> Plan:
 def _split(rows: Sequence[Row], config: PaperConfig) -> Split:
     """Every data row held out; each instruction's sweep validates on `sweep_prompts` prompts
     built from our own queries (`ifsteer.validation`), never on the rows it is scored on."""
-    groups: dict[str, list[Row]] = {}
-    for row in rows:
-        groups.setdefault(group_of(row), []).append(row)
     validation = {
         group: validation_rows(group, members, config.sweep_prompts, seed=config.seed)
-        for group, members in sorted(groups.items())
+        for group, members in sorted(by_group(rows).items())
     } if config.sweep_prompts else {}
     return held_out_split(rows, validation, per_group=config.sweep_prompts, seed=config.seed)
 

@@ -285,6 +285,8 @@ _KEYWORD_TEMPLATES: tuple[str, ...] = (
 
 _LANGUAGE_PREFIX = "language:response_language:"
 _LENGTH_PREFIX = "length:"
+# IFEval's strict "less than": 3 is "at most two sentences", what extremely concise is checked as.
+EXTREMELY_CONCISE_BELOW = 3
 _KEYWORD_PREFIX = "keywords:existence:"
 _KEYWORD_PATTERN = re.compile(r"[\w'-]+")
 _KEYWORD_KWARGS = {"keywords:existence": "keywords", "keywords:forbidden_words": "forbidden_words"}
@@ -402,8 +404,11 @@ def vector_id_for(instruction_id: str, kwargs: dict | None) -> str | list[str]:
     (any code; whether a vector exists is the vector directory's business). Keyword rows map to
     one inclusion vector per word, a list when there are several; for `keywords:forbidden_words`
     these are still *inclusion* vectors, which the caller applies with a negative weight.
-    `length_constraints:number_sentences` with relation "less than" is served by the conciseness
-    vector. Anything else has no vector and raises UnknownInstruction.
+    `length_constraints:number_sentences` with relation "less than" is served by the level
+    whose own check is nearest: fewer than 3 sentences (at most two) by
+    `length:extremely_concise`, a looser limit by `length:concise`; on the embedded model only
+    the first steers (docs/shipped.md), and one "shorter" vector for every N would steer a
+    five-sentence limit as hard as a one-sentence one. Anything else has no vector and raises UnknownInstruction.
     """
     args = {key: value for key, value in (kwargs or {}).items() if value is not None}
     if instruction_id in _FORMAT:
@@ -418,10 +423,12 @@ def vector_id_for(instruction_id: str, kwargs: dict | None) -> str | list[str]:
         return ids[0] if len(ids) == 1 else ids
     if instruction_id == "length_constraints:number_sentences":
         if args.get("relation") == "less than":
-            return _LENGTH_PREFIX + "concise"
+            limit = args.get("num_sentences")
+            tight = isinstance(limit, int) and limit <= EXTREMELY_CONCISE_BELOW
+            return _LENGTH_PREFIX + ("extremely_concise" if tight else "concise")
         raise UnknownInstruction(
             f"no steering vector serves {instruction_id!r} with relation "
-            f"{args.get('relation')!r}: only 'less than' maps to 'length:concise'"
+            f"{args.get('relation')!r}: only 'less than' maps to a conciseness vector"
         )
     raise UnknownInstruction(
         f"no steering vector serves IFEval instruction {instruction_id!r}: vectors cover the "

@@ -26,7 +26,7 @@ from typing import Any
 
 from ifsteer.datasets import resolve_data
 from ifsteer.errors import IfsteerError
-from ifsteer.instructions import LANGUAGES, get_instruction
+from ifsteer.instructions import EXTREMELY_CONCISE_BELOW, LANGUAGES, get_instruction
 from ifsteer.prompts import BASE_QUERIES
 from ifsteer.rows import Row, group_of
 
@@ -63,7 +63,7 @@ FORMAT_KWARGS: dict[str, dict[str, Any]] = {
 # Length levels as IFEval sentence counts: the paper checks conciseness as "at most N
 # sentences"; the other levels get the matching bound so each level has a verdict.
 LENGTH_CHECKS: dict[str, dict[str, Any]] = {
-    "extremely_concise": {"relation": "less than", "num_sentences": 3},
+    "extremely_concise": {"relation": "less than", "num_sentences": EXTREMELY_CONCISE_BELOW},
     "concise": {"relation": "less than", "num_sentences": 5},
     "moderate": {"relation": "at least", "num_sentences": 5},
     "verbose": {"relation": "at least", "num_sentences": 10},

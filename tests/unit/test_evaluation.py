@@ -289,18 +289,24 @@ def test_exclusion_applies_the_inclusion_vector_with_negative_weight(tmp_path, t
         assert line["vectors"][0]["weight"] == sign * 7.0
 
 
-def test_composition_steers_with_both_vectors_and_scores_both(tmp_path, tiny_lm):
+@pytest.mark.parametrize(
+    ("key", "length_id"), [(1, "length:concise"), (3, "length:extremely_concise")]
+)  # row 1 asks for at most 4 sentences, row 3 for at most 2 (`sentence_limit`)
+def test_composition_steers_with_both_vectors_and_scores_both(tmp_path, tiny_lm, key, length_id):
     lower = make_vector(layer=1, instruction_id=LOWER)
-    concise = make_vector(layer=2, instruction_id="length:concise", mode="additive", weight=5.0)
-    vectors = save_vector_dir(tmp_path / "vectors", lower, concise)
-    data = write_jsonl(tmp_path / "d.jsonl", [ifeval_row(1)])
+    concise, tight = (
+        make_vector(layer=2, instruction_id=i, mode="additive", weight=5.0)
+        for i in ("length:concise", "length:extremely_concise")
+    )
+    vectors = save_vector_dir(tmp_path / "vectors", lower, concise, tight)
+    data = write_jsonl(tmp_path / "d.jsonl", [ifeval_row(key)])
     summary = run_evaluation(
         tiny_lm, load_rows(data), vectors, tmp_path / "run", experiment="composition",
         settings=["instruction_steer"], sampling=SHORT,
     )
     (line,) = read_responses(summary.responses_path)
     assert [(v["instruction_id"], v["layer"]) for v in line["vectors"]] == [
-        (LOWER, 1), ("length:concise", 2)
+        (LOWER, 1), (length_id, 2)
     ]
     assert line["instruction_id_list"] == [LOWER, "length_constraints:number_sentences"]
     assert len(line["strict"]) == 2 and "Answer in at most" in line["prompt"]

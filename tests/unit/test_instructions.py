@@ -227,8 +227,13 @@ def test_vector_id_for_forbidden_words_gives_inclusion_ids() -> None:
 
 
 def test_vector_id_for_sentence_limit() -> None:
-    kwargs = {"relation": "less than", "num_sentences": 6}
-    assert vector_id_for("length_constraints:number_sentences", kwargs) == "length:concise"
+    def served(limit: int) -> str | list[str]:
+        kwargs = {"relation": "less than", "num_sentences": limit}
+        return vector_id_for("length_constraints:number_sentences", kwargs)
+
+    assert [served(n) for n in (2, 3, 4, 6)] == [
+        "length:extremely_concise", "length:extremely_concise", "length:concise", "length:concise"
+    ]
     with pytest.raises(UnknownInstruction, match="at least"):
         vector_id_for(
             "length_constraints:number_sentences", {"relation": "at least", "num_sentences": 6}

@@ -124,7 +124,8 @@ def job_token_ids(lm: LoadedModel, job: Job) -> list[int]:
 
 @dataclass(eq=False)
 class _Ticket:
-    """A submitted job attached to a row; identical jobs share one row."""
+    """A submitted job attached to a row; jobs that differ at most in their deciders share one
+    row, and a ticket whose decider fires leaves it with the answer so far."""
 
     job_id: int
     job: Job
@@ -138,9 +139,9 @@ class _Row:
     ids: list[int]
     steering: Sequence[Steering]
     sampling: Sampling
-    decided: Decider | None
     generator: torch.Generator | None
     tickets: list[_Ticket]
+    settled: list[tuple[_Ticket, Completion]] = field(default_factory=list)  # decided tickets
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     pad: int = 0
@@ -148,7 +149,7 @@ class _Row:
 
     @property
     def wants_text(self) -> bool:
-        return self.decided is not None or any(t.job.on_text for t in self.tickets)
+        return any(t.job.on_text or t.job.decided for t in self.tickets)
 
 
 def cache_argument(model: torch.nn.Module) -> str:
@@ -211,6 +212,10 @@ class Engine:
             ticket = _Ticket(self._next_id, job)
             self._next_id += 1
             row = self._shared.get(key) if key is not None else None
+            if row is not None and job.decided is not None and (row.tokens or row.finish):
+                # A decider is checked from the first token on: a row already decoding may have
+                # passed the point where this job alone would have stopped.
+                row = None
             if row is not None:
                 row.tickets.append(ticket)
                 self._emit(row, ticket)
@@ -221,7 +226,6 @@ class Engine:
                 ids=ids,
                 steering=tuple(job.steering),
                 sampling=job.sampling,
-                decided=job.decided,
                 generator=_generator(job.sampling, self.lm.device),
                 tickets=[ticket],
             )
@@ -239,8 +243,7 @@ class Engine:
                     continue
                 row.tickets = tickets
                 if not tickets:
-                    if row.key is not None:
-                        self._shared.pop(row.key, None)
+                    self._unshare(row)
                     if row in self._waiting:
                         self._waiting.remove(row)
                     else:
@@ -362,31 +365,36 @@ class Engine:
                     with self._lock:
                         for ticket in row.tickets:
                             self._emit(row, ticket)
-                    if row.decided is not None and row.decided(text):
-                        row.finish = "decided"
+                    self._settle(row, text)
             if row.finish is None and len(row.tokens) >= row.sampling.max_new_tokens:
                 row.finish = "length"
 
+    def _settle(self, row: _Row, text: str) -> None:
+        """Tickets whose decider fires on `text` leave the row with the answer so far; a row
+        that no ticket needs any more stops."""
+        with self._lock:
+            for ticket in [t for t in row.tickets if t.job.decided and t.job.decided(text)]:
+                row.tickets.remove(ticket)
+                completion = Completion(text, len(row.ids), len(row.tokens), "decided")
+                row.settled.append((ticket, completion))
+            if row.settled and not row.tickets:
+                row.finish = "decided"
+                self._unshare(row)
+
+    def _unshare(self, row: _Row) -> None:
+        if row.key is not None and self._shared.get(row.key) is row:
+            del self._shared[row.key]
+
     def _retire(self) -> list[tuple[int, Completion]]:
         with self._lock:
+            finished = [settled for row in self._active for settled in row.settled]
+            for row in self._active:
+                row.settled = []
             ended = [r for r in self._active if r.finish is not None]
-            if not ended:
-                return []
-            kept = [i for i, r in enumerate(self._active) if r.finish is None]
-            self._active = [self._active[i] for i in kept]
-            if kept and self._cache is not None:
-                _select(self._cache, torch.tensor(kept, device=self.lm.device))
-                unused = min(r.pad for r in self._active)
-                if unused:
-                    _trim_left(self._cache, unused)
-                    for row in self._active:
-                        row.pad -= unused
-            else:
-                self._cache = None
-            finished: list[tuple[_Ticket, Completion]] = []
+            if ended:
+                self._drop_ended()
             for row in ended:
-                if row.key is not None:
-                    self._shared.pop(row.key, None)
+                self._unshare(row)
                 row.text = self.lm.tokenizer.decode(row.tokens, skip_special_tokens=True)
                 completion = Completion(row.text, len(row.ids), len(row.tokens), row.finish or "")
                 for ticket in row.tickets:
@@ -396,6 +404,20 @@ class Engine:
             if ticket.job.on_done is not None:
                 ticket.job.on_done(completion)
         return [(ticket.job_id, completion) for ticket, completion in finished]
+
+    def _drop_ended(self) -> None:
+        """Take ended rows out of the batch and the cache; cut columns that are only padding."""
+        kept = [i for i, r in enumerate(self._active) if r.finish is None]
+        self._active = [self._active[i] for i in kept]
+        if not kept or self._cache is None:
+            self._cache = None
+            return
+        _select(self._cache, torch.tensor(kept, device=self.lm.device))
+        unused = min(r.pad for r in self._active)
+        if unused:
+            _trim_left(self._cache, unused)
+            for row in self._active:
+                row.pad -= unused
 
     @staticmethod
     def _emit(row: _Row, ticket: _Ticket) -> None:
@@ -419,7 +441,7 @@ def _job_key(ids: list[int], job: Job) -> Hashable | None:
     if not s.greedy and s.seed is None:
         return None  # each unseeded sample is its own draw
     sampling = (s.max_new_tokens, s.ignore_eos) if s.greedy else s
-    return (tuple(ids), _steering_key(job.steering), sampling, id(job.decided))
+    return (tuple(ids), _steering_key(job.steering), sampling)
 
 
 def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:

@@ -171,6 +171,39 @@ def test_decided_rows_leave_early(tiny_lm):
     assert full.text.startswith(early.text) and len(early.text) >= 5 > len(seen[-2])
 
 
+def test_jobs_that_differ_only_in_deciders_share_one_row(tiny_lm):
+    sampling = Sampling(max_new_tokens=20, ignore_eos=True)
+    jobs = [
+        Job(PROMPTS[0], sampling=sampling, decided=lambda text: len(text) >= 5),
+        Job(PROMPTS[0], sampling=sampling, decided=lambda text: len(text) >= 15),
+        Job(PROMPTS[0], sampling=sampling),
+    ]
+    engine = Engine(tiny_lm, batch_size=4)
+    ids = [engine.submit(job) for job in jobs]
+    engine.step()
+    assert engine.rows == 1
+    done = engine.run()
+    each_alone = [run_jobs(tiny_lm, [job], 1)[0] for job in jobs]
+    assert [done[i] for i in ids] == each_alone
+    assert [c.finish_reason for c in each_alone] == ["decided", "decided", "length"]
+    assert each_alone[0].completion_tokens < each_alone[1].completion_tokens < 20
+
+
+def test_a_decider_job_does_not_join_a_row_already_decoding(tiny_lm):
+    sampling = Sampling(max_new_tokens=20, ignore_eos=True)
+    engine = Engine(tiny_lm, batch_size=4)
+    full = engine.submit(Job(PROMPTS[0], sampling=sampling))
+    for _ in range(12):
+        engine.step()
+    late_job = Job(PROMPTS[0], sampling=sampling, decided=lambda text: len(text) >= 5)
+    late = engine.submit(late_job)
+    engine.step()
+    assert engine.rows == 2  # sharing would hand it the 12 tokens already past its stop
+    done = engine.run()
+    assert done[late] == run_jobs(tiny_lm, [late_job], 1)[0]
+    assert done[full].completion_tokens == 20
+
+
 def test_sampled_rows_keep_their_own_stream(tiny_lm):
     def sampled(seed: int | None) -> Job:
         return Job(PROMPTS[3], sampling=Sampling(max_new_tokens=10, temperature=1.0, seed=seed))

@@ -240,3 +240,23 @@ def test_the_quick_default_is_priced_as_its_sweeps_cost(tmp_path):
 
     assert estimate["sweep"] < 0.85 * generation_seconds(520, 256, 64)
     assert config.batch_size is None  # the engine sizes its batch
+
+
+def test_a_query_two_sweeps_share_is_priced_as_one_unsteered_answer():
+    """The engine decodes identical unsteered jobs once, whatever their checks."""
+    from ifsteer.pipeline.plan import LENGTH_UNDECIDED, _sweep_work
+    from ifsteer.rows import Row
+
+    def row(query: str, instruction_id: str, kwargs: dict) -> Row:
+        return Row(query, f"{query} ({instruction_id})", query, (instruction_id,), (kwargs,))
+
+    title, lower = "detectable_format:title", "change_case:english_lowercase"
+    rows = [row("Why is the sky blue?", title, {}), row("Why is the sky blue?", lower, {}),
+            row("Name a fruit.", title, {})]
+    answers, tokens = _sweep_work(rows, 3, 100, with_instruction=False)
+    assert answers == 3 * 3 + 2
+    # the shared answer runs until its undecidable title check ends, not the lowercase one's
+    steered = sum(_sweep_work([r], 3, 100, with_instruction=False)[1] for r in rows)
+    unsteered_alone = sum(_sweep_work([r], 0, 100, with_instruction=False)[1] for r in rows)
+    assert tokens == pytest.approx(steered - unsteered_alone + 2 * LENGTH_UNDECIDED * 100)
+    assert _sweep_work(rows, 3, 100, with_instruction=True)[0] == 3 * 4  # prompts all differ

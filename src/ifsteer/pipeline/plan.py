@@ -222,16 +222,17 @@ def estimate_seconds(
         from ifsteer.evaluation import count_pending
 
         eval_rows = count_pending(directory, plan.evaluation)
-    points = len(plan.sweep_layers) + 1
-    sweep_rows = [row for g in groups for row in plan.split.validation[g]] * points
     batch = config.batch_size or _auto_batch(n_params)
     tokens = config.max_new_tokens
-    sweep_tokens = sum(_expected_length(row, tokens) for row in sweep_rows)
+    sweep_answers, sweep_tokens = _sweep_work(
+        [row for g in groups for row in plan.split.validation[g]],
+        len(plan.sweep_layers), tokens, with_instruction=config.with_instruction,
+    )
     return {
         "load": SECONDS_LOAD * scale,
         "extract": len(vector_ids) * 2 * config.n_pairs * SECONDS_PER_EXTRACT_PROMPT * scale,
         "sweep": generation_seconds(
-            len(sweep_rows), sweep_tokens / max(len(sweep_rows), 1), batch
+            sweep_answers, sweep_tokens / max(sweep_answers, 1), batch
         ) * scale,
         "evaluate": scale * (
             generation_seconds(eval_rows, LENGTH_EVALUATED * tokens, batch)
@@ -240,6 +241,23 @@ def estimate_seconds(
         ),
         "report": 15.0,
     }
+
+
+def _sweep_work(
+    rows: Sequence[Row], layers: int, max_new_tokens: int, *, with_instruction: bool
+) -> tuple[int, float]:
+    """Answers the engine decodes for these validation rows, and their expected tokens.
+
+    Every row is answered at every layer; its unsteered answer is shared by every row that
+    asks the same prompt (groups validate on the same queries), and a shared answer runs until
+    the last of its checks is decided.
+    """
+    steered = layers * sum(_expected_length(row, max_new_tokens) for row in rows)
+    unsteered: dict[str | None, float] = {}
+    for row in rows:
+        prompt = row.prompt if with_instruction else row.prompt_without_instruction
+        unsteered[prompt] = max(unsteered.get(prompt, 0.0), _expected_length(row, max_new_tokens))
+    return layers * len(rows) + len(unsteered), steered + sum(unsteered.values())
 
 
 def _expected_length(row: Row, max_new_tokens: int) -> float:

@@ -408,7 +408,8 @@ def vector_id_for(instruction_id: str, kwargs: dict | None) -> str | list[str]:
     whose own check is nearest: fewer than 3 sentences (at most two) by
     `length:extremely_concise`, a looser limit by `length:concise`; on the embedded model only
     the first steers (docs/shipped.md), and one "shorter" vector for every N would steer a
-    five-sentence limit as hard as a one-sentence one. Anything else has no vector and raises UnknownInstruction.
+    five-sentence limit as hard as a one-sentence one. Anything else has no vector and raises
+    UnknownInstruction.
     """
     args = {key: value for key, value in (kwargs or {}).items() if value is not None}
     if instruction_id in _FORMAT:

@@ -6,7 +6,10 @@ One run, the same rows for every path, measured side by side on the embedded mod
 - `engine`: `ifsteer.generation.generate` as it is now (auto batch size, rows leave and join);
 - `engine-8`: the engine held to batch 8, to show how much comes from refill alone;
 - `hf-plain`: plain HF `generate`, unsteered, static batches of the engine's batch size: the
-  limit for this stack.
+  limit for this stack;
+- `hf-grouped`: the same with the attention ifsteer gives a model on a CPU (`ifsteer.attention`):
+  the limit for the engine's kernels.
+`static-8` and `hf-plain` run on transformers' own SDPA attention, as the pre-engine path did.
 End of turn is allowed (real answers end at different lengths); every other row is steered
 with a real lowercase vector extracted here. Prints tokens/s, wall time and ratios.
 
@@ -17,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from transformers import GenerationConfig
 
+from ifsteer.attention import NAME as GROUPED
 from ifsteer.batching import auto_batch_size
 from ifsteer.generation import Sampling, generate
 from ifsteer.instructions import get_instruction
@@ -77,6 +82,23 @@ def static_batches(
     return tokens
 
 
+@contextmanager
+def transformers_attention(lm: LoadedModel) -> Iterator[None]:
+    lm.model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        lm.model.set_attn_implementation(GROUPED)
+
+
+def on_transformers_attention(lm: LoadedModel, run: Callable[[], int]) -> Callable[[], int]:
+    def wrapped() -> int:
+        with transformers_attention(lm):
+            return run()
+
+    return wrapped
+
+
 def timed(run: Callable[[], int]) -> tuple[int, float]:
     start = time.perf_counter()
     tokens = run()
@@ -109,9 +131,14 @@ def main() -> None:
         )
 
     paths: dict[str, Callable[[], int]] = {
-        "static-8": lambda: static_batches(lm, prompts, rows, args.tokens, 8),
+        "static-8": on_transformers_attention(
+            lm, lambda: static_batches(lm, prompts, rows, args.tokens, 8)
+        ),
         "engine": engine(None),
-        "hf-plain": lambda: static_batches(lm, prompts, None, args.tokens, auto),
+        "hf-plain": on_transformers_attention(
+            lm, lambda: static_batches(lm, prompts, None, args.tokens, auto)
+        ),
+        "hf-grouped": lambda: static_batches(lm, prompts, None, args.tokens, auto),
     }
     if not args.skip_engine_8:
         paths["engine-8"] = engine(8)
@@ -131,6 +158,7 @@ def main() -> None:
             f"engine-8 / static-8 (tok/s, refill alone): {rate['engine-8'] / rate['static-8']:.2f}x"
         )
     print(f"engine / hf-plain (tok/s, the stack's limit): {rate['engine'] / rate['hf-plain']:.2f}")
+    print(f"engine / hf-grouped (tok/s, same kernels): {rate['engine'] / rate['hf-grouped']:.2f}")
 
 
 if __name__ == "__main__":

@@ -4,14 +4,16 @@ A static batch keeps finished rows until its longest row ends, and a batch of 8 
 a CPU idle. Here a row leaves the batch as soon as it stops (end of turn, `max_new_tokens`, or
 its `decided` predicate) and a waiting job takes its place, so the batch stays full.
 
-How the KV cache stays exact while rows come and go: all rows live left-padded in one cache of
-width W; row i masks its first `pad[i]` columns, so its next token sits at position W − pad[i],
-the position it has when generated alone. A joining group is prefilled on its own (steering sees
-it in the prompt phase, as `steer` tracks by the empty cache), then whichever of the two caches is
-narrower is left-padded and the two are stacked on the batch axis. When rows leave, their cache
-rows are dropped and the columns that are padding for every remaining row are cut off. The cache
-is a plain `DynamicCache` (no sliding-window layers): sliding windows are applied by the model's
-mask over cache columns, which stay contiguous per row, so Gemma 2/3 need nothing special.
+How the KV cache stays exact while rows come and go: every row lives left-padded in a slot of
+one cache of width W (`slots.SlotCache`); row i masks its first `pad[i]` columns, so its next
+token sits at position W − pad[i], the position it has when generated alone. A joining group is
+prefilled on its own (steering sees it in the prompt phase, as `steer` tracks by the empty
+cache), then written right-aligned into the slots that finished rows left free (the window is
+widened on the left first if the prompts are wider). A free slot waits for the next joiner,
+decoding a masked pad token meanwhile; once no job waits, free slots are given up. Columns that
+are padding for every row are cut off. No layer keeps a sliding window of its own: sliding
+windows are applied by the model's mask over cache columns, which stay contiguous per row, so
+Gemma 2/3 need nothing special.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 
 from ifsteer.batching import auto_batch_size
 from ifsteer.errors import InvalidSteering
 from ifsteer.models import LoadedModel
+from ifsteer.slots import SlotCache
 from ifsteer.steering import Steering, check_steering, steer
 
 # True once a job's answer can no longer change its check's verdict; the row then stops early.
@@ -186,15 +188,19 @@ class Engine:
         self.allow_transfer = allow_transfer
         self._stop = frozenset(lm.stop_token_ids())
         self._waiting: list[_Row] = []
-        self._active: list[_Row] = []
+        self._slots: list[_Row | None] = []  # the cache's rows: a decoding row, or free
         self._shared: dict[Hashable, _Row] = {}
-        self._cache: DynamicCache | None = None
+        self._cache: SlotCache | None = None
         self._next_id = 0
         self._lock = threading.RLock()  # callbacks may submit
 
     @property
     def busy(self) -> bool:
         return bool(self._waiting or self._active)
+
+    @property
+    def _active(self) -> list[_Row]:
+        return [row for row in self._slots if row is not None]
 
     @property
     def rows(self) -> int:
@@ -317,37 +323,51 @@ class Engine:
         self._advance(rows, out.logits[:, -1].index_select(0, spread))
 
     def _join(self, cache: DynamicCache, width: int, rows: list[_Row]) -> None:
+        """Write a prefilled group into free slots (new ones where none is free)."""
         with self._lock:
-            if self._cache is None or not self._active:
-                self._cache, self._active = cache, list(rows)
+            if self._cache is None:
+                self._cache, self._slots = SlotCache(cache), list(rows)
                 return
-            current = self._cache.get_seq_length()
-            if current < width:
-                _pad_left(self._cache, width - current)
-                for row in self._active:
-                    row.pad += width - current
-            elif width < current:
-                _pad_left(cache, current - width)
-                for row in rows:
-                    row.pad += current - width
-            _stack(self._cache, cache)
-            self._active += rows
+            before = self._cache.width
+            free = [i for i, row in enumerate(self._slots) if row is None][: len(rows)]
+            added = len(rows) - len(free)
+            targets = free + list(range(len(self._slots), len(self._slots) + added))
+            self._cache.write(targets, cache)
+            self._slots += [None] * added
+            grown = self._cache.width - before
+            for row in self._active:
+                row.pad += grown
+            for slot, row in zip(targets, rows, strict=True):
+                row.pad += self._cache.width - width
+                self._slots[slot] = row
+            self._release_free()
 
     def _decode(self) -> None:
-        rows = self._active
+        if self._cache is None:
+            return
+        slots = self._slots
         device = self.lm.device
-        width = self._cache.get_seq_length()
-        pads = torch.tensor([r.pad for r in rows], device=device)
+        width = self._cache.width
+        # A free slot decodes a pad token that sees only itself: no NaN reaches its columns.
+        pads = torch.tensor([width if r is None else r.pad for r in slots], device=device)
+        pad_id = self.lm.tokenizer.pad_token_id or 0
+        tokens = [[pad_id] if r is None else [r.tokens[-1]] for r in slots]
         mask = (torch.arange(width + 1, device=device)[None, :] >= pads[:, None]).long()
-        with steer(self.lm, per_row=[r.steering for r in rows], allow_transfer=True):
+        per_row = [() if r is None else r.steering for r in slots]
+        with steer(self.lm, per_row=per_row, allow_transfer=True):
             out = self.lm.model(
-                input_ids=torch.tensor([[r.tokens[-1]] for r in rows], device=device),
+                input_ids=torch.tensor(tokens, device=device),
                 attention_mask=mask,
                 position_ids=(width - pads)[:, None],
                 **{self._cache_arg: self._cache},
                 use_cache=True,
             )
-        self._advance(rows, out.logits[:, -1])
+        logits = out.logits[:, -1]
+        rows = [r for r in slots if r is not None]
+        if len(rows) < len(slots):
+            live = [i for i, r in enumerate(slots) if r is not None]
+            logits = logits.index_select(0, torch.tensor(live, device=device))
+        self._advance(rows, logits)
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Append each row's next token and decide whether the row has ended."""
@@ -406,18 +426,26 @@ class Engine:
         return [(ticket.job_id, completion) for ticket, completion in finished]
 
     def _drop_ended(self) -> None:
-        """Take ended rows out of the batch and the cache; cut columns that are only padding."""
-        kept = [i for i, r in enumerate(self._active) if r.finish is None]
-        self._active = [self._active[i] for i in kept]
-        if not kept or self._cache is None:
-            self._cache = None
+        """Free the slots of ended rows; cut columns that are only padding."""
+        self._slots = [r if r is not None and r.finish is None else None for r in self._slots]
+        active = self._active
+        if not active or self._cache is None:
+            self._cache, self._slots = None, []
             return
-        _select(self._cache, torch.tensor(kept, device=self.lm.device))
-        unused = min(r.pad for r in self._active)
+        self._release_free()
+        unused = min(r.pad for r in active)
         if unused:
-            _trim_left(self._cache, unused)
-            for row in self._active:
+            self._cache.trim(unused)
+            for row in active:
                 row.pad -= unused
+
+    def _release_free(self) -> None:
+        """Give up free slots once no job waits to take them (each would decode for nothing)."""
+        if self._waiting or self._cache is None or None not in self._slots:
+            return
+        live = [i for i, r in enumerate(self._slots) if r is not None]
+        self._cache.select(live)
+        self._slots = [self._slots[i] for i in live]
 
     @staticmethod
     def _emit(row: _Row, ticket: _Ticket) -> None:
@@ -473,22 +501,3 @@ def _select(cache: DynamicCache, rows: torch.Tensor) -> None:
     for layer in _layers(cache):
         layer.keys = layer.keys.index_select(0, rows)
         layer.values = layer.values.index_select(0, rows)
-
-
-def _pad_left(cache: DynamicCache, columns: int) -> None:
-    for layer in _layers(cache):
-        layer.keys = F.pad(layer.keys, (0, 0, columns, 0))
-        layer.values = F.pad(layer.values, (0, 0, columns, 0))
-
-
-def _trim_left(cache: DynamicCache, columns: int) -> None:
-    for layer in _layers(cache):
-        # A view: the next decode step's concatenation makes the one copy it needs anyway.
-        layer.keys = layer.keys[:, :, columns:]
-        layer.values = layer.values[:, :, columns:]
-
-
-def _stack(cache: DynamicCache, other: DynamicCache) -> None:
-    for layer, extra in zip(_layers(cache), _layers(other), strict=True):
-        layer.keys = torch.cat([layer.keys, extra.keys])
-        layer.values = torch.cat([layer.values, extra.values])

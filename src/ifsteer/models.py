@@ -29,6 +29,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from ifsteer.attention import use_grouped_attention
 from ifsteer.chat import has_template, render_chat, stop_token_ids
 from ifsteer.errors import ModelNotFound, UnsupportedArchitecture
 from ifsteer.paths import cache_home
@@ -112,6 +113,7 @@ class LoadedModel:
     def __post_init__(self) -> None:
         self.layers = find_decoder_layers(self.model)
         self.model.eval()
+        use_grouped_attention(self.model)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -13,7 +13,8 @@ One run, the same rows for every path, measured side by side on the embedded mod
 End of turn is allowed (real answers end at different lengths); every other row is steered
 with a real lowercase vector extracted here. Prints tokens/s, wall time and ratios.
 
-Run: python benchmarks/eval_throughput.py [--prompts 64] [--tokens 64] [--threads N]
+Run: python benchmarks/eval_throughput.py [--prompts 64] [--tokens 256] [--threads N]
+(256 tokens by default: the length sweeps and `run-paper` generate.)
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--skip-engine-8", action="store_true", help="save a few minutes")
     args = parser.parse_args()

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
@@ -40,7 +41,7 @@ def grouped_sdpa(
         or query.shape[2] != 1
         or groups == 1
         or kwargs.get("position_bias") is not None
-        or kwargs.get("cache") is not None
+        or isinstance(kwargs.get("cache"), PagedAttentionCache)  # updated before attending
     ):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs

@@ -227,13 +227,15 @@ def test_generation_is_priced_as_the_engine_decodes():
 
 @pytest.mark.skipif(not FORMAT_SET.is_file(), reason="needs ../shared/data")
 def test_the_quick_default_is_priced_as_its_sweeps_cost(tmp_path):
-    """13 sweeps × 4 points × 10 prompts × 256 tokens cannot fit 10 minutes on 2 cores (the
-    answers of this model run to the limit; docs/evaluation.md): the estimate must say so."""
+    """13 sweeps × 4 points × 10 prompts × 256 tokens: the estimate stays within 30% of the
+    quick run last measured on the 2-core machine (9.3 min, docs/evaluation.md), and the
+    sweeps are most of it."""
     config = PaperConfig(**{**DEFAULTS.__dict__, "data": FORMAT_SET, "out": tmp_path / "r"})
     plan = plan_run(config, 30)
     estimate = estimate_seconds(config, plan, 134_515_008)
     assert plan.sweep_generations == 13 * 4 * 10
-    assert sum(estimate.values()) > 10 * 60  # measured: 16.1 min
+    measured = 9.3 * 60
+    assert 0.7 * measured < sum(estimate.values()) < 1.3 * measured
     assert estimate["sweep"] == max(estimate.values())
     # rows whose check can fail early (capitals, commas, JSON, quotes) are priced shorter
     from ifsteer.pipeline.plan import generation_seconds

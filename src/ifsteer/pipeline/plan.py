@@ -36,17 +36,18 @@ __all__ = [
     "sweep_grid",
 ]
 
-# Wall seconds on the embedded SmolLM2-135M (fp32, one thread, beside one other one-thread
-# job on the 2-core development machine), fitted on a measured quick run (2026-12-02: extract
-# 117 s, sweep 738 s, evaluate 111 s). Generation goes through the continuous-batching engine:
-# a decode step costs a fixed part (reading the weights) plus a part per row. Other models
-# scale by parameter count.
+# Wall seconds on the embedded SmolLM2-135M (fp32, two threads, the 2-core development machine
+# otherwise idle), fitted on a measured quick run (2026-12-02, after the engine's slot cache and
+# grouped attention: extract 65 s, sweep 413 s, evaluate 76 s; a decode step measured alone:
+# batch 8 ~85 ms, 32 ~150 ms, 64 ~250 ms). Generation goes through the continuous-batching
+# engine: a decode step costs a fixed part (reading the weights) plus a part per row, which here
+# also carries the prefills and the buffer moves. Other models scale by parameter count.
 REFERENCE_PARAMS = 134_515_008
 SECONDS_LOAD = 10.0
-SECONDS_PER_EXTRACT_PROMPT = 0.17  # one forward up to the deepest grid layer, batch 16
-SECONDS_PER_STEP = 0.05  # the fixed part of one decode step, whatever the batch
-SECONDS_PER_ROW_TOKEN = 0.006  # what each row adds to a decode step
-SECONDS_PER_EVAL_ROW = 0.2  # IFEval checks and bookkeeping per evaluated answer
+SECONDS_PER_EXTRACT_PROMPT = 0.092  # one forward up to the deepest grid layer, batch 16
+SECONDS_PER_STEP = 0.062  # the fixed part of one decode step, whatever the batch
+SECONDS_PER_ROW_TOKEN = 0.0037  # what each row adds to a decode step
+SECONDS_PER_EVAL_ROW = 0.1  # IFEval checks and bookkeeping per evaluated answer
 SECONDS_PER_PERPLEXITY_ROW = 0.9  # the extra forward that scores an answer's perplexity
 # Answer lengths as a share of max_new_tokens, measured on the same run: this model's answers
 # mostly run to the limit (sweeps 0.94), except sweep rows whose check has a failure decider,

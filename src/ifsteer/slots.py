@@ -78,7 +78,10 @@ class SlotLayer(DynamicLayer):
         self._view()
 
     def select(self, slots: torch.Tensor) -> None:
-        self._fill(self.keys.index_select(0, slots), self.values.index_select(0, slots))
+        """Keep `slots`: one gather of the whole buffer, whose window and room stay as they are."""
+        self.key_buffer = self.key_buffer.index_select(0, slots)
+        self.value_buffer = self.value_buffer.index_select(0, slots)
+        self._view()
 
     def add_slots(self, count: int) -> None:
         keys, values = self.keys, self.values

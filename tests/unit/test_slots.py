@@ -94,3 +94,15 @@ def test_free_slots_are_given_up_when_nothing_waits(tiny_lm):
     for _ in range(3):
         engine.step()
     assert len(engine._slots) == len(engine._active) == 2
+
+
+def test_a_few_free_slots_are_kept_rather_than_copied_away_one_by_one(tiny_lm):
+    engine = Engine(tiny_lm, batch_size=8)
+    for job in jobs(2, 3, *[9] * 6):
+        engine.submit(job)
+    sizes = []
+    while engine.busy:
+        engine.step()
+        sizes.append((len(engine._slots), engine._slots.count(None)))
+    # one free slot of eight is kept; two (a quarter) are given up together
+    assert sizes[:3] == [(8, 1), (6, 0), (6, 0)]

@@ -30,7 +30,7 @@ from transformers import DynamicCache
 from ifsteer.batching import auto_batch_size
 from ifsteer.errors import InvalidSteering
 from ifsteer.models import LoadedModel
-from ifsteer.slots import SlotCache
+from ifsteer.slots import SlotCache, filled_layers
 from ifsteer.steering import Steering, check_steering, steer
 
 # True once a job's answer can no longer change its check's verdict; the row then stops early.
@@ -497,11 +497,7 @@ def _sample(logits: torch.Tensor, row: _Row) -> int:
     return int(torch.multinomial(probs, 1, generator=row.generator))
 
 
-def _layers(cache: DynamicCache) -> list:
-    return [layer for layer in cache.layers if getattr(layer, "is_initialized", False)]
-
-
 def _select(cache: DynamicCache, rows: torch.Tensor) -> None:
-    for layer in _layers(cache):
+    for layer in filled_layers(cache):
         layer.keys = layer.keys.index_select(0, rows)
         layer.values = layer.values.index_select(0, rows)

@@ -96,7 +96,7 @@ class SlotCache(DynamicCache):
     its cache, so every decode step appends in place."""
 
     def __init__(self, prefill: DynamicCache) -> None:
-        layers = [SlotLayer(layer.keys, layer.values) for layer in _filled(prefill)]
+        layers = [SlotLayer(layer.keys, layer.values) for layer in filled_layers(prefill)]
         Cache.__init__(self, layers=layers)
 
     @property
@@ -110,7 +110,7 @@ class SlotCache(DynamicCache):
     def write(self, slots: list[int], prefill: DynamicCache) -> None:
         """Prompts of a prefill into `slots`, right-aligned with the window (widened first if
         the prompts are wider); the columns left of them are padding for those rows."""
-        filled = _filled(prefill)
+        filled = filled_layers(prefill)
         width = filled[0].keys.shape[-2]
         if width > self.width:
             self.widen(width - self.width)
@@ -152,5 +152,6 @@ def _buffer(like: torch.Tensor, left: int, width: int) -> torch.Tensor:
     return buffer
 
 
-def _filled(cache: DynamicCache) -> list[DynamicLayer]:
+def filled_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The layers of a cache that hold keys and values (a fresh cache has none yet)."""
     return [layer for layer in cache.layers if getattr(layer, "is_initialized", False)]

@@ -56,8 +56,10 @@ def _requests(model: str, n: int, max_tokens: int) -> list[dict[str, Any]]:
     bodies = []
     for i in range(n):
         body: dict[str, Any] = {
-            "model": model, "messages": [{"role": "user", "content": BASE_QUERIES[i]}],
-            "max_tokens": max_tokens, "temperature": 0,
+            "model": model,
+            "messages": [{"role": "user", "content": BASE_QUERIES[i]}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
         }
         if i % 2 == 0:
             body["steering"] = [{"vector": "lowercase"}]
@@ -68,6 +70,7 @@ def _requests(model: str, n: int, max_tokens: int) -> list[dict[str, Any]]:
 async def _burst(url: str, bodies: list[dict[str, Any]]) -> tuple[float, list[float], list[dict]]:
     limits = httpx.Limits(max_connections=len(bodies) + 4)
     async with httpx.AsyncClient(base_url=url, timeout=3600, limits=limits) as client:
+
         async def one(body: dict[str, Any]) -> tuple[float, dict]:
             started = time.perf_counter()
             response = await client.post("/v1/chat/completions", json=body)
@@ -96,14 +99,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     )[layer]
     bodies = _requests(lm.model_id, args.requests, args.max_tokens)
     report: dict[str, Any] = {
-        "model": lm.model_id, "requests": args.requests, "max_tokens": args.max_tokens,
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "model": lm.model_id,
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
     }
     texts = {}
     for name, batch_size in (("batched", args.requests), ("one_at_a_time", 1)):
-        app = create_app(
-            lm, {"lowercase": vector}, max_batch_size=batch_size
-        )
+        app = create_app(lm, {"lowercase": vector}, max_batch_size=batch_size)
         server, thread, url = _start(app)
         try:
             # Clients run in their own process, as they would in production: parsing their

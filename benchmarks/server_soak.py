@@ -63,8 +63,13 @@ class Soak:
         self.rng = random.Random(0)
 
     def chat(self, content: str, **extra: Any) -> dict[str, Any]:
-        return {"model": self.model, "messages": [{"role": "user", "content": content}],
-                "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": MAX_TOKENS,
+            "temperature": 0,
+            **extra,
+        }
 
     def record(self, kind: str, status: int | str, text: str = "") -> None:
         self.statuses[(kind, str(status))] += 1
@@ -80,20 +85,30 @@ class Soak:
             kind = ("plain", "steered", "stream", "completions")[i % 4]
             started = time.perf_counter()
             if kind == "stream":
-                async with client.stream("POST", "/v1/chat/completions",
-                                         json=self.chat("Tell me about rivers.", stream=True,
-                                                        steering=STEERED)) as r:
+                async with client.stream(
+                    "POST",
+                    "/v1/chat/completions",
+                    json=self.chat("Tell me about rivers.", stream=True, steering=STEERED),
+                ) as r:
                     body = "".join([line async for line in r.aiter_lines()])
                 status = r.status_code if '"error"' not in body else 599
             elif kind == "completions":
-                r = await client.post("/v1/completions", json={
-                    "model": self.model, "prompt": ["The sea is", "Bread needs"],
-                    "max_tokens": MAX_TOKENS, "temperature": 0})
+                r = await client.post(
+                    "/v1/completions",
+                    json={
+                        "model": self.model,
+                        "prompt": ["The sea is", "Bread needs"],
+                        "max_tokens": MAX_TOKENS,
+                        "temperature": 0,
+                    },
+                )
                 status, body = r.status_code, r.text
             else:
                 steering = STEERED if kind == "steered" else None
-                r = await client.post("/v1/chat/completions", json=self.chat(
-                    f"Describe a city in {i % 7 + 2} words.", steering=steering))
+                r = await client.post(
+                    "/v1/chat/completions",
+                    json=self.chat(f"Describe a city in {i % 7 + 2} words.", steering=steering),
+                )
                 status, body = r.status_code, r.text
             self.record(f"good:{kind}", status, body)
             if status == 200:
@@ -105,19 +120,37 @@ class Soak:
         m = self.model
         chat = json.dumps(self.chat("hi"))
         return [
-            ("seed", "/v1/chat/completions", json.dumps(self.chat("hi", seed=2**64,
-                                                                  temperature=1)).encode()),
+            (
+                "seed",
+                "/v1/chat/completions",
+                json.dumps(self.chat("hi", seed=2**64, temperature=1)).encode(),
+            ),
             ("deep", "/v1/chat/completions", b"[" * 100_000),
-            ("deep-steering", "/v1/chat/completions",
-             chat[:-1].encode() + b', "steering": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
-            ("surrogate", "/v1/completions",
-             b'{"model": "%s", "prompt": "hi \\ud800"}' % m.encode()),
+            (
+                "deep-steering",
+                "/v1/chat/completions",
+                chat[:-1].encode() + b', "steering": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+            ),
+            (
+                "surrogate",
+                "/v1/completions",
+                b'{"model": "%s", "prompt": "hi \\ud800"}' % m.encode(),
+            ),
             ("empty", "/v1/completions", json.dumps({"model": m, "prompt": ""}).encode()),
             ("bool", "/v1/chat/completions", json.dumps(self.chat("hi", max_tokens=True)).encode()),
             ("big", "/v1/chat/completions", b" " * 2_000_000),
-            ("layers", "/v1/chat/completions", json.dumps(self.chat("hi", steering=[
-                {"instruction": "Use no commas.", "layer": layer} for layer in range(8)
-            ])).encode()),
+            (
+                "layers",
+                "/v1/chat/completions",
+                json.dumps(
+                    self.chat(
+                        "hi",
+                        steering=[
+                            {"instruction": "Use no commas.", "layer": layer} for layer in range(8)
+                        ],
+                    )
+                ).encode(),
+            ),
         ]
 
     async def abuse(self, client: httpx.AsyncClient, until: float, which: int) -> None:
@@ -129,15 +162,20 @@ class Soak:
             try:
                 if action == 0:
                     name, path, raw = bodies[i % len(bodies)]
-                    r = await client.post(path, content=raw,
-                                          headers={"content-type": "application/json"})
+                    r = await client.post(
+                        path, content=raw, headers={"content-type": "application/json"}
+                    )
                     self.record(f"bad:{name}", r.status_code, r.text)
                 elif action == 1:
                     await self.abandoned(client)
                 elif action == 2:
                     word = "".join(self.rng.choices("abcdefghij", k=8))
-                    r = await client.post("/v1/chat/completions", json=self.chat(
-                        "hi", steering=[{"instruction": f"Mention the word {word}."}]))
+                    r = await client.post(
+                        "/v1/chat/completions",
+                        json=self.chat(
+                            "hi", steering=[{"instruction": f"Mention the word {word}."}]
+                        ),
+                    )
                     self.record("abuse:new-instruction", r.status_code, r.text)
                 elif action == 3:
                     await self.slow_headers()
@@ -148,8 +186,11 @@ class Soak:
 
     async def abandoned(self, client: httpx.AsyncClient) -> None:
         try:
-            await client.post("/v1/chat/completions", json=self.chat(
-                "Write a long story.", max_tokens=64), timeout=0.3)
+            await client.post(
+                "/v1/chat/completions",
+                json=self.chat("Write a long story.", max_tokens=64),
+                timeout=0.3,
+            )
             self.record("abuse:abandoned", "finished")
         except httpx.TimeoutException:
             self.record("abuse:abandoned", "timed-out")
@@ -165,14 +206,17 @@ class Soak:
         started = time.monotonic()
         data = await asyncio.wait_for(reader.read(), timeout=60)
         closed_after = time.monotonic() - started
-        self.record("abuse:slow-headers", f"closed<{int(closed_after) + 1}s" if not data
-                    else "answered")
+        self.record(
+            "abuse:slow-headers", f"closed<{int(closed_after) + 1}s" if not data else "answered"
+        )
         writer.close()
 
     async def cut_upload(self) -> None:
         reader, writer = await self._raw()
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                     b"Content-Length: 5000\r\n\r\n{\"model\": ")
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b'Content-Length: 5000\r\n\r\n{"model": '
+        )
         await writer.drain()
         writer.close()
         self.record("abuse:cut-upload", "sent")
@@ -190,8 +234,11 @@ class Soak:
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 \
+    return (
+        statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+        if len(values) > 1
         else values[0]
+    )
 
 
 def main() -> None:
@@ -200,8 +247,16 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a model id or path (default: embedded)")
     args = parser.parse_args()
     port = _port()
-    command = [sys.executable, "-m", "ifsteer.cli", "serve", "--port", str(port),
-               "--extract-pairs", "16"]
+    command = [
+        sys.executable,
+        "-m",
+        "ifsteer.cli",
+        "serve",
+        "--port",
+        str(port),
+        "--extract-pairs",
+        "16",
+    ]
     if args.model:
         command += ["--model", args.model]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -213,8 +268,9 @@ def main() -> None:
         model = _wait(url, server)
         soak = Soak(url, model)
         # The steered clients' vector is extracted once, before either phase is timed.
-        httpx.post(f"{url}/v1/chat/completions", json=soak.chat("hi", steering=STEERED),
-                   timeout=600).raise_for_status()
+        httpx.post(
+            f"{url}/v1/chat/completions", json=soak.chat("hi", steering=STEERED), timeout=600
+        ).raise_for_status()
         asyncio.run(soak.phase("alone", args.seconds / 2, abusive=False))
         asyncio.run(soak.phase("with abuse", args.seconds / 2, abusive=True))
         health = httpx.get(f"{url}/health", timeout=60).json()
@@ -239,10 +295,18 @@ def _wait(url: str, server: subprocess.Popen) -> str:
     raise SystemExit("the server did not start within 300 s")
 
 
-def _report(soak: Soak, args: argparse.Namespace, model: str, peak: float,
-            health: dict[str, Any], tracebacks: int) -> None:
-    print(f"soak: {args.seconds:g} s against {model}, {WELL_BEHAVED} well-behaved clients, "
-          f"{ABUSIVE} abusive in the second half")
+def _report(
+    soak: Soak,
+    args: argparse.Namespace,
+    model: str,
+    peak: float,
+    health: dict[str, Any],
+    tracebacks: int,
+) -> None:
+    print(
+        f"soak: {args.seconds:g} s against {model}, {WELL_BEHAVED} well-behaved clients, "
+        f"{ABUSIVE} abusive in the second half"
+    )
     print("\nrequests per kind and status:")
     for (kind, status), n in sorted(soak.statuses.items()):
         print(f"  {kind:28s} {status:14s} {n:6d}")
@@ -251,8 +315,10 @@ def _report(soak: Soak, args: argparse.Namespace, model: str, peak: float,
         print(f"  {phase:26s} {len(values):5d} {_pct(values, 50):7.2f} {_pct(values, 95):7.2f}")
     alone, mixed = soak.latencies["alone"], soak.latencies["with abuse"]
     if alone and mixed:
-        print(f"  p50 ratio with/without abuse: {_pct(mixed, 50) / _pct(alone, 50):.2f}, "
-              f"p95 ratio: {_pct(mixed, 95) / _pct(alone, 95):.2f}")
+        print(
+            f"  p50 ratio with/without abuse: {_pct(mixed, 50) / _pct(alone, 50):.2f}, "
+            f"p95 ratio: {_pct(mixed, 95) / _pct(alone, 95):.2f}"
+        )
     print(f"\nserver peak RSS: {peak:.0f} MB; engine: {health['engine']}")
     print(f"tracebacks in the server log: {tracebacks}")
     print(f"5xx responses: {len(soak.server_errors)}")

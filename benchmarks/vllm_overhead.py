@@ -39,11 +39,11 @@ from ifsteer.steering import Steering  # noqa: E402
 from ifsteer.vectors import default_layer, extract_instruction  # noqa: E402
 
 
-async def _burst(engine: VLLMEngine, prompts: list[str], steering: tuple[Steering, ...],
-                 tokens: int) -> tuple[int, float]:
+async def _burst(
+    engine: VLLMEngine, prompts: list[str], steering: tuple[Steering, ...], tokens: int
+) -> tuple[int, float]:
     jobs = [
-        Job(render_chat(engine.tokenizer, [("user", p)]), steering,
-            Sampling(max_new_tokens=tokens))
+        Job(render_chat(engine.tokenizer, [("user", p)]), steering, Sampling(max_new_tokens=tokens))
         for p in prompts
     ]
     start = time.perf_counter()
@@ -51,8 +51,13 @@ async def _burst(engine: VLLMEngine, prompts: list[str], steering: tuple[Steerin
     return sum(c.completion_tokens for c in done), time.perf_counter() - start
 
 
-async def _vllm(engine: VLLMEngine, steering: tuple[Steering, ...], batches: list[int],
-                tokens: int, repeats: int) -> dict[str, float]:
+async def _vllm(
+    engine: VLLMEngine,
+    steering: tuple[Steering, ...],
+    batches: list[int],
+    tokens: int,
+    repeats: int,
+) -> dict[str, float]:
     results: dict[str, float] = {}
     for batch in batches:
         prompts = list(BASE_QUERIES[:batch])
@@ -85,8 +90,12 @@ def main() -> None:
     steering = (Steering(vector),)
     source = os.environ.get("IFSTEER_VLLM_MODEL") or str(cache_dir(DEFAULT_MODEL))
     engine = VLLMEngine(
-        source, model_id=lm.model_id, dtype="float32", max_model_len=1024,
-        kv_cache_memory_bytes=1 << 30, max_num_seqs=32,
+        source,
+        model_id=lm.model_id,
+        dtype="float32",
+        max_model_len=1024,
+        kv_cache_memory_bytes=1 << 30,
+        max_num_seqs=32,
     )
 
     async def run_vllm() -> dict[str, float]:
@@ -102,19 +111,28 @@ def main() -> None:
     n, seconds = 0, 0.0
     for _ in range(args.repeats):
         start = time.perf_counter()
-        out = generate(lm, prompts, steering=steering, batch_size=32,
-                       sampling=Sampling(max_new_tokens=args.tokens))
+        out = generate(
+            lm,
+            prompts,
+            steering=steering,
+            batch_size=32,
+            sampling=Sampling(max_new_tokens=args.tokens),
+        )
         seconds += time.perf_counter() - start
         n += sum(c.completion_tokens for c in out)
     results["hf_steered_b32"] = n / seconds
     for batch in (8, 32):
         steered, plain = results[f"vllm_steered_b{batch}"], results[f"vllm_unsteered_b{batch}"]
         results[f"steered_over_unsteered_b{batch}"] = steered / plain
-        print(f"vLLM batch {batch:2d}: unsteered {plain:6.1f} tok/s, steered {steered:6.1f} "
-              f"tok/s, ratio {steered / plain:.3f} (goal >= 0.95)")
+        print(
+            f"vLLM batch {batch:2d}: unsteered {plain:6.1f} tok/s, steered {steered:6.1f} "
+            f"tok/s, ratio {steered / plain:.3f} (goal >= 0.95)"
+        )
     results["vllm_over_hf_b32"] = results["vllm_steered_b32"] / results["hf_steered_b32"]
-    print(f"batch 32, steered: vLLM {results['vllm_steered_b32']:6.1f} tok/s, HF backend "
-          f"{results['hf_steered_b32']:6.1f} tok/s, ratio {results['vllm_over_hf_b32']:.2f}")
+    print(
+        f"batch 32, steered: vLLM {results['vllm_steered_b32']:6.1f} tok/s, HF backend "
+        f"{results['hf_steered_b32']:6.1f} tok/s, ratio {results['vllm_over_hf_b32']:.2f}"
+    )
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

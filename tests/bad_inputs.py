@@ -50,8 +50,11 @@ def chat(**changes: Any) -> Callable[[Served], bytes]:
     """A valid one-message chat for the served model, with `changes` on top."""
 
     def body(s: Served) -> bytes:
-        base = {"model": s.model, "messages": [{"role": "user", "content": "Why is the sky blue?"}],
-                "max_tokens": 1}
+        base = {
+            "model": s.model,
+            "messages": [{"role": "user", "content": "Why is the sky blue?"}],
+            "max_tokens": 1,
+        }
         return json.dumps({**base, **changes}).encode()
 
     return body
@@ -85,97 +88,187 @@ BAD: dict[str, Bad] = {
     "deeply nested array": Bad(CHAT, _raw(b"[" * 100_000), 400, "invalid_json", None),
     "deeply nested steering": Bad(CHAT, _deep_steering, 400, "invalid_json", None),
     "lone surrogate (chat)": Bad(
-        CHAT, lambda s: chat(messages=[{"role": "user", "content": "hi @"}])(s).replace(
-            b"@", b"\\ud800"), 400, "invalid_value", "messages.0.content"),
+        CHAT,
+        lambda s: chat(messages=[{"role": "user", "content": "hi @"}])(s).replace(b"@", b"\\ud800"),
+        400,
+        "invalid_value",
+        "messages.0.content",
+    ),
     "lone surrogate (completions)": Bad(
-        COMPLETIONS, lambda s: json.dumps({"model": s.model, "prompt": "hi @"}).encode().replace(
-            b"@", b"\\ud800"), 400, "invalid_value", "prompt"),
-    "body over the limit": Bad(CHAT, lambda s: b" " * (s.max_body_bytes + 1), 413,
-                               "request_too_large", None),
+        COMPLETIONS,
+        lambda s: (
+            json.dumps({"model": s.model, "prompt": "hi @"}).encode().replace(b"@", b"\\ud800")
+        ),
+        400,
+        "invalid_value",
+        "prompt",
+    ),
+    "body over the limit": Bad(
+        CHAT, lambda s: b" " * (s.max_body_bytes + 1), 413, "request_too_large", None
+    ),
     # steering
-    "unknown vector": Bad(CHAT, chat(steering=[{"vector": "nope"}]), 404, "vector_not_found",
-                          "steering.0.vector"),
-    "wrong mode": Bad(CHAT, chat(steering=[{"vector": "upper", "mode": "add"}]), 400,
-                      "invalid_value", "steering.0.mode"),
+    "unknown vector": Bad(
+        CHAT, chat(steering=[{"vector": "nope"}]), 404, "vector_not_found", "steering.0.vector"
+    ),
+    "wrong mode": Bad(
+        CHAT,
+        chat(steering=[{"vector": "upper", "mode": "add"}]),
+        400,
+        "invalid_value",
+        "steering.0.mode",
+    ),
     "weight NaN": Bad(CHAT, _weight("NaN"), 400, "invalid_value", "steering.0.weight"),
     "weight Infinity": Bad(CHAT, _weight("-Infinity"), 400, "invalid_value", "steering.0.weight"),
     "weight overflows": Bad(CHAT, _weight("1e999"), 400, "invalid_value", "steering.0.weight"),
-    "weight over limit": Bad(CHAT, chat(steering=[{"vector": "upper", "weight": 1e6}]), 400,
-                             "invalid_value", "steering.0.weight"),
-    "weight not a number": Bad(CHAT, chat(steering=[{"vector": "upper", "weight": "heavy"}]),
-                               400, "invalid_value", "steering.0.weight"),
+    "weight over limit": Bad(
+        CHAT,
+        chat(steering=[{"vector": "upper", "weight": 1e6}]),
+        400,
+        "invalid_value",
+        "steering.0.weight",
+    ),
+    "weight not a number": Bad(
+        CHAT,
+        chat(steering=[{"vector": "upper", "weight": "heavy"}]),
+        400,
+        "invalid_value",
+        "steering.0.weight",
+    ),
     "weight a numeric string": Bad(
-        CHAT, chat(steering=[{"instruction_id": "change_case:english_lowercase",
-                              "weight": "1.0"}]), 400, "invalid_value", "steering.0.weight"),
+        CHAT,
+        chat(steering=[{"instruction_id": "change_case:english_lowercase", "weight": "1.0"}]),
+        400,
+        "invalid_value",
+        "steering.0.weight",
+    ),
     "layer a boolean": Bad(
-        CHAT, chat(steering=[{"instruction_id": "change_case:english_lowercase",
-                              "layer": True}]), 400, "invalid_value", "steering.0.layer"),
-    "vector from another model": Bad(CHAT, chat(steering=[{"vector": "foreign"}]), 422,
-                                     "vector_mismatch", "steering.0"),
-    "layer not in file": Bad(CHAT, lambda s: chat(steering=[
-        {"vector": "multi", "layer": s.missing_layer}])(s), 422, "vector_mismatch",
-        "steering.0.layer"),
+        CHAT,
+        chat(steering=[{"instruction_id": "change_case:english_lowercase", "layer": True}]),
+        400,
+        "invalid_value",
+        "steering.0.layer",
+    ),
+    "vector from another model": Bad(
+        CHAT, chat(steering=[{"vector": "foreign"}]), 422, "vector_mismatch", "steering.0"
+    ),
+    "layer not in file": Bad(
+        CHAT,
+        lambda s: chat(steering=[{"vector": "multi", "layer": s.missing_layer}])(s),
+        422,
+        "vector_mismatch",
+        "steering.0.layer",
+    ),
     "vector and instruction": Bad(
-        CHAT, chat(steering=[{"vector": "upper", "instruction": "Be brief."}]), 400,
-        "invalid_value", "steering.0"),
-    "misspelt field": Bad(CHAT, chat(steering=[{"vector": "upper", "wieght": 2}]), 400,
-                          "invalid_value", "steering.0.wieght"),
-    "too many vectors": Bad(CHAT, chat(steering=[{"vector": "upper"}] * 9), 400,
-                            "invalid_request", "steering"),
-    "unknown instruction id": Bad(CHAT, chat(steering=[{"instruction_id": "no:such"}]), 404,
-                                  "instruction_not_found", None),
-    "inline layer out of range": Bad(CHAT, lambda s: chat(steering=[
-        {"instruction": "Be brief.", "layer": s.n_layers}])(s), 422, "invalid_value",
-        "steering.0.layer"),
+        CHAT,
+        chat(steering=[{"vector": "upper", "instruction": "Be brief."}]),
+        400,
+        "invalid_value",
+        "steering.0",
+    ),
+    "misspelt field": Bad(
+        CHAT,
+        chat(steering=[{"vector": "upper", "wieght": 2}]),
+        400,
+        "invalid_value",
+        "steering.0.wieght",
+    ),
+    "too many vectors": Bad(
+        CHAT, chat(steering=[{"vector": "upper"}] * 9), 400, "invalid_request", "steering"
+    ),
+    "unknown instruction id": Bad(
+        CHAT, chat(steering=[{"instruction_id": "no:such"}]), 404, "instruction_not_found", None
+    ),
+    "inline layer out of range": Bad(
+        CHAT,
+        lambda s: chat(steering=[{"instruction": "Be brief.", "layer": s.n_layers}])(s),
+        422,
+        "invalid_value",
+        "steering.0.layer",
+    ),
     "two new extractions (one text, two layers)": Bad(
-        CHAT, chat(steering=[{"instruction": "Use no commas.", "layer": 1},
-                             {"instruction": "Use no commas.", "layer": 2}]), 400,
-        "too_many_extractions", "steering"),
+        CHAT,
+        chat(
+            steering=[
+                {"instruction": "Use no commas.", "layer": 1},
+                {"instruction": "Use no commas.", "layer": 2},
+            ]
+        ),
+        400,
+        "too_many_extractions",
+        "steering",
+    ),
     "two new extractions (one word, two layers)": Bad(
-        CHAT, chat(steering=[{"instruction_id": "keywords:existence:zebra", "layer": 1},
-                             {"instruction_id": "keywords:existence:zebra", "layer": 3}]), 400,
-        "too_many_extractions", "steering"),
+        CHAT,
+        chat(
+            steering=[
+                {"instruction_id": "keywords:existence:zebra", "layer": 1},
+                {"instruction_id": "keywords:existence:zebra", "layer": 3},
+            ]
+        ),
+        400,
+        "too_many_extractions",
+        "steering",
+    ),
     # the rest of the request
-    "prompt too long": Bad(CHAT, lambda s: chat(messages=[
-        {"role": "user", "content": "forest " * (s.max_prompt_tokens + 8)}])(s), 400,
-        "context_length_exceeded", "messages"),
-    "max_tokens over limit": Bad(CHAT, lambda s: chat(max_tokens=s.max_tokens + 1)(s), 400,
-                                 "invalid_value", "max_tokens"),
+    "prompt too long": Bad(
+        CHAT,
+        lambda s: chat(
+            messages=[{"role": "user", "content": "forest " * (s.max_prompt_tokens + 8)}]
+        )(s),
+        400,
+        "context_length_exceeded",
+        "messages",
+    ),
+    "max_tokens over limit": Bad(
+        CHAT, lambda s: chat(max_tokens=s.max_tokens + 1)(s), 400, "invalid_value", "max_tokens"
+    ),
     "max_tokens zero": Bad(CHAT, chat(max_tokens=0), 400, "invalid_value", "max_tokens"),
     "max_tokens a boolean": Bad(CHAT, chat(max_tokens=True), 400, "invalid_value", "max_tokens"),
     "max_tokens a string": Bad(CHAT, chat(max_tokens="4"), 400, "invalid_value", "max_tokens"),
-    "temperature a string": Bad(CHAT, chat(temperature="0.5"), 400, "invalid_value",
-                                "temperature"),
+    "temperature a string": Bad(CHAT, chat(temperature="0.5"), 400, "invalid_value", "temperature"),
     "temperature too high": Bad(CHAT, chat(temperature=7), 400, "invalid_value", "temperature"),
     "seed a float": Bad(CHAT, chat(seed=1.5), 400, "invalid_value", "seed"),
-    "seed outside int64": Bad(CHAT, chat(seed=2**64, temperature=1.0), 400, "invalid_value",
-                              "seed"),
+    "seed outside int64": Bad(
+        CHAT, chat(seed=2**64, temperature=1.0), 400, "invalid_value", "seed"
+    ),
     "unknown model": Bad(CHAT, chat(model="gpt-4o"), 404, "model_not_found", "model"),
     "no messages": Bad(CHAT, chat(messages=[]), 400, "invalid_value", "messages"),
     "several choices": Bad(CHAT, chat(n=2), 400, "invalid_value", "n"),
     "stop sequences": Bad(CHAT, chat(stop=["."]), 400, "unsupported_parameter", "stop"),
-    "empty prompt": Bad(COMPLETIONS, _served(lambda s: {
-        "model": s.model, "prompt": "", "max_tokens": 2}), 400, "invalid_value", "prompt"),
-    "empty prompt in a list": Bad(COMPLETIONS, _served(lambda s: {
-        "model": s.model, "prompt": ["Hello there", ""], "max_tokens": 2}), 400,
-        "invalid_value", "prompt"),
-    "too many prompts": Bad(COMPLETIONS, _served(lambda s: {
-        "model": s.model, "prompt": ["a"] * 17, "max_tokens": 1}), 400, "invalid_request",
-        "prompt"),
+    "empty prompt": Bad(
+        COMPLETIONS,
+        _served(lambda s: {"model": s.model, "prompt": "", "max_tokens": 2}),
+        400,
+        "invalid_value",
+        "prompt",
+    ),
+    "empty prompt in a list": Bad(
+        COMPLETIONS,
+        _served(lambda s: {"model": s.model, "prompt": ["Hello there", ""], "max_tokens": 2}),
+        400,
+        "invalid_value",
+        "prompt",
+    ),
+    "too many prompts": Bad(
+        COMPLETIONS,
+        _served(lambda s: {"model": s.model, "prompt": ["a"] * 17, "max_tokens": 1}),
+        400,
+        "invalid_request",
+        "prompt",
+    ),
     # auth (the server has a key)
     "no key": Bad(CHAT, chat(), 401, "invalid_api_key", None, authorization=()),
-    "wrong key": Bad(CHAT, chat(), 401, "invalid_api_key", None,
-                     authorization=("Bearer wrong",)),
-    "two Authorization headers": Bad(CHAT, chat(), 401, "invalid_api_key", None,
-                                     authorization=("Bearer sekrit", "Bearer x")),
+    "wrong key": Bad(CHAT, chat(), 401, "invalid_api_key", None, authorization=("Bearer wrong",)),
+    "two Authorization headers": Bad(
+        CHAT, chat(), 401, "invalid_api_key", None, authorization=("Bearer sekrit", "Bearer x")
+    ),
 }
 
 # In the HF tier's suite, not replayed here, and why.
 EXCLUDED = {
     "base-model chat ending in an answer (400 invalid_request)": "needs a model without a "
     "chat template; the served models of both tiers have one (tests/unit/test_server.py)",
-    "full queue (429 server_busy), deadline (504 timeout), extractions in flight (429)":
-    "need an engine held busy for a known time (a slowed model): a fact of one engine, not "
+    "full queue (429 server_busy), deadline (504 timeout), extractions in flight (429)": "need an engine held busy for a known time (a slowed model): a fact of one engine, not "
     "of a request (tests/unit/test_server_hardening.py)",
     "unfinished headers and bodies (connection closed, 408)": "need raw sockets and a server "
     "built with sub-second timeouts; the timeouts are uvicorn's and server/guard.py's, the "
@@ -196,6 +289,8 @@ def replay(client: httpx.Client, served: Served, case: Bad) -> dict[str, Any]:
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert (error["code"], error["param"], error["type"]) == (
-        case.code, case.param, "invalid_request_error"
+        case.code,
+        case.param,
+        "invalid_request_error",
     ), error
     return error

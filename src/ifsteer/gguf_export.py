@@ -67,11 +67,16 @@ def to_gguf(
         coefficient = additive_coefficient(v)
         direction = v.direction.detach().float().cpu().numpy().astype(np.float32)
         by_layer[v.layer] = by_layer.get(v.layer, 0) + coefficient * direction
-        described.append({
-            "instruction_id": v.instruction_id, "layer": v.layer, "mode": v.mode,
-            "weight": v.weight, "coefficient": coefficient,
-            "exported_as": "additive" if v.mode == "additive" else "additive-equivalent",
-        })
+        described.append(
+            {
+                "instruction_id": v.instruction_id,
+                "layer": v.layer,
+                "mode": v.mode,
+                "weight": v.weight,
+                "coefficient": coefficient,
+                "exported_as": "additive" if v.mode == "additive" else "additive-equivalent",
+            }
+        )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")

@@ -289,6 +289,8 @@ def judge(
     except Exception as exc:  # noqa: BLE001 - any failure of the judge is a warning, not a crash
         log.warning(
             "LLM judge at %s failed (%s: %s); quality score left empty",
-            url, type(exc).__name__, exc,
+            url,
+            type(exc).__name__,
+            exc,
         )
         return None

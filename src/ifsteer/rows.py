@@ -146,7 +146,6 @@ class Row:
         return self.prompt_without_instruction
 
 
-
 def load_rows(path: str | Path, limit: int | None = None) -> list[Row]:
     """Read IFEval-format rows; the first `limit` rows if given.
 
@@ -293,11 +292,8 @@ def prepare_rows(rows: Sequence[Row], experiment: str) -> list[Row]:
             )
         for instruction_id in row.instruction_id_list:
             if instruction_id not in supported:
-                raise EvaluationError(
-                    f"{row.source}: IFEval has no checker for {instruction_id!r}"
-                )
+                raise EvaluationError(f"{row.source}: IFEval has no checker for {instruction_id!r}")
     return list(rows)
-
 
 
 # --- validation split -----------------------------------------------------------------------
@@ -392,9 +388,11 @@ def held_out_split(
     (`ifsteer.validation.validation_rows`, from our own queries)."""
     groups = by_group(rows)
     ranked = {g: sorted(m, key=lambda r: _rank(seed, r.key)) for g, m in sorted(groups.items())}
-    rule = ("validation rows built from our own base queries (ifsteer.validation), per_group "
-            "per instruction; every data row held out for evaluation, ranked by "
-            "sha256(seed:key) and interleaved round-robin across instructions")
+    rule = (
+        "validation rows built from our own base queries (ifsteer.validation), per_group "
+        "per instruction; every data row held out for evaluation, ranked by "
+        "sha256(seed:key) and interleaved round-robin across instructions"
+    )
     return Split(validation, _interleave(ranked), per_group, seed, rule)
 
 

@@ -166,9 +166,7 @@ def keyword_validation(n: int = 10, *, seed: int = 0) -> list[tuple[str, Validat
     return picked
 
 
-def validation_rows(
-    group: str, members: Sequence[Row], n: int = 10, *, seed: int = 0
-) -> list[Row]:
+def validation_rows(group: str, members: Sequence[Row], n: int = 10, *, seed: int = 0) -> list[Row]:
     """`n` validation rows for the sweep of `group`, as IFEval-format rows, none of `members`.
 
     A format group validates on its own instruction; the language group, which sweeps one
@@ -182,12 +180,14 @@ def validation_rows(
         share = len(range(i, n, len(ids)))  # round-robin: ids[j % len(ids)] for j < n
         prompts = validation_prompts(vector_id, share, seed=seed) if share else []
         for j, prompt in enumerate(prompts):
-            rows.append(Row(
-                key=f"validation:{vector_id}:{j}",
-                prompt=prompt.with_instruction,
-                prompt_without_instruction=prompt.query,
-                instruction_id_list=(prompt.check_id,),
-                kwargs=(dict(prompt.kwargs),),
-                source="validation",
-            ))
+            rows.append(
+                Row(
+                    key=f"validation:{vector_id}:{j}",
+                    prompt=prompt.with_instruction,
+                    prompt_without_instruction=prompt.query,
+                    instruction_id_list=(prompt.check_id,),
+                    kwargs=(dict(prompt.kwargs),),
+                    source="validation",
+                )
+            )
     return rows

@@ -78,7 +78,10 @@ def served(hf):
     lm, vectors = hf
     source = os.environ.get("IFSTEER_VLLM_MODEL") or str(cache_dir(DEFAULT_MODEL))
     engine = VLLMEngine(
-        source, model_id=lm.model_id, dtype="float32", gpu_memory_utilization=0.4,
+        source,
+        model_id=lm.model_id,
+        dtype="float32",
+        gpu_memory_utilization=0.4,
         max_model_len=2048,
     )
     app = build_app(engine, vectors)
@@ -102,15 +105,19 @@ def _chat(url: str, model: str, prompt: str, steering=None) -> str:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
     extra = {"steering": steering} if steering else None
     out = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=TOKENS,
-        temperature=0, extra_body=extra,
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=TOKENS,
+        temperature=0,
+        extra_body=extra,
     )
     return out.choices[0].message.content or ""
 
 
 def _hf(lm, prompt: str, steering=()) -> str:
-    return generate(lm, [prompt], steering=list(steering),
-                    sampling=Sampling(max_new_tokens=TOKENS))[0].text
+    return generate(
+        lm, [prompt], steering=list(steering), sampling=Sampling(max_new_tokens=TOKENS)
+    )[0].text
 
 
 def test_unsteered_and_steered_answers_match_the_hf_backend(served, hf):
@@ -151,13 +158,21 @@ def test_concurrent_mixed_requests_equal_each_sent_alone(served):
 
     async def burst() -> list[str]:
         async with httpx.AsyncClient(base_url=url, timeout=300) as c:
-            responses = await asyncio.gather(*(
-                c.post("/v1/chat/completions", json={
-                    "model": model, "messages": [{"role": "user", "content": p}],
-                    "max_tokens": TOKENS, "temperature": 0, **({"steering": s} if s else {}),
-                })
-                for p, s in requests
-            ))
+            responses = await asyncio.gather(
+                *(
+                    c.post(
+                        "/v1/chat/completions",
+                        json={
+                            "model": model,
+                            "messages": [{"role": "user", "content": p}],
+                            "max_tokens": TOKENS,
+                            "temperature": 0,
+                            **({"steering": s} if s else {}),
+                        },
+                    )
+                    for p, s in requests
+                )
+            )
         return [r.json()["choices"][0]["message"]["content"] for r in responses]
 
     assert asyncio.run(burst()) == alone
@@ -165,9 +180,13 @@ def test_concurrent_mixed_requests_equal_each_sent_alone(served):
 
 def test_bad_steering_is_refused_by_the_shared_parser(served):
     url, model = served
-    response = httpx.post(f"{url}/v1/chat/completions", json={
-        "model": model, "messages": [{"role": "user", "content": "hi"}],
-        "steering": [{"vector": "nope"}],
-    })
+    response = httpx.post(
+        f"{url}/v1/chat/completions",
+        json={
+            "model": model,
+            "messages": [{"role": "user", "content": "hi"}],
+            "steering": [{"vector": "nope"}],
+        },
+    )
     assert response.status_code == 404
     assert response.json()["error"]["param"] == "steering.0.vector"

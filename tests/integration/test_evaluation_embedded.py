@@ -44,8 +44,12 @@ def test_four_settings_on_lowercase_rows(lm, tmp_path):
     save_vectors(tmp_path / "vectors" / "lower.safetensors", list(vectors.values()))
 
     summary = run_evaluation(
-        lm, load_rows(data), tmp_path / "vectors", tmp_path / "run",
-        sampling=Sampling(max_new_tokens=12), batch_size=4,
+        lm,
+        load_rows(data),
+        tmp_path / "vectors",
+        tmp_path / "run",
+        sampling=Sampling(max_new_tokens=12),
+        batch_size=4,
     )
     records = read_responses(summary.responses_path)
     assert len(records) == 2 * len(SETTINGS) and summary.generated == 8
@@ -59,7 +63,11 @@ def test_four_settings_on_lowercase_rows(lm, tmp_path):
     table = summary.data["experiments"]["format"]["settings"]
     assert list(table) == list(SETTINGS) and all(s["n"] == 2 for s in table.values())
     again = run_evaluation(
-        lm, load_rows(data), tmp_path / "vectors", tmp_path / "run",
-        sampling=Sampling(max_new_tokens=12), batch_size=4,
+        lm,
+        load_rows(data),
+        tmp_path / "vectors",
+        tmp_path / "run",
+        sampling=Sampling(max_new_tokens=12),
+        batch_size=4,
     )
     assert again.generated == 0 and again.skipped == 8

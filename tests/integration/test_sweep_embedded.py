@@ -15,8 +15,13 @@ pytestmark = pytest.mark.integration
 LOWER = "change_case:english_lowercase"
 ROWS = [
     Row(k, f"{q} Use only lowercase letters.", q, (LOWER,), ({},), f"v:{k}")
-    for k, q in enumerate(["List three fruits, one per line.", "Write a short poem about rain.",
-                           "Give two tips for sleeping well, as a list."])
+    for k, q in enumerate(
+        [
+            "List three fruits, one per line.",
+            "Write a short poem about rain.",
+            "Give two tips for sleeping well, as a list.",
+        ]
+    )
 ]
 
 
@@ -26,8 +31,7 @@ def test_early_stop_on_decided_failures_keeps_every_score(smollm2, tmp_path):
     file = save_vectors(tmp_path / "lower.safetensors", [vectors[12]])
     points = [(None, None), (12, None)]
     sampling = Sampling(max_new_tokens=40)
-    full = sweep(smollm2, file, ROWS, points, sampling=sampling,
-                 early_stop=False)
+    full = sweep(smollm2, file, ROWS, points, sampling=sampling, early_stop=False)
     early = sweep(smollm2, file, ROWS, points, sampling=sampling)
     cut = [r for r in early.responses if r["decided"]]
     assert cut, "no row was decided: the test would not exercise early stopping"

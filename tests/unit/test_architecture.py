@@ -71,9 +71,7 @@ def all_modules() -> dict[str, Path]:
 def layer_of(module: str) -> str | None:
     """The layer of the longest entry that is `module` or a package holding it (the root
     entry covers the root alone, not every module)."""
-    owners = [
-        m for m in LAYERS if module == m or (m != "ifsteer" and module.startswith(m + "."))
-    ]
+    owners = [m for m in LAYERS if module == m or (m != "ifsteer" and module.startswith(m + "."))]
     return LAYERS[max(owners, key=len)] if owners else None
 
 
@@ -144,14 +142,23 @@ def test_same_and_lower_layers_are_allowed():
 
 
 @pytest.mark.parametrize(
-    "module", ["ifsteer", "ifsteer.cli", "ifsteer.rows", "ifsteer.rundir", "ifsteer.report",
-               "ifsteer.evaluation.summary", "ifsteer.evaluation.store"],
+    "module",
+    [
+        "ifsteer",
+        "ifsteer.cli",
+        "ifsteer.rows",
+        "ifsteer.rundir",
+        "ifsteer.report",
+        "ifsteer.evaluation.summary",
+        "ifsteer.evaluation.store",
+    ],
 )
 def test_modules_that_read_finished_runs_import_without_torch(module):
     # `ifsteer --help`, the report and the reference numbers must not pay for a model stack.
     code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr or f"{module} imported torch"
 
 

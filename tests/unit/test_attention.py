@@ -23,9 +23,7 @@ def padded_decode(model, tokenizer, steps: int) -> list[torch.Tensor]:
     logits = []
     with torch.no_grad():
         for _ in range(steps + 1):
-            out = model(
-                input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True
-            )
+            out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
             logits.append(out.logits[:, -1])
             ids = out.logits[:, -1:].argmax(-1)
             mask = torch.cat([mask, torch.ones_like(ids)], dim=-1)

@@ -28,8 +28,16 @@ def inputs(tmp_path):
 
 
 def _eval(data, vectors, tmp_path, *extra: str) -> list[str]:
-    return ["eval", "--data", str(data), "--vectors", str(vectors),
-            "--out", str(tmp_path / "run"), *extra]
+    return [
+        "eval",
+        "--data",
+        str(data),
+        "--vectors",
+        str(vectors),
+        "--out",
+        str(tmp_path / "run"),
+        *extra,
+    ]
 
 
 def _sweep(data, vectors, *extra: str) -> list[str]:
@@ -66,8 +74,9 @@ def test_bad_vllm_options_are_refused_before_vllm_is_looked_for(
     monkeypatch.setattr(backend_cli, "require_vllm_cli", unreachable)
     data, vectors = inputs
     for option in ("--kv-cache-gib", "--max-model-len", "--tensor-parallel-size"):
-        code, _, err = run(monkeypatch, capsys, *_eval(data, vectors, tmp_path),
-                           "--backend", "vllm", option, "0")
+        code, _, err = run(
+            monkeypatch, capsys, *_eval(data, vectors, tmp_path), "--backend", "vllm", option, "0"
+        )
         assert code == 2 and err.count("\n") == 1 and option in err, err
 
 

@@ -114,8 +114,11 @@ def test_score_point_counts_only_fluent_passes():
 def test_weight_grid_ties_go_to_the_lowest_layer_then_smallest_weight():
     grid = [
         point(None, 0.0),
-        point(6, 0.75, weight=-120.0), point(6, 0.75, weight=40.0), point(6, 0.75, weight=80.0),
-        point(4, 0.5, weight=20.0), point(8, 0.75, weight=20.0),
+        point(6, 0.75, weight=-120.0),
+        point(6, 0.75, weight=40.0),
+        point(6, 0.75, weight=80.0),
+        point(4, 0.5, weight=20.0),
+        point(8, 0.75, weight=20.0),
     ]
     assert choose(shuffled(grid)) == Choice(6, 40.0, 0.75)
 
@@ -142,8 +145,14 @@ def lower_file(tiny10, tmp_path):
 
 
 ROWS = [
-    Row(1, "Describe a forest. Use only lowercase letters.", "Describe a forest.", (LOWER,),
-        ({},), "d:1"),
+    Row(
+        1,
+        "Describe a forest. Use only lowercase letters.",
+        "Describe a forest.",
+        (LOWER,),
+        ({},),
+        "d:1",
+    ),
     Row(2, "Plan a picnic. Use only lowercase letters.", "Plan a picnic.", (LOWER,), ({},), "d:2"),
 ]
 
@@ -151,7 +160,11 @@ ROWS = [
 def test_sweep_covers_the_paper_grid_and_records_the_choice(tiny10, lower_file, tmp_path):
     advanced = []
     result = sweep_layers(
-        tiny10, lower_file, ROWS, sampling=Sampling(max_new_tokens=4), batch_size=1,
+        tiny10,
+        lower_file,
+        ROWS,
+        sampling=Sampling(max_new_tokens=4),
+        batch_size=1,
         progress=advanced.append,
     )
     assert [p.layer for p in result.grid] == [None, *range(10 // 5, 10, 2)]
@@ -163,12 +176,18 @@ def test_sweep_covers_the_paper_grid_and_records_the_choice(tiny10, lower_file, 
     # each row really was steered at its point's layer (batch 1: no padding, exact match)
     vectors, _ = load_vectors(lower_file)
     at4 = [r for r in result.responses if r["layer"] == 4 and r["key"] == 2][0]
-    alone = generate(tiny10, ["Plan a picnic."], steering=[Steering(vectors[4])],
-                     sampling=Sampling(max_new_tokens=4))
+    alone = generate(
+        tiny10,
+        ["Plan a picnic."],
+        steering=[Steering(vectors[4])],
+        sampling=Sampling(max_new_tokens=4),
+    )
     assert at4["response"] == alone[0].text
     plain = [r for r in result.responses if r["layer"] is None and r["key"] == 2][0]
-    assert plain["response"] == generate(tiny10, ["Plan a picnic."],
-                                         sampling=Sampling(max_new_tokens=4))[0].text
+    assert (
+        plain["response"]
+        == generate(tiny10, ["Plan a picnic."], sampling=Sampling(max_new_tokens=4))[0].text
+    )
 
     apply_choice(result, [lower_file])
     vectors, default = load_vectors(lower_file)
@@ -192,15 +211,21 @@ def test_rows_with_an_unserved_instruction_do_not_calibrate(tiny10, lower_file):
     # The CLI's grouping and the library's sweep apply one rule: a row one of whose
     # instructions no vector steers passes or fails for reasons no layer changes.
     unserved = "length_constraints:number_words"
-    mixed = Row(3, "Describe a lake. Use only lowercase letters. Use at most 20 words.",
-                "Describe a lake.", (LOWER, unserved),
-                ({}, {"num_words": 20, "relation": "less than"}), "d:3")
+    mixed = Row(
+        3,
+        "Describe a lake. Use only lowercase letters. Use at most 20 words.",
+        "Describe a lake.",
+        (LOWER, unserved),
+        ({}, {"num_words": 20, "relation": "less than"}),
+        "d:3",
+    )
     rows = [mixed, *ROWS]
     assert validation_groups(rows, {LOWER}, n_prompts=5) == {LOWER: ROWS}
     assert validation_groups(rows, {LOWER}, n_prompts=1) == {LOWER: ROWS[:1]}
     assert validation_groups(rows, set(), n_prompts=5) == {}
-    result = sweep_layers(tiny10, lower_file, rows, layers=[4],
-                          sampling=Sampling(max_new_tokens=2), batch_size=4)
+    result = sweep_layers(
+        tiny10, lower_file, rows, layers=[4], sampling=Sampling(max_new_tokens=2), batch_size=4
+    )
     assert result.rows == ["1", "2"]
     with pytest.raises(IfsteerError, match="no validation row has a vector file"):
         sweep_layers(tiny10, lower_file, [mixed], layers=[4], sampling=Sampling(max_new_tokens=2))
@@ -208,11 +233,21 @@ def test_rows_with_an_unserved_instruction_do_not_calibrate(tiny10, lower_file):
 
 def test_sweep_with_the_instruction_and_a_weight_grid(tiny10, lower_file):
     result = sweep_weights(
-        tiny10, lower_file, ROWS[:1], weights=[2.0, -2.0], layers=[4, 6],
-        sampling=Sampling(max_new_tokens=3), batch_size=8, with_instruction=True,
+        tiny10,
+        lower_file,
+        ROWS[:1],
+        weights=[2.0, -2.0],
+        layers=[4, 6],
+        sampling=Sampling(max_new_tokens=3),
+        batch_size=8,
+        with_instruction=True,
     )
     assert [(p.layer, p.weight) for p in result.grid] == [
-        (None, None), (4, 2.0), (4, -2.0), (6, 2.0), (6, -2.0)
+        (None, None),
+        (4, 2.0),
+        (4, -2.0),
+        (6, 2.0),
+        (6, -2.0),
     ]
     assert result.with_instruction and result.mode == "additive"
     with pytest.raises(VectorMismatch):
@@ -221,8 +256,15 @@ def test_sweep_with_the_instruction_and_a_weight_grid(tiny10, lower_file):
 
 def _result(layer, weight=None):
     grid = [point(None, 0.25), point(2, 0.5 if layer == 2 else 0.0, weight=weight)]
-    return SweepResult(LOWER, "tiny-llama-10", False, "projection", grid,
-                       Choice(layer, weight, 0.5 if layer else 0.25), rows=["1"])
+    return SweepResult(
+        LOWER,
+        "tiny-llama-10",
+        False,
+        "projection",
+        grid,
+        Choice(layer, weight, 0.5 if layer else 0.25),
+        rows=["1"],
+    )
 
 
 def test_apply_choice_keeps_the_default_when_no_steering_wins(lower_file):
@@ -253,7 +295,8 @@ def test_group_files_and_names():
         LOWER: "lower.safetensors",
     }
     assert set(group_vector_files("language:response_language", mapping)) == {
-        "language:response_language:de", "language:response_language:ru"
+        "language:response_language:de",
+        "language:response_language:ru",
     }
     assert set(group_vector_files(LOWER, mapping)) == {LOWER}
     assert sweep_filename("language:response_language") == "language__response_language"
@@ -269,19 +312,43 @@ def test_cli_sweep_writes_the_choice(monkeypatch, capsys, tmp_path, tiny10, lowe
     tiny10.model.save_pretrained(model_dir)
     tiny10.tokenizer.save_pretrained(model_dir)
     data = tmp_path / "validation.jsonl"
-    data.write_text("".join(
-        json.dumps({"key": r.key, "prompt": r.prompt,
+    data.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "key": r.key,
+                    "prompt": r.prompt,
                     "prompt_without_instruction": r.prompt_without_instruction,
-                    "instruction_id_list": list(r.instruction_id_list), "kwargs": [{}]}) + "\n"
-        for r in ROWS
-    ))
+                    "instruction_id_list": list(r.instruction_id_list),
+                    "kwargs": [{}],
+                }
+            )
+            + "\n"
+            for r in ROWS
+        )
+    )
     vectors = tmp_path / "vectors"
     vectors.mkdir()
     target = lower_file.rename(vectors / "lower.safetensors")
-    monkeypatch.setattr(sys, "argv", [
-        "ifsteer", "sweep", str(target), "--data", str(data), "--model", str(model_dir),
-        "--n-prompts", "1", "--layers", "2,6", "--max-new-tokens", "2",
-    ])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "ifsteer",
+            "sweep",
+            str(target),
+            "--data",
+            str(data),
+            "--model",
+            str(model_dir),
+            "--n-prompts",
+            "1",
+            "--layers",
+            "2,6",
+            "--max-new-tokens",
+            "2",
+        ],
+    )
     try:
         main()
     except SystemExit as exc:
@@ -303,13 +370,25 @@ def test_groups_swept_together_share_one_queue_and_match_sweeping_alone(
     comma_layers = sorted({*default_layers(10), default_layer(10)})
     comma = extract_instruction(tiny10, get_instruction(NO_COMMA), comma_layers, n_pairs=4)
     save_vectors(tmp_path / "comma.safetensors", list(comma.values()), default=3)
-    comma_rows = [Row(3, "Plan a trip. Do not use commas.", "Plan a trip.", (NO_COMMA,), ({},),
-                      "d:3")]
+    comma_rows = [
+        Row(3, "Plan a trip. Do not use commas.", "Plan a trip.", (NO_COMMA,), ({},), "d:3")
+    ]
     groups = {LOWER: ROWS, NO_COMMA: comma_rows}
     files = load_vector_files(tmp_path)
     sampling = Sampling(max_new_tokens=4)
-    alone = {g: calibrate(tiny10, files, g, rows, tmp_path / "alone", layers=[4, 6],
-                          sampling=sampling, batch_size=1)[0] for g, rows in groups.items()}
+    alone = {
+        g: calibrate(
+            tiny10,
+            files,
+            g,
+            rows,
+            tmp_path / "alone",
+            layers=[4, 6],
+            sampling=sampling,
+            batch_size=1,
+        )[0]
+        for g, rows in groups.items()
+    }
     engines = []
 
     def counting(*args, **kwargs):  # the queue factory the sweep is handed
@@ -317,9 +396,17 @@ def test_groups_swept_together_share_one_queue_and_match_sweeping_alone(
         return engines[-1]
 
     advanced: list[int] = []
-    together = calibrate_groups(tiny10, load_vector_files(tmp_path), groups, tmp_path / "one",
-                                layers=[4, 6], sampling=sampling, batch_size=1,
-                                progress=advanced.append, engine=counting)
+    together = calibrate_groups(
+        tiny10,
+        load_vector_files(tmp_path),
+        groups,
+        tmp_path / "one",
+        layers=[4, 6],
+        sampling=sampling,
+        batch_size=1,
+        progress=advanced.append,
+        engine=counting,
+    )
     assert len(engines) == 1 and sum(advanced) == (2 + 1) * 3
     for group, (result, _, written) in together.items():
         assert written.is_file()
@@ -354,8 +441,9 @@ def test_a_killed_sweep_resumes_from_its_answers_on_disk(tiny10, lower_file, tmp
         return engine
 
     with pytest.raises(Killed):
-        sweep_layers(tiny10, lower_file, ROWS, answers=answers, engine=killed_after_three,
-                     **options)
+        sweep_layers(
+            tiny10, lower_file, ROWS, answers=answers, engine=killed_after_three, **options
+        )
     on_disk = answers.read_text().splitlines()
     assert len(on_disk) == len(finished) and 3 <= len(on_disk) < 6
     with answers.open("a") as f:
@@ -369,8 +457,15 @@ def test_a_killed_sweep_resumes_from_its_answers_on_disk(tiny10, lower_file, tmp
         return engine
 
     advanced: list[int] = []
-    resumed = sweep_layers(tiny10, lower_file, ROWS, answers=answers, engine=counting,
-                           progress=advanced.append, **options)
+    resumed = sweep_layers(
+        tiny10,
+        lower_file,
+        ROWS,
+        answers=answers,
+        engine=counting,
+        progress=advanced.append,
+        **options,
+    )
     assert len(submitted) == 6 - len(on_disk) and sum(advanced) == 6
     assert [r["response"] for r in resumed.responses] == [r["response"] for r in full.responses]
     assert resumed.grid == full.grid and resumed.chosen == full.chosen

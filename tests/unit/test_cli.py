@@ -200,8 +200,17 @@ def test_parse_vector_spec():
 
 def test_threads_and_batch_size_must_be_positive(monkeypatch, capsys, tmp_path):
     for option in ("--threads", "--batch-size"):
-        code, _, err = run(monkeypatch, capsys, "run-paper", "--out", str(tmp_path / "r"),
-                           "--data", str(tmp_path / "none.jsonl"), option, "0")
+        code, _, err = run(
+            monkeypatch,
+            capsys,
+            "run-paper",
+            "--out",
+            str(tmp_path / "r"),
+            "--data",
+            str(tmp_path / "none.jsonl"),
+            option,
+            "0",
+        )
         assert code == 2 and option in err and "Traceback" not in err
 
 
@@ -230,9 +239,22 @@ def test_data_is_a_shipped_set_by_name_or_a_path(monkeypatch, capsys, tmp_path, 
     assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
     # the shipped format set by name: one row, unsteered, on the tiny model
     code, out, err = run(
-        monkeypatch, capsys, "eval", "--data", "format", "--limit", "1", "--model",
-        str(model_dir), "--settings", "no_instruction", "--max-new-tokens", "2",
-        "--no-perplexity", "--out", str(tmp_path / "r"),
+        monkeypatch,
+        capsys,
+        "eval",
+        "--data",
+        "format",
+        "--limit",
+        "1",
+        "--model",
+        str(model_dir),
+        "--settings",
+        "no_instruction",
+        "--max-new-tokens",
+        "2",
+        "--no-perplexity",
+        "--out",
+        str(tmp_path / "r"),
     )
     assert code == 0, err
     response = json.loads((tmp_path / "r" / "responses.jsonl").read_text().splitlines()[0])
@@ -240,6 +262,16 @@ def test_data_is_a_shipped_set_by_name_or_a_path(monkeypatch, capsys, tmp_path, 
 
 
 def test_eval_takes_vectors_or_the_shipped_ones_not_both(monkeypatch, capsys, tmp_path):
-    code, _, err = run(monkeypatch, capsys, "eval", "--data", "format", "--shipped",
-                       "--vectors", str(tmp_path), "--out", str(tmp_path / "r"))
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "eval",
+        "--data",
+        "format",
+        "--shipped",
+        "--vectors",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "r"),
+    )
     assert code == 2 and "--vectors or --shipped" in err and len(err.strip().splitlines()) == 1

@@ -7,8 +7,16 @@ import pytest
 from ifsteer.checks import check
 from ifsteer.deciders import decider, row_decider
 
-CONTINUATIONS = ["", "\n", "\nthe end", "\nTHE END, SAID ONE", " and more", "\n\n*all*\nquiet",
-                 "\n\"all quiet\"", "\n{\"a\": 1}\n"]
+CONTINUATIONS = [
+    "",
+    "\n",
+    "\nthe end",
+    "\nTHE END, SAID ONE",
+    " and more",
+    "\n\n*all*\nquiet",
+    '\n"all quiet"',
+    '\n{"a": 1}\n',
+]
 CASES = [
     # (instruction id, kwargs, a prefix that decides, a prefix that does not yet)
     ("change_case:english_lowercase", {}, "sure!\nhere is Paris\nit", "Sure! Here is"),

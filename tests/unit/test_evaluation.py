@@ -82,17 +82,34 @@ def test_wilson_interval_known_values():
 def record(setting: str, key: int, strict: list[bool], loose: list[bool], **extra: Any) -> dict:
     ids = [LOWER, NO_COMMA][: len(strict)]
     base = {
-        "experiment": "format", "setting": setting, "key": key, "instruction_id_list": ids,
-        "kwargs": [{}] * len(ids), "prompt": "p", "response": "r", "strict": strict,
-        "loose": loose, "vectors": [], "fluency": {"repetition": 0.0, "perplexity": 10.0,
-        "degenerate": False}, "judge": None, "model": "tiny-llama", "seconds": 1.5,
+        "experiment": "format",
+        "setting": setting,
+        "key": key,
+        "instruction_id_list": ids,
+        "kwargs": [{}] * len(ids),
+        "prompt": "p",
+        "response": "r",
+        "strict": strict,
+        "loose": loose,
+        "vectors": [],
+        "fluency": {"repetition": 0.0, "perplexity": 10.0, "degenerate": False},
+        "judge": None,
+        "model": "tiny-llama",
+        "seconds": 1.5,
     }
     return {**base, **extra}
 
 
 def fixed_records() -> list[dict]:
-    steer = [{"instruction_id": LOWER, "layer": 1, "mode": "projection", "weight": 1.0,
-              "model": "tiny-llama"}]
+    steer = [
+        {
+            "instruction_id": LOWER,
+            "layer": 1,
+            "mode": "projection",
+            "weight": 1.0,
+            "model": "tiny-llama",
+        }
+    ]
     return [
         # no_instruction: nothing followed strictly; one row loosely
         record("no_instruction", 1, [False], [False]),
@@ -105,17 +122,41 @@ def fixed_records() -> list[dict]:
         record("steer", 3, [True, False], [True, True], vectors=steer),
         record("steer", 4, [False], [False], missing_vectors=["x"]),
         # instruction: fluency varies, judge scores two rows
-        record("instruction", 1, [True], [True], judge=1.0,
-               fluency={"repetition": 0.2, "perplexity": 2.0, "degenerate": True}),
-        record("instruction", 2, [True], [True], judge=0.5,
-               fluency={"repetition": 0.0, "perplexity": 4.0, "degenerate": False}),
-        record("instruction", 3, [True, True], [True, True],
-               fluency={"repetition": 0.4, "perplexity": 9.0, "degenerate": False}),
-        record("instruction", 4, [False], [True],
-               fluency={"repetition": 0.2, "perplexity": None, "degenerate": False}),
+        record(
+            "instruction",
+            1,
+            [True],
+            [True],
+            judge=1.0,
+            fluency={"repetition": 0.2, "perplexity": 2.0, "degenerate": True},
+        ),
+        record(
+            "instruction",
+            2,
+            [True],
+            [True],
+            judge=0.5,
+            fluency={"repetition": 0.0, "perplexity": 4.0, "degenerate": False},
+        ),
+        record(
+            "instruction",
+            3,
+            [True, True],
+            [True, True],
+            fluency={"repetition": 0.4, "perplexity": 9.0, "degenerate": False},
+        ),
+        record(
+            "instruction",
+            4,
+            [False],
+            [True],
+            fluency={"repetition": 0.2, "perplexity": None, "degenerate": False},
+        ),
         # instruction_steer: everything followed
-        *(record("instruction_steer", k, [True] * n, [True] * n, vectors=steer)
-          for k, n in ((1, 1), (2, 1), (3, 2), (4, 1))),
+        *(
+            record("instruction_steer", k, [True] * n, [True] * n, vectors=steer)
+            for k, n in ((1, 1), (2, 1), (3, 2), (4, 1))
+        ),
         # a duplicate of an earlier (experiment, setting, key) counts once
         record("steer", 1, [False], [False], vectors=steer),
     ]
@@ -138,7 +179,9 @@ def test_four_setting_table_from_a_fixed_jsonl(tmp_path):
 
     # prompt level: a row counts when all of its instructions are followed
     for setting, strict, loose in (
-        ("no_instruction", 0, 1), ("steer", 1, 3), ("instruction", 3, 4),
+        ("no_instruction", 0, 1),
+        ("steer", 1, 3),
+        ("instruction", 3, 4),
         ("instruction_steer", 4, 4),
     ):
         assert s[setting]["n"] == 4
@@ -146,7 +189,9 @@ def test_four_setting_table_from_a_fixed_jsonl(tmp_path):
         mean_and_interval(s[setting]["prompt_loose"], loose, 4)
     # instruction level: five instructions (row 3 has two)
     for setting, strict, loose in (
-        ("no_instruction", 0, 2), ("steer", 2, 4), ("instruction", 4, 5),
+        ("no_instruction", 0, 2),
+        ("steer", 2, 4),
+        ("instruction", 4, 5),
         ("instruction_steer", 5, 5),
     ):
         mean_and_interval(s[setting]["instruction_strict"], strict, 5)
@@ -180,7 +225,6 @@ def test_rows_without_query_are_refused_for_no_instruction_settings(tmp_path, ti
         tiny_lm, rows, None, tmp_path / "run", settings=["instruction"], sampling=SHORT
     )
     assert summary.generated == 1
-
 
 
 def test_a_row_whose_kwargs_name_no_vector_is_refused_with_its_line(tmp_path, tiny_lm):
@@ -220,21 +264,36 @@ def test_each_row_gets_its_own_vectors(tmp_path, tiny_lm):
     lower = make_vector(layer=1, instruction_id=LOWER, target=4.0)
     comma = make_vector(layer=2, instruction_id=NO_COMMA, target=-3.0)
     vectors = save_vector_dir(tmp_path / "vectors", lower, comma)
-    rows = load_rows(write_jsonl(tmp_path / "d.jsonl", [
-        ifeval_row(1, LOWER),
-        ifeval_row(2, NO_COMMA),
-        ifeval_row(3, "language:response_language", language="sw"),  # no file for it
-    ]))
+    rows = load_rows(
+        write_jsonl(
+            tmp_path / "d.jsonl",
+            [
+                ifeval_row(1, LOWER),
+                ifeval_row(2, NO_COMMA),
+                ifeval_row(3, "language:response_language", language="sw"),  # no file for it
+            ],
+        )
+    )
     summary = run_evaluation(
-        tiny_lm, rows, vectors, tmp_path / "run", sampling=SHORT, batch_size=3,
+        tiny_lm,
+        rows,
+        vectors,
+        tmp_path / "run",
+        sampling=SHORT,
+        batch_size=3,
         settings=["no_instruction", "steer"],
     )
     assert summary.missing_vectors == ("language:response_language:sw",)
     got = {(r["setting"], r["key"]): r for r in read_responses(summary.responses_path)}
     assert [v["instruction_id"] for v in got[("steer", 1)]["vectors"]] == [LOWER]
     assert got[("steer", 2)]["vectors"] == [
-        {"instruction_id": NO_COMMA, "layer": 2, "mode": "projection", "weight": 1.0,
-         "model": "tiny-llama"}
+        {
+            "instruction_id": NO_COMMA,
+            "layer": 2,
+            "mode": "projection",
+            "weight": 1.0,
+            "model": "tiny-llama",
+        }
     ]
     assert got[("steer", 3)]["vectors"] == []
     assert got[("steer", 3)]["missing_vectors"] == ["language:response_language:sw"]
@@ -242,8 +301,12 @@ def test_each_row_gets_its_own_vectors(tmp_path, tiny_lm):
     assert summary.data["experiments"]["format"]["settings"]["steer"]["n_unsteered"] == 1
     # The batch of three mixed rows answered exactly as each row steered alone would be.
     for key, vector in ((1, lower), (2, comma)):
-        alone = generate(tiny_lm, [rows[key - 1].prompt_without_instruction],
-                         steering=[Steering(vector)], sampling=SHORT)[0].text
+        alone = generate(
+            tiny_lm,
+            [rows[key - 1].prompt_without_instruction],
+            steering=[Steering(vector)],
+            sampling=SHORT,
+        )[0].text
         assert got[("steer", key)]["response"] == alone
     line = got[("steer", 1)]
     assert line["prompt"] == rows[0].prompt_without_instruction and line["model"] == "tiny-llama"
@@ -254,36 +317,56 @@ def test_each_row_gets_its_own_vectors(tmp_path, tiny_lm):
 def keyword_row(key: int, word: str, exclude: bool) -> dict[str, Any]:
     base = f"Write a short note about item {key}."
     if exclude:
-        return {"key": key, "prompt": f'{base} Do not use the word "{word}".',
-                "prompt_without_instruction": base,
-                "instruction_id_list": ["keywords:forbidden_words"],
-                "kwargs": [{"forbidden_words": [word]}]}
-    return {"key": key, "prompt": f'{base} Include the word "{word}".',
-            "prompt_without_instruction": base, "instruction_id_list": ["keywords:existence"],
-            "kwargs": [{"keywords": [word]}]}
+        return {
+            "key": key,
+            "prompt": f'{base} Do not use the word "{word}".',
+            "prompt_without_instruction": base,
+            "instruction_id_list": ["keywords:forbidden_words"],
+            "kwargs": [{"forbidden_words": [word]}],
+        }
+    return {
+        "key": key,
+        "prompt": f'{base} Include the word "{word}".',
+        "prompt_without_instruction": base,
+        "instruction_id_list": ["keywords:existence"],
+        "kwargs": [{"keywords": [word]}],
+    }
 
 
 def test_exclusion_applies_the_inclusion_vector_with_negative_weight(tmp_path, tiny_lm):
-    forest = make_vector(layer=1, instruction_id="keywords:existence:forest", mode="additive",
-                         weight=3.0)
+    forest = make_vector(
+        layer=1, instruction_id="keywords:existence:forest", mode="additive", weight=3.0
+    )
     vectors = save_vector_dir(tmp_path / "vectors", forest)
     data = write_jsonl(tmp_path / "ex.jsonl", [keyword_row(1, "forest", exclude=True)])
     summary = run_evaluation(
-        tiny_lm, load_rows(data), vectors, tmp_path / "ex", experiment="keywords_exclude",
-        settings=["steer"], sampling=SHORT,
+        tiny_lm,
+        load_rows(data),
+        vectors,
+        tmp_path / "ex",
+        experiment="keywords_exclude",
+        settings=["steer"],
+        sampling=SHORT,
     )
     (line,) = read_responses(summary.responses_path)
     assert line["vectors"][0]["weight"] == -3.0 and line["vectors"][0]["mode"] == "additive"
-    negated = generate(tiny_lm, [line["prompt"]], steering=[Steering(forest, weight=-3.0)],
-                       sampling=SHORT)[0].text
+    negated = generate(
+        tiny_lm, [line["prompt"]], steering=[Steering(forest, weight=-3.0)], sampling=SHORT
+    )[0].text
     assert line["response"] == negated
     # An override is a magnitude: the excluded word gets its negation, an included word gets it.
     for exclude, sign in ((True, -1), (False, 1)):
         data = write_jsonl(tmp_path / "kw.jsonl", [keyword_row(2, "forest", exclude)])
         experiment = "keywords_exclude" if exclude else "keywords_include"
         summary = run_evaluation(
-            tiny_lm, load_rows(data), vectors, tmp_path / f"kw{exclude}", experiment=experiment,
-            settings=["steer"], sampling=SHORT, weights={"keywords:*": 7.0},
+            tiny_lm,
+            load_rows(data),
+            vectors,
+            tmp_path / f"kw{exclude}",
+            experiment=experiment,
+            settings=["steer"],
+            sampling=SHORT,
+            weights={"keywords:*": 7.0},
         )
         (line,) = read_responses(summary.responses_path)
         assert line["vectors"][0]["weight"] == sign * 7.0
@@ -301,12 +384,18 @@ def test_composition_steers_with_both_vectors_and_scores_both(tmp_path, tiny_lm,
     vectors = save_vector_dir(tmp_path / "vectors", lower, concise, tight)
     data = write_jsonl(tmp_path / "d.jsonl", [ifeval_row(key)])
     summary = run_evaluation(
-        tiny_lm, load_rows(data), vectors, tmp_path / "run", experiment="composition",
-        settings=["instruction_steer"], sampling=SHORT,
+        tiny_lm,
+        load_rows(data),
+        vectors,
+        tmp_path / "run",
+        experiment="composition",
+        settings=["instruction_steer"],
+        sampling=SHORT,
     )
     (line,) = read_responses(summary.responses_path)
     assert [(v["instruction_id"], v["layer"]) for v in line["vectors"]] == [
-        (LOWER, 1), (length_id, 2)
+        (LOWER, 1),
+        (length_id, 2),
     ]
     assert line["instruction_id_list"] == [LOWER, "length_constraints:number_sentences"]
     assert len(line["strict"]) == 2 and "Answer in at most" in line["prompt"]
@@ -314,8 +403,15 @@ def test_composition_steers_with_both_vectors_and_scores_both(tmp_path, tiny_lm,
 
 def test_perplexity_under_another_model(tmp_path, tiny_lm, tiny_gpt2):
     rows = load_rows(write_jsonl(tmp_path / "d.jsonl", [ifeval_row(1)]))
-    summary = run_evaluation(tiny_lm, rows, None, tmp_path / "run", settings=["instruction"],
-                             sampling=SHORT, fluency_lm=tiny_gpt2)
+    summary = run_evaluation(
+        tiny_lm,
+        rows,
+        None,
+        tmp_path / "run",
+        settings=["instruction"],
+        sampling=SHORT,
+        fluency_lm=tiny_gpt2,
+    )
     (line,) = read_responses(summary.responses_path)
     assert line["fluency_model"] == "tiny-gpt2" and line["model"] == "tiny-llama"
     if line["response"]:
@@ -342,7 +438,12 @@ def test_transfer_accepts_same_hidden_size_and_records_the_source(tmp_path, tiny
     with pytest.raises(VectorMismatch, match="allow_transfer"):
         run_evaluation(tiny_lm, rows, other, tmp_path / "a", settings=["steer"], sampling=SHORT)
     summary = run_evaluation(
-        tiny_lm, rows, other, tmp_path / "b", experiment="transfer", settings=["steer"],
+        tiny_lm,
+        rows,
+        other,
+        tmp_path / "b",
+        experiment="transfer",
+        settings=["steer"],
         sampling=SHORT,
     )
     (line,) = read_responses(summary.responses_path)
@@ -360,9 +461,11 @@ def resume_case(tmp_path):
         make_vector(layer=1, instruction_id=LOWER, target=4.0),
         make_vector(layer=2, instruction_id=NO_COMMA, target=-2.0),
     )
-    rows = load_rows(write_jsonl(
-        tmp_path / "d.jsonl", [ifeval_row(k, LOWER if k % 2 else NO_COMMA) for k in range(1, 5)]
-    ))
+    rows = load_rows(
+        write_jsonl(
+            tmp_path / "d.jsonl", [ifeval_row(k, LOWER if k % 2 else NO_COMMA) for k in range(1, 5)]
+        )
+    )
     return rows, vectors
 
 
@@ -378,22 +481,35 @@ def test_resume_after_a_kill_gives_no_duplicates_and_the_same_summary(
     tmp_path, tiny_lm, resume_case
 ):
     rows, vectors = resume_case
-    clean = run_evaluation(tiny_lm, rows, vectors, tmp_path / "clean", sampling=SHORT,
-                           batch_size=2)
+    clean = run_evaluation(tiny_lm, rows, vectors, tmp_path / "clean", sampling=SHORT, batch_size=2)
     assert clean.generated == 16 and clean.skipped == 0
 
     def kill_after_first_batch(_n: int) -> None:
         raise Killed
 
     with pytest.raises(Killed):
-        run_evaluation(tiny_lm, rows, vectors, tmp_path / "killed", sampling=SHORT,
-                       batch_size=2, progress=kill_after_first_batch)
+        run_evaluation(
+            tiny_lm,
+            rows,
+            vectors,
+            tmp_path / "killed",
+            sampling=SHORT,
+            batch_size=2,
+            progress=kill_after_first_batch,
+        )
     responses = tmp_path / "killed" / "responses.jsonl"
     assert len(read_responses(responses)) == 2  # the first batch reached the disk
     assert count_pending(tmp_path / "killed", rows) == 14
     advanced: list[int] = []
-    resumed = run_evaluation(tiny_lm, rows, vectors, tmp_path / "killed", sampling=SHORT,
-                             batch_size=2, progress=advanced.append)
+    resumed = run_evaluation(
+        tiny_lm,
+        rows,
+        vectors,
+        tmp_path / "killed",
+        sampling=SHORT,
+        batch_size=2,
+        progress=advanced.append,
+    )
     assert resumed.generated == 14 and resumed.skipped == 2 and sum(advanced) == 14
     assert len(keys(responses)) == len(set(keys(responses))) == 16
     assert without_timing(resumed.data) == without_timing(clean.data)
@@ -403,14 +519,28 @@ def test_resume_after_a_kill_gives_no_duplicates_and_the_same_summary(
 
 def test_resume_after_a_torn_last_line(tmp_path, tiny_lm, resume_case):
     rows, vectors = resume_case
-    clean = run_evaluation(tiny_lm, rows, vectors, tmp_path / "clean", sampling=SHORT,
-                           batch_size=4, settings=["no_instruction", "steer"])
+    clean = run_evaluation(
+        tiny_lm,
+        rows,
+        vectors,
+        tmp_path / "clean",
+        sampling=SHORT,
+        batch_size=4,
+        settings=["no_instruction", "steer"],
+    )
     lines = (tmp_path / "clean" / "responses.jsonl").read_text().splitlines(keepends=True)
     torn = tmp_path / "torn"
     torn.mkdir()
     (torn / "responses.jsonl").write_text("".join(lines[:5]) + lines[5][: len(lines[5]) // 2])
-    resumed = run_evaluation(tiny_lm, rows, vectors, torn, sampling=SHORT, batch_size=4,
-                             settings=["no_instruction", "steer"])
+    resumed = run_evaluation(
+        tiny_lm,
+        rows,
+        vectors,
+        torn,
+        sampling=SHORT,
+        batch_size=4,
+        settings=["no_instruction", "steer"],
+    )
     assert resumed.generated == 3 and resumed.skipped == 5
     path = torn / "responses.jsonl"
     assert len(keys(path)) == len(set(keys(path))) == 8
@@ -420,15 +550,27 @@ def test_resume_after_a_torn_last_line(tmp_path, tiny_lm, resume_case):
 
 def test_resume_refuses_other_generation_settings(tmp_path, tiny_lm, resume_case):
     rows, vectors = resume_case
-    run_evaluation(tiny_lm, rows[:1], vectors, tmp_path / "run", sampling=SHORT,
-                   settings=["steer"])
+    run_evaluation(tiny_lm, rows[:1], vectors, tmp_path / "run", sampling=SHORT, settings=["steer"])
     with pytest.raises(EvaluationError, match="max_new_tokens"):
-        run_evaluation(tiny_lm, rows, vectors, tmp_path / "run", settings=["steer"],
-                       sampling=Sampling(max_new_tokens=7))
+        run_evaluation(
+            tiny_lm,
+            rows,
+            vectors,
+            tmp_path / "run",
+            settings=["steer"],
+            sampling=Sampling(max_new_tokens=7),
+        )
     changed = r"row 1 \(steer\) was steered with .*weight 1.0\), now with .*weight 2.0\)"
     with pytest.raises(EvaluationError, match=changed):
-        run_evaluation(tiny_lm, rows, vectors, tmp_path / "run", settings=["steer"],
-                       sampling=SHORT, weights={LOWER: 2.0})
+        run_evaluation(
+            tiny_lm,
+            rows,
+            vectors,
+            tmp_path / "run",
+            settings=["steer"],
+            sampling=SHORT,
+            weights={LOWER: 2.0},
+        )
 
 
 def test_a_second_writer_is_refused(tmp_path, tiny_lm, resume_case):
@@ -456,8 +598,6 @@ def test_unknown_setting_is_refused(tmp_path, tiny_lm, resume_case):
 # --- CLI ------------------------------------------------------------------------------------
 
 
-
-
 def test_cli_eval_runs_resumes_and_prints_the_table(monkeypatch, capsys, tmp_path, tiny_lm):
     model_dir = tmp_path / "tiny"
     tiny_lm.model.save_pretrained(model_dir)
@@ -466,9 +606,25 @@ def test_cli_eval_runs_resumes_and_prints_the_table(monkeypatch, capsys, tmp_pat
         tmp_path / "vectors", make_vector(layer=1, model_id="tiny", instruction_id=LOWER)
     )
     data = write_jsonl(tmp_path / "d.jsonl", [ifeval_row(k) for k in (1, 2, 3)])
-    args = ["eval", "--data", str(data), "--vectors", str(vectors), "--out", str(tmp_path / "r"),
-            "--model", str(model_dir), "--max-new-tokens", "4", "--limit", "2",
-            "--settings", "instruction,instruction_steer", "--weight", f"{LOWER}=1.5"]
+    args = [
+        "eval",
+        "--data",
+        str(data),
+        "--vectors",
+        str(vectors),
+        "--out",
+        str(tmp_path / "r"),
+        "--model",
+        str(model_dir),
+        "--max-new-tokens",
+        "4",
+        "--limit",
+        "2",
+        "--settings",
+        "instruction,instruction_steer",
+        "--weight",
+        f"{LOWER}=1.5",
+    ]
     code, printed, err = run_cli(monkeypatch, capsys, *args)
     assert code == 0, err
     assert "instr+steer" in printed and "paper: Phi-3-mini" in printed
@@ -485,11 +641,21 @@ def test_cli_eval_errors_are_one_line(monkeypatch, capsys, tmp_path):
     code, _, err = run_cli(
         monkeypatch, capsys, "eval", "--data", str(bad), "--out", str(tmp_path / "r")
     )
-    assert code == 2 and err.strip() == f"error: {bad}:1: not valid JSON (Expecting property " \
-        "name enclosed in double quotes)"
+    assert (
+        code == 2
+        and err.strip()
+        == f"error: {bad}:1: not valid JSON (Expecting property name enclosed in double quotes)"
+    )
     code, _, err = run_cli(
-        monkeypatch, capsys, "eval", "--data", str(write_jsonl(tmp_path / "d.jsonl", [
-            ifeval_row(1)])), "--out", str(tmp_path / "r"), "--weight", "oops",
+        monkeypatch,
+        capsys,
+        "eval",
+        "--data",
+        str(write_jsonl(tmp_path / "d.jsonl", [ifeval_row(1)])),
+        "--out",
+        str(tmp_path / "r"),
+        "--weight",
+        "oops",
     )
     assert code == 2 and "--weight takes ID=VALUE" in err
 
@@ -516,8 +682,14 @@ def test_all_settings_share_one_engine_and_each_answer_reaches_disk_as_it_ends(
     on_disk: list[int] = []
     responses = tmp_path / "run" / "responses.jsonl"
     summary = run_evaluation(
-        tiny_lm, rows, vectors, tmp_path / "run", sampling=SHORT, batch_size=16,
-        progress=lambda n: on_disk.append(len(read_responses(responses))), engine=Counting,
+        tiny_lm,
+        rows,
+        vectors,
+        tmp_path / "run",
+        sampling=SHORT,
+        batch_size=16,
+        progress=lambda n: on_disk.append(len(read_responses(responses))),
+        engine=Counting,
     )
     assert len(engines) == 1 and summary.generated == 16
     assert max(widest) == 16  # all four settings of all four rows in one batch

@@ -87,9 +87,15 @@ def test_reading_a_file_that_is_not_a_control_vector_fails(tmp_path):
 
 
 def test_cli_exports_a_chosen_layer_with_a_weight(tmp_path):
-    layers = [make_vector(layer=layer, mode="additive", weight=1.0,
-                          direction=torch.nn.functional.normalize(torch.randn(64), dim=0))
-              for layer in (1, 2)]
+    layers = [
+        make_vector(
+            layer=layer,
+            mode="additive",
+            weight=1.0,
+            direction=torch.nn.functional.normalize(torch.randn(64), dim=0),
+        )
+        for layer in (1, 2)
+    ]
     source = save_vectors(tmp_path / "v.safetensors", layers, default=1)
     out = tmp_path / "out.gguf"
     result = CliRunner().invoke(

@@ -232,7 +232,10 @@ def test_vector_id_for_sentence_limit() -> None:
         return vector_id_for("length_constraints:number_sentences", kwargs)
 
     assert [served(n) for n in (2, 3, 4, 6)] == [
-        "length:extremely_concise", "length:extremely_concise", "length:concise", "length:concise"
+        "length:extremely_concise",
+        "length:extremely_concise",
+        "length:concise",
+        "length:concise",
     ]
     with pytest.raises(UnknownInstruction, match="at least"):
         vector_id_for(

@@ -24,8 +24,8 @@ from tests.conftest import make_tiny, tiny_llama_config
 LOWER = "change_case:english_lowercase"
 COMMA = "punctuation:no_comma"
 LANGUAGE = "language:response_language"
-FORMAT_SET = Path(__file__).resolve().parents[3] / "shared" / "data" / (
-    "ifeval_single_instr_format.jsonl"
+FORMAT_SET = (
+    Path(__file__).resolve().parents[3] / "shared" / "data" / ("ifeval_single_instr_format.jsonl")
 )
 
 ROWS = [
@@ -47,11 +47,16 @@ def tiny10(tiny_tokenizer):
 def data(tmp_path):
     path = tmp_path / "format.jsonl"
     lines = [
-        json.dumps({
-            "key": key, "prompt": query + instruction, "prompt_without_instruction": query,
-            "instruction_id_list": [iid], "kwargs": [kwargs],
-            "instruction_id_list_for_eval": [iid],
-        })
+        json.dumps(
+            {
+                "key": key,
+                "prompt": query + instruction,
+                "prompt_without_instruction": query,
+                "instruction_id_list": [iid],
+                "kwargs": [kwargs],
+                "instruction_id_list_for_eval": [iid],
+            }
+        )
         for key, query, instruction, iid, kwargs in ROWS
     ]
     path.write_text("\n".join(lines) + "\n")
@@ -79,8 +84,9 @@ class Recorder(Stages):
 
 
 def _config(data, out, **kw):
-    options = dict(limit=None, sweep_prompts=1, layer_step=2, max_new_tokens=3, batch_size=8,
-                   n_pairs=2)
+    options = dict(
+        limit=None, sweep_prompts=1, layer_step=2, max_new_tokens=3, batch_size=8, n_pairs=2
+    )
     options.update(kw)
     return PaperConfig(data=data, out=out, model="tiny", **options)
 
@@ -104,7 +110,8 @@ def test_run_paper_end_to_end_then_resume_does_nothing(tiny10, data, tmp_path):
     ]
     sweeps = sorted(p.name for p in (out / "sweeps").glob("*.json"))
     assert sweeps == [
-        "change_case__english_lowercase.json", "language__response_language.json",
+        "change_case__english_lowercase.json",
+        "language__response_language.json",
         "punctuation__no_comma.json",
     ]
     for name in sweeps:
@@ -118,8 +125,11 @@ def test_run_paper_end_to_end_then_resume_does_nothing(tiny10, data, tmp_path):
     split = json.loads((out / "split.json").read_text())
     validation = {k for keys in split["validation"].values() for k in keys}
     # sweeps validate on prompts from our own queries; every data row is held out
-    assert validation == {f"validation:{LOWER}:0", f"validation:{COMMA}:0",
-                          f"validation:{LANGUAGE}:de:0"}
+    assert validation == {
+        f"validation:{LOWER}:0",
+        f"validation:{COMMA}:0",
+        f"validation:{LANGUAGE}:de:0",
+    }
     assert sorted(split["evaluation"]) == sorted(key for key, *_ in ROWS)
     responses = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
     assert len(responses) == 6 * 4  # six held-out rows, four settings
@@ -187,11 +197,32 @@ def test_cli_run_paper_prints_the_plan_and_finishes(monkeypatch, capsys, tmp_pat
     tiny10.model.save_pretrained(model_dir)
     tiny10.tokenizer.save_pretrained(model_dir)
     out = tmp_path / "run"
-    monkeypatch.setattr(sys, "argv", [
-        "ifsteer", "run-paper", "--model", str(model_dir), "--data", str(data), "--out",
-        str(out), "--limit", "0", "--sweep-prompts", "1", "--layer-step", "4",
-        "--max-new-tokens", "2", "--n-pairs", "2", "--batch-size", "8",
-    ])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "ifsteer",
+            "run-paper",
+            "--model",
+            str(model_dir),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--limit",
+            "0",
+            "--sweep-prompts",
+            "1",
+            "--layer-step",
+            "4",
+            "--max-new-tokens",
+            "2",
+            "--n-pairs",
+            "2",
+            "--batch-size",
+            "8",
+        ],
+    )
     try:
         main()
     except SystemExit as exc:
@@ -253,8 +284,11 @@ def test_a_query_two_sweeps_share_is_priced_as_one_unsteered_answer():
         return Row(query, f"{query} ({instruction_id})", query, (instruction_id,), (kwargs,))
 
     title, lower = "detectable_format:title", "change_case:english_lowercase"
-    rows = [row("Why is the sky blue?", title, {}), row("Why is the sky blue?", lower, {}),
-            row("Name a fruit.", title, {})]
+    rows = [
+        row("Why is the sky blue?", title, {}),
+        row("Why is the sky blue?", lower, {}),
+        row("Name a fruit.", title, {}),
+    ]
     answers, tokens = _sweep_work(rows, 3, 100, with_instruction=False)
     assert answers == 3 * 3 + 2
     # the shared answer runs until its undecidable title check ends, not the lowercase one's

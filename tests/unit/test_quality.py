@@ -60,9 +60,7 @@ def _reference_perplexity(lm, prompt: str, response: str) -> float:
     ids = torch.tensor([prompt_ids + response_ids])
     with torch.no_grad():
         logprobs = torch.log_softmax(lm.model(input_ids=ids).logits[0].float(), dim=-1)
-    nll = [
-        -logprobs[len(prompt_ids) + i - 1, token].item() for i, token in enumerate(response_ids)
-    ]
+    nll = [-logprobs[len(prompt_ids) + i - 1, token].item() for i, token in enumerate(response_ids)]
     return math.exp(sum(nll) / len(nll))
 
 

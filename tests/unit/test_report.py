@@ -22,10 +22,15 @@ def _stat(mean, n=2):
 
 def _setting(mean):
     return {
-        "n": 2, "prompt_strict": _stat(mean), "prompt_loose": _stat(mean),
-        "instruction_strict": _stat(mean), "instruction_loose": _stat(mean),
+        "n": 2,
+        "prompt_strict": _stat(mean),
+        "prompt_loose": _stat(mean),
+        "instruction_strict": _stat(mean),
+        "instruction_loose": _stat(mean),
         "fluency": {"repetition": 0.1, "perplexity": 3.2, "degenerate": 0.0},
-        "judge": None, "n_unsteered": 0, "seconds": 12.0,
+        "judge": None,
+        "n_unsteered": 0,
+        "seconds": 12.0,
     }
 
 
@@ -38,8 +43,10 @@ SUMMARY = {
                 s: _setting(m) for s, m in zip(SETTINGS, (0.0, 0.5, 0.5, 1.0), strict=True)
             },
             "per_instruction": {
-                iid: {s: {"n": 1, "loose": _stat(m), "strict": _stat(m)}
-                      for s, m in zip(SETTINGS, means, strict=True)}
+                iid: {
+                    s: {"n": 1, "loose": _stat(m), "strict": _stat(m)}
+                    for s, m in zip(SETTINGS, means, strict=True)
+                }
                 for iid, means in ((LOWER, (0.0, 1.0, 1.0, 1.0)), (COMMA, (0.0, 0.0, 0.0, 1.0)))
             },
         }
@@ -51,25 +58,43 @@ SUMMARY = {
 def _response(key, iid, setting, text, passed):
     steered = setting in ("steer", "instruction_steer")
     return {
-        "experiment": "format", "setting": setting, "key": key, "instruction_id_list": [iid],
-        "kwargs": [{}], "prompt": f"Question {key} & more" + (" (instr)" if "instr" in setting
-                                                             else ""),
-        "response": text, "strict": [passed], "loose": [passed],
+        "experiment": "format",
+        "setting": setting,
+        "key": key,
+        "instruction_id_list": [iid],
+        "kwargs": [{}],
+        "prompt": f"Question {key} & more" + (" (instr)" if "instr" in setting else ""),
+        "response": text,
+        "strict": [passed],
+        "loose": [passed],
         "vectors": [{"instruction_id": iid, "layer": 6, "mode": "projection", "weight": 1.0}]
-        if steered else [],
+        if steered
+        else [],
         "fluency": {"repetition": 0.0, "perplexity": 3.0, "degenerate": False},
-        "judge": None, "model": "tiny-llama",
+        "judge": None,
+        "model": "tiny-llama",
     }
 
 
 SWEEP = {
-    "instruction_id": LOWER, "model": "tiny-llama", "with_instruction": False,
+    "instruction_id": LOWER,
+    "model": "tiny-llama",
+    "with_instruction": False,
     "mode": "projection",
     "grid": [
-        {"layer": layer, "weight": None, "accuracy": acc, "score": score, "n": 2,
-         "fluency": {"repetition": 0.1, "perplexity": None, "degenerate": deg}}
+        {
+            "layer": layer,
+            "weight": None,
+            "accuracy": acc,
+            "score": score,
+            "n": 2,
+            "fluency": {"repetition": 0.1, "perplexity": None, "degenerate": deg},
+        }
         for layer, acc, score, deg in (
-            (None, 0.0, 0.0, 0.0), (2, 0.5, 0.5, 0.0), (4, 1.0, 0.0, 1.0), (6, 0.5, 0.5, 0.0)
+            (None, 0.0, 0.0, 0.0),
+            (2, 0.5, 0.5, 0.0),
+            (4, 1.0, 0.0, 1.0),
+            (6, 0.5, 0.5, 0.0),
         )
     ],
     "chosen": {"layer": 2, "weight": None, "score": 0.5, "recommended": True},
@@ -84,22 +109,27 @@ def run_dir(tmp_path):
         _response(1, LOWER, s, NASTY if s == "steer" else f"answer {s}", s != "no_instruction")
         for s in SETTINGS
     ] + [_response(2, COMMA, s, "plain, text", s == "instruction_steer") for s in SETTINGS]
-    (tmp_path / "responses.jsonl").write_text(
-        "".join(json.dumps(r) + "\n" for r in records)
-    )
+    (tmp_path / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (tmp_path / "sweeps").mkdir()
     (tmp_path / "sweeps" / "change_case__english_lowercase.json").write_text(json.dumps(SWEEP))
-    no_win = {**SWEEP, "instruction_id": COMMA,
-              "chosen": {"layer": None, "weight": None, "score": 0.0, "recommended": False}}
+    no_win = {
+        **SWEEP,
+        "instruction_id": COMMA,
+        "chosen": {"layer": None, "weight": None, "score": 0.0, "recommended": False},
+    }
     (tmp_path / "sweeps" / "punctuation__no_comma.json").write_text(json.dumps(no_win))
-    (tmp_path / "run.json").write_text(json.dumps({
-        "config": {"limit": 2, "max_new_tokens": 8},
-        "stages": {"extract": {"seconds": 3.0, "items": 2}},
-        "full_command": "ifsteer run-paper --limit 0",
-    }))
-    (tmp_path / "split.json").write_text(json.dumps(
-        {"per_group": 1, "seed": 0, "validation": {LOWER: [7, 8]}, "evaluation": [1, 2]}
-    ))
+    (tmp_path / "run.json").write_text(
+        json.dumps(
+            {
+                "config": {"limit": 2, "max_new_tokens": 8},
+                "stages": {"extract": {"seconds": 3.0, "items": 2}},
+                "full_command": "ifsteer run-paper --limit 0",
+            }
+        )
+    )
+    (tmp_path / "split.json").write_text(
+        json.dumps({"per_group": 1, "seed": 0, "validation": {LOWER: [7, 8]}, "evaluation": [1, 2]})
+    )
     return tmp_path
 
 

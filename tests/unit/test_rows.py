@@ -53,8 +53,9 @@ def test_load_rows_reads_rows_and_limit(tmp_path):
 
 def test_repeated_keys_get_their_own_suffix(tmp_path):
     # The shared keyword sets reuse one IFEval key per word; resuming needs unique keys.
-    path = write_jsonl(tmp_path / "d.jsonl", [ifeval_row(5), ifeval_row(5), ifeval_row(6),
-                                              ifeval_row(5)])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [ifeval_row(5), ifeval_row(5), ifeval_row(6), ifeval_row(5)]
+    )
     assert [r.key for r in load_rows(path)] == [5, "5-2", 6, "5-3"]
 
 
@@ -111,19 +112,33 @@ FORBIDDEN = "keywords:forbidden_words"
 
 
 def test_needs_answer_per_instruction_with_negation_for_forbidden_words():
-    row = Row(1, "p", "q", (LOWER, UNSERVED, WORDS, FORBIDDEN),
-              ({}, {"num_words": 50, "relation": "less than"}, {"keywords": ["ocean", "tide"]},
-               {"forbidden_words": ["storm"]}))
+    row = Row(
+        1,
+        "p",
+        "q",
+        (LOWER, UNSERVED, WORDS, FORBIDDEN),
+        (
+            {},
+            {"num_words": 50, "relation": "less than"},
+            {"keywords": ["ocean", "tide"]},
+            {"forbidden_words": ["storm"]},
+        ),
+    )
     needs = row.needs()
     assert [n.instruction_id for n in needs] == list(row.instruction_id_list)
     assert needs[0] == Need(LOWER, ((LOWER, False),))
     assert needs[1] == Need(UNSERVED, ())
     assert needs[2].vectors == (
-        ("keywords:existence:ocean", False), ("keywords:existence:tide", False)
+        ("keywords:existence:ocean", False),
+        ("keywords:existence:tide", False),
     )
     assert needs[3].vectors == (("keywords:existence:storm", True),)
-    assert row.vector_ids() == [LOWER, "keywords:existence:ocean", "keywords:existence:tide",
-                                "keywords:existence:storm"]
+    assert row.vector_ids() == [
+        LOWER,
+        "keywords:existence:ocean",
+        "keywords:existence:tide",
+        "keywords:existence:storm",
+    ]
 
 
 def test_a_row_mixing_served_and_unserved_instructions_is_not_fully_served():
@@ -147,8 +162,14 @@ def test_kwargs_that_name_no_vector_leave_the_instruction_unserved_with_the_reas
 
 
 def _row(key, instruction=LOWER, kwargs=None):
-    return Row(key, f"Question {key}. Instruction.", f"Question {key}.", (instruction,),
-               (kwargs or {},), f"data.jsonl:{key}")
+    return Row(
+        key,
+        f"Question {key}. Instruction.",
+        f"Question {key}.",
+        (instruction,),
+        (kwargs or {},),
+        f"data.jsonl:{key}",
+    )
 
 
 def test_split_is_deterministic_disjoint_and_capped():

@@ -38,25 +38,28 @@ def built(monkeypatch) -> list[dict[str, Any]]:
 
 
 def _platform(monkeypatch, *, cpu: bool) -> None:
-    fake = SimpleNamespace(platforms=SimpleNamespace(
-        current_platform=SimpleNamespace(is_cpu=lambda: cpu)
-    ))
+    fake = SimpleNamespace(
+        platforms=SimpleNamespace(current_platform=SimpleNamespace(is_cpu=lambda: cpu))
+    )
     monkeypatch.setattr(backend_cli, "require_vllm_cli", lambda: fake)
 
 
 def _engine(**options: Any) -> Any:
     settings: dict[str, Any] = {
-        "dtype": "float32", "limits": LIMITS, "max_model_len": None, "kv_cache_gib": None,
-        "tensor_parallel_size": 1, "pipeline_parallel_size": 1, "extract_pairs": 16,
+        "dtype": "float32",
+        "limits": LIMITS,
+        "max_model_len": None,
+        "kv_cache_gib": None,
+        "tensor_parallel_size": 1,
+        "pipeline_parallel_size": 1,
+        "extract_pairs": 16,
         **options,
     }
     model = settings.pop("model", DEFAULT_MODEL)
     return serve_cli.vllm_engine(model, **settings)
 
 
-def test_an_embedded_model_is_served_from_its_cache_under_the_hf_backends_id(
-    monkeypatch, built
-):
+def test_an_embedded_model_is_served_from_its_cache_under_the_hf_backends_id(monkeypatch, built):
     _platform(monkeypatch, cpu=True)
     engine = _engine()
     directory = cache_dir(DEFAULT_MODEL)
@@ -113,12 +116,15 @@ def test_a_broken_vllm_install_is_one_line_too(monkeypatch, capsys):
     assert "vLLM is installed but does not import (RuntimeError: operator torchvision" in err
 
 
-@pytest.mark.parametrize(("args", "named"), [
-    (["--kv-cache-gib", "0"], "--kv-cache-gib"),
-    (["--max-model-len", "0"], "--max-model-len"),
-    (["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
-    (["--backend", "tgi"], "unknown backend 'tgi'"),
-])
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--kv-cache-gib", "0"], "--kv-cache-gib"),
+        (["--max-model-len", "0"], "--max-model-len"),
+        (["--tensor-parallel-size", "0"], "--tensor-parallel-size"),
+        (["--backend", "tgi"], "unknown backend 'tgi'"),
+    ],
+)
 def test_bad_options_are_refused_before_anything_loads(monkeypatch, capsys, args, named):
     if "--backend" not in args:
         args = ["--backend", "vllm", *args]

@@ -67,18 +67,32 @@ def _unit(seed: int, hidden: int = 64) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def vector_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("vectors")
-    save_vectors(directory / "upper.safetensors",
-                 [make_vector(layer=1, mode="additive", weight=6.0, instruction_id="upper")])
-    save_vectors(directory / "lower.safetensors",
-                 [make_vector(layer=2, target=3.0, direction=_unit(7), instruction_id="lower")])
+    save_vectors(
+        directory / "upper.safetensors",
+        [make_vector(layer=1, mode="additive", weight=6.0, instruction_id="upper")],
+    )
+    save_vectors(
+        directory / "lower.safetensors",
+        [make_vector(layer=2, target=3.0, direction=_unit(7), instruction_id="lower")],
+    )
     save_vectors(
         directory / "multi.safetensors",
-        [make_vector(layer=layer, mode="additive", weight=5.0, direction=_unit(10 + layer),
-                     instruction_id="multi") for layer in (1, 3)],
+        [
+            make_vector(
+                layer=layer,
+                mode="additive",
+                weight=5.0,
+                direction=_unit(10 + layer),
+                instruction_id="multi",
+            )
+            for layer in (1, 3)
+        ],
         default=3,
     )
-    save_vectors(directory / "foreign.safetensors",
-                 [make_vector(layer=1, model_id="other-model", instruction_id="foreign")])
+    save_vectors(
+        directory / "foreign.safetensors",
+        [make_vector(layer=1, model_id="other-model", instruction_id="foreign")],
+    )
     return directory
 
 
@@ -125,8 +139,11 @@ def run_server() -> Iterator:
 @pytest.fixture(scope="module")
 def srv(tiny_lm, vector_dir, run_server) -> Running:
     app = create_app(
-        tiny_lm, load_vector_dir(vector_dir), max_batch_size=32,
-        limits=LIMITS, extract_pairs=4,
+        tiny_lm,
+        load_vector_dir(vector_dir),
+        max_batch_size=32,
+        limits=LIMITS,
+        extract_pairs=4,
     )
     return run_server(app)
 
@@ -144,13 +161,19 @@ def http(srv) -> Iterator[httpx.Client]:
 
 def _expected(lm, prompt, steering=(), *, formatted=True, max_tokens=MAX_TOKENS) -> str:
     sampling = Sampling(max_new_tokens=max_tokens)
-    return generate(lm, [prompt], steering=list(steering), sampling=sampling,
-                    formatted=formatted)[0].text
+    return generate(lm, [prompt], steering=list(steering), sampling=sampling, formatted=formatted)[
+        0
+    ].text
 
 
 def _chat(prompt: str, **extra) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": MAX_TOKENS, "temperature": 0, **extra}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        **extra,
+    }
 
 
 def _health(http) -> dict:
@@ -163,29 +186,42 @@ def _health(http) -> dict:
 def test_openai_client_gets_steered_and_unsteered_chat(client, tiny_lm, vector_dir):
     upper = load_vector(vector_dir / "upper.safetensors")
     plain = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=MAX_TOKENS,
+        model=MODEL,
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        max_tokens=MAX_TOKENS,
         temperature=0,
     )
     steered = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=MAX_TOKENS,
-        temperature=0, extra_body={"steering": [{"vector": "upper"}]},
+        model=MODEL,
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={"steering": [{"vector": "upper"}]},
     )
     assert plain.choices[0].message.content == _expected(tiny_lm, PROMPTS[0])
     assert steered.choices[0].message.content == _expected(tiny_lm, PROMPTS[0], [Steering(upper)])
     assert plain.choices[0].message.content != steered.choices[0].message.content
     assert steered.usage.completion_tokens <= MAX_TOKENS
     assert steered.usage.prompt_tokens == len(tiny_lm.encode([PROMPTS[0]]).input_ids[0])
-    assert steered.model_extra["steering"] == [{
-        "source": "upper", "instruction_id": "upper", "layer": 1, "mode": "additive",
-        "weight": 6.0,
-    }]
+    assert steered.model_extra["steering"] == [
+        {
+            "source": "upper",
+            "instruction_id": "upper",
+            "layer": 1,
+            "mode": "additive",
+            "weight": 6.0,
+        }
+    ]
 
 
 def test_completions_read_raw_text_and_mode_weight_overrides(client, tiny_lm, vector_dir):
     lower = load_vector(vector_dir / "lower.safetensors")
     raw = "Q: Why is the sky blue?\nA:"
     out = client.completions.create(
-        model=MODEL, prompt=raw, max_tokens=MAX_TOKENS, temperature=0,
+        model=MODEL,
+        prompt=raw,
+        max_tokens=MAX_TOKENS,
+        temperature=0,
         extra_body={"steering": [{"vector": "lower", "mode": "additive", "weight": -9.0}]},
     )
     expected = _expected(
@@ -198,8 +234,11 @@ def test_completions_read_raw_text_and_mode_weight_overrides(client, tiny_lm, ve
 def test_a_file_layer_other_than_the_default_can_be_asked_for(client, tiny_lm, vector_dir):
     layer1 = load_vector(vector_dir / "multi.safetensors", layer=1)
     out = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": PROMPTS[1]}], max_tokens=MAX_TOKENS,
-        temperature=0, extra_body={"steering": [{"vector": "multi", "layer": 1}]},
+        model=MODEL,
+        messages=[{"role": "user", "content": PROMPTS[1]}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        extra_body={"steering": [{"vector": "multi", "layer": 1}]},
     )
     assert out.choices[0].message.content == _expected(tiny_lm, PROMPTS[1], [Steering(layer1)])
 
@@ -211,8 +250,10 @@ def test_positions_narrow_a_steering_to_the_prompt_or_the_generated_tokens(
     texts = {}
     for positions in ("all", "prompt", "generated"):
         out = client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": PROMPTS[5]}],
-            max_tokens=MAX_TOKENS, temperature=0,
+            model=MODEL,
+            messages=[{"role": "user", "content": PROMPTS[5]}],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
             extra_body={"steering": [{"vector": "upper", "positions": positions}]},
         )
         texts[positions] = out.choices[0].message.content
@@ -221,12 +262,14 @@ def test_positions_narrow_a_steering_to_the_prompt_or_the_generated_tokens(
         shown = out.model_extra["steering"][0]
         assert shown.get("positions", "all") == positions
     assert len(set(texts.values()) | {_expected(tiny_lm, PROMPTS[5])}) == 4
-    bad = http.post("/v1/chat/completions", json=_chat(
-        PROMPTS[0], steering=[{"vector": "upper", "positions": "middle"}]
-    ))
+    bad = http.post(
+        "/v1/chat/completions",
+        json=_chat(PROMPTS[0], steering=[{"vector": "upper", "positions": "middle"}]),
+    )
     assert bad.status_code == 400, bad.text
     assert (bad.json()["error"]["code"], bad.json()["error"]["param"]) == (
-        "invalid_value", "steering.0.positions"
+        "invalid_value",
+        "steering.0.positions",
     )
 
 
@@ -234,15 +277,23 @@ def test_positions_narrow_a_steering_to_the_prompt_or_the_generated_tokens(
 
 
 def test_streamed_chat_adds_up_to_the_plain_answer(client):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[2]}],
-            "max_tokens": MAX_TOKENS, "temperature": 0}
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": PROMPTS[2]}],
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+    }
     whole = client.chat.completions.create(
         **body, extra_body={"steering": [{"vector": "upper", "weight": 3.0}]}
     )
-    chunks = list(client.chat.completions.create(
-        **body, stream=True, stream_options={"include_usage": True},
-        extra_body={"steering": [{"vector": "upper", "weight": 3.0}]},
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            **body,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"steering": [{"vector": "upper", "weight": 3.0}]},
+        )
+    )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -291,8 +342,12 @@ def _mixed_requests() -> list[tuple[str, dict]]:
         if i % 4 < 2:
             requests.append(("/v1/chat/completions", _chat(prompt, **extra)))
         else:
-            requests.append(("/v1/completions", {"model": MODEL, "prompt": f"Q: {prompt}\nA:",
-                                                 "temperature": 0, **extra}))
+            requests.append(
+                (
+                    "/v1/completions",
+                    {"model": MODEL, "prompt": f"Q: {prompt}\nA:", "temperature": 0, **extra},
+                )
+            )
     return requests
 
 
@@ -333,30 +388,43 @@ def test_concurrent_mixed_requests_equal_each_request_sent_alone(srv, http):
 @pytest.fixture(scope="module")
 def keyed(tiny_lm, vector_dir, run_server) -> Iterator[httpx.Client]:
     """The server the shared bad-input table is replayed against: a key, the table's vectors."""
-    app = create_app(tiny_lm, load_vector_dir(vector_dir), api_key=Served.key, limits=LIMITS,
-                     extract_pairs=4)
+    app = create_app(
+        tiny_lm, load_vector_dir(vector_dir), api_key=Served.key, limits=LIMITS, extract_pairs=4
+    )
     with httpx.Client(base_url=run_server(app).url, timeout=120) as c:
         yield c
 
 
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_gets_a_4xx_and_the_next_request_succeeds(keyed, tiny_lm, case):
-    served = Served(MODEL, tiny_lm.n_layers, LIMITS.max_prompt_tokens, LIMITS.max_tokens,
-                    missing_layer=2, max_body_bytes=LIMITS.max_body_bytes)
+    served = Served(
+        MODEL,
+        tiny_lm.n_layers,
+        LIMITS.max_prompt_tokens,
+        LIMITS.max_tokens,
+        missing_layer=2,
+        max_body_bytes=LIMITS.max_body_bytes,
+    )
     replay(keyed, served, BAD[case])
-    good = keyed.post("/v1/chat/completions", json=_chat(PROMPTS[0], max_tokens=1),
-                      headers={"authorization": f"Bearer {served.key}"})
+    good = keyed.post(
+        "/v1/chat/completions",
+        json=_chat(PROMPTS[0], max_tokens=1),
+        headers={"authorization": f"Bearer {served.key}"},
+    )
     assert good.status_code == 200, good.text
 
 
 def test_a_base_model_chat_must_end_with_a_question(http):
     body = _chat(PROMPTS[1], max_tokens=1)
-    body["messages"] = [{"role": "user", "content": "Hi"},
-                        {"role": "assistant", "content": "Hello"}]
+    body["messages"] = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
     response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 400, response.text
     assert (response.json()["error"]["code"], response.json()["error"]["param"]) == (
-        "invalid_request", "messages"
+        "invalid_request",
+        "messages",
     )
 
 
@@ -375,8 +443,11 @@ def test_auth_on_requires_the_bearer_key(tiny_tokenizer, run_server):
     running = run_server(create_app(other, {}, api_key="sekrit", limits=LIMITS))
     with httpx.Client(base_url=running.url, timeout=60) as http:
         missing = http.post("/v1/chat/completions", json=_chat(PROMPTS[0], max_tokens=1))
-        wrong = http.post("/v1/chat/completions", json=_chat(PROMPTS[0], max_tokens=1),
-                          headers={"Authorization": "Bearer nope"})
+        wrong = http.post(
+            "/v1/chat/completions",
+            json=_chat(PROMPTS[0], max_tokens=1),
+            headers={"Authorization": "Bearer nope"},
+        )
         listing = http.get("/v1/models")
         health = http.get("/health")
     for response in (missing, wrong, listing):
@@ -388,7 +459,9 @@ def test_auth_on_requires_the_bearer_key(tiny_tokenizer, run_server):
         openai.OpenAI(base_url=running.v1, api_key="nope", max_retries=0).models.list()
     good = openai.OpenAI(base_url=running.v1, api_key="sekrit", max_retries=0)
     out = good.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=2,
+        model=MODEL,
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        max_tokens=2,
         temperature=0,
     )
     assert out.choices[0].message.content == _expected(other, PROMPTS[0], max_tokens=2)
@@ -396,8 +469,11 @@ def test_auth_on_requires_the_bearer_key(tiny_tokenizer, run_server):
 
 def test_auth_off_accepts_requests_without_a_key(http):
     assert http.get("/v1/models").status_code == 200
-    response = http.post("/v1/chat/completions", json=_chat(PROMPTS[0], max_tokens=1),
-                         headers={"Authorization": "Bearer anything"})
+    response = http.post(
+        "/v1/chat/completions",
+        json=_chat(PROMPTS[0], max_tokens=1),
+        headers={"Authorization": "Bearer anything"},
+    )
     assert response.status_code == 200
 
 
@@ -421,8 +497,9 @@ def test_inline_instruction_is_extracted_once_and_steers(srv, http, tiny_lm):
 
     async def twice() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
-            return await asyncio.gather(*(c.post("/v1/chat/completions", json=body)
-                                          for _ in range(2)))
+            return await asyncio.gather(
+                *(c.post("/v1/chat/completions", json=body) for _ in range(2))
+            )
 
     first, second = asyncio.run(twice())
     third = http.post("/v1/chat/completions", json=body)
@@ -451,7 +528,9 @@ def chat_lm(tiny_tokenizer):
         single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", 0)]
     )
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
         pad_token="<pad>",
     )
     tok.chat_template = TEMPLATE
@@ -483,8 +562,9 @@ def test_one_turn_chat_equals_the_cli_path(chat_lm):
             await engine.close()
 
     completion = asyncio.run(run())
-    cli = generate(chat_lm, [PROMPTS[0]], steering=[Steering(v)],
-                   sampling=Sampling(max_new_tokens=MAX_TOKENS))[0]
+    cli = generate(
+        chat_lm, [PROMPTS[0]], steering=[Steering(v)], sampling=Sampling(max_new_tokens=MAX_TOKENS)
+    )[0]
     assert completion == cli
     assert completion.prompt_tokens == len(chat_lm.encode([PROMPTS[0]]).input_ids[0])
 
@@ -507,8 +587,10 @@ def test_vllm_request_args_and_cache_salt():
     a, b = make_vector(layer=1), make_vector(layer=2, mode="additive")
     assert adapter.cache_salt([]) is None  # unsteered requests share the prefix cache
     salts = {
-        adapter.cache_salt([Steering(a)]), adapter.cache_salt([Steering(a, weight=2.0)]),
-        adapter.cache_salt([Steering(b)]), adapter.cache_salt([Steering(a), Steering(b)]),
+        adapter.cache_salt([Steering(a)]),
+        adapter.cache_salt([Steering(a, weight=2.0)]),
+        adapter.cache_salt([Steering(b)]),
+        adapter.cache_salt([Steering(a), Steering(b)]),
         adapter.cache_salt([Steering(b), Steering(a)]),
     }
     assert len(salts) == 5

@@ -45,7 +45,10 @@ def start() -> Iterator[Start]:
     def run(app: object, header_timeout_s: float = 10.0) -> str:
         port = _free_port()
         config = uvicorn_config(
-            app, host="127.0.0.1", port=port, log_level="warning",
+            app,
+            host="127.0.0.1",
+            port=port,
+            log_level="warning",
             header_timeout_s=header_timeout_s,
         )
         server = uvicorn.Server(config)
@@ -66,8 +69,7 @@ def start() -> Iterator[Start]:
 
 @pytest.fixture(scope="module")
 def url(tiny_lm, start) -> str:
-    return start(create_app(tiny_lm, {}, limits=LIMITS, extract_pairs=4),
-                 header_timeout_s=0.5)
+    return start(create_app(tiny_lm, {}, limits=LIMITS, extract_pairs=4), header_timeout_s=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +86,12 @@ def slow_lm(tiny_tokenizer) -> LoadedModel:
 
 
 def _chat(content: str = "Why is the sky blue?", **extra: object) -> dict:
-    return {"model": MODEL, "messages": [{"role": "user", "content": content}], "max_tokens": 4,
-            **extra}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 4,
+        **extra,
+    }
 
 
 def _ok_after(http: httpx.Client) -> None:
@@ -115,8 +121,9 @@ def test_a_seed_outside_int64_is_a_400_and_spares_the_rest_of_its_batch(url, htt
 
     async def together() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-            return await asyncio.gather(*(c.post("/v1/chat/completions", json=b)
-                                          for b in (bad, good)))
+            return await asyncio.gather(
+                *(c.post("/v1/chat/completions", json=b) for b in (bad, good))
+            )
 
     bad_response, good_response = asyncio.run(together())
     assert _error(bad_response, 400)["param"] == "seed"
@@ -126,14 +133,15 @@ def test_a_seed_outside_int64_is_a_400_and_spares_the_rest_of_its_batch(url, htt
 
 
 def test_seeded_requests_in_one_burst_each_get_their_own_seed(url, http):
-    bodies = [_chat("Tell a story about a robot.", seed=seed, temperature=1.0, max_tokens=8)
-              for seed in (1, 2, 3, 1)]
+    bodies = [
+        _chat("Tell a story about a robot.", seed=seed, temperature=1.0, max_tokens=8)
+        for seed in (1, 2, 3, 1)
+    ]
     alone = [http.post("/v1/chat/completions", json=b).json()["choices"] for b in bodies]
 
     async def burst() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-            return await asyncio.gather(*(c.post("/v1/chat/completions", json=b)
-                                          for b in bodies))
+            return await asyncio.gather(*(c.post("/v1/chat/completions", json=b) for b in bodies))
 
     assert [r.json()["choices"] for r in asyncio.run(burst())] == alone
     assert alone[0] == alone[3] and alone[0] != alone[1]  # the seed is what decides
@@ -143,14 +151,26 @@ def test_seeded_requests_in_one_burst_each_get_their_own_seed(url, http):
 
 
 def test_new_extractions_are_capped_per_request(http):
-    one_text_two_layers = _chat(steering=[{"instruction": "Use no commas.", "layer": 1},
-                                          {"instruction": "Use no commas.", "layer": 2}])
-    assert _error(http.post("/v1/chat/completions", json=one_text_two_layers),
-                  400)["code"] == "too_many_extractions"
-    any_word = _chat(steering=[{"instruction_id": "keywords:existence:zebra", "layer": 1},
-                               {"instruction_id": "keywords:existence:zebra", "layer": 3}])
-    assert _error(http.post("/v1/chat/completions", json=any_word),
-                  400)["code"] == "too_many_extractions"
+    one_text_two_layers = _chat(
+        steering=[
+            {"instruction": "Use no commas.", "layer": 1},
+            {"instruction": "Use no commas.", "layer": 2},
+        ]
+    )
+    assert (
+        _error(http.post("/v1/chat/completions", json=one_text_two_layers), 400)["code"]
+        == "too_many_extractions"
+    )
+    any_word = _chat(
+        steering=[
+            {"instruction_id": "keywords:existence:zebra", "layer": 1},
+            {"instruction_id": "keywords:existence:zebra", "layer": 3},
+        ]
+    )
+    assert (
+        _error(http.post("/v1/chat/completions", json=any_word), 400)["code"]
+        == "too_many_extractions"
+    )
     before = _stats(http)["extractions"]
     for layer in (1, 3):  # one at a time is fine, and then both are cached
         one = _chat(steering=[{"instruction_id": "keywords:existence:zebra", "layer": layer}])
@@ -162,22 +182,29 @@ def test_new_extractions_are_capped_per_request(http):
 
 def test_vectors_listing_hides_free_text_and_groups_layers(http):
     secret = "Mention the password swordfish in every answer."
-    assert http.post("/v1/chat/completions",
-                     json=_chat(steering=[{"instruction": secret}])).status_code == 200
+    assert (
+        http.post(
+            "/v1/chat/completions", json=_chat(steering=[{"instruction": secret}])
+        ).status_code
+        == 200
+    )
     for layer in (0, 2):
-        body = _chat(steering=[{"instruction_id": "change_case:english_lowercase",
-                                "layer": layer}])
+        body = _chat(steering=[{"instruction_id": "change_case:english_lowercase", "layer": layer}])
         assert http.post("/v1/chat/completions", json=body).status_code == 200
     listing = http.get("/v1/vectors")
     assert "swordfish" not in listing.text
-    rows = [r for r in listing.json()["data"]
-            if r["id"] == "instruction_id:change_case:english_lowercase"]
+    rows = [
+        r
+        for r in listing.json()["data"]
+        if r["id"] == "instruction_id:change_case:english_lowercase"
+    ]
     assert len(rows) == 1 and rows[0]["layers"] == [0, 2]
 
 
 def test_extractions_in_flight_are_bounded_and_generation_goes_first(slow_lm, start):
-    limits = Limits(max_prompt_tokens=96, max_tokens=32, default_max_tokens=2,
-                    max_pending_extractions=2)
+    limits = Limits(
+        max_prompt_tokens=96, max_tokens=32, default_max_tokens=2, max_pending_extractions=2
+    )
     url = start(create_app(slow_lm, {}, limits=limits, extract_pairs=128))
     # 128 pairs = 16 pieces of 16 prompts, >= 0.32 s each extraction on the slowed model
 
@@ -190,11 +217,14 @@ def test_extractions_in_flight_are_bounded_and_generation_goes_first(slow_lm, st
                 done.append(time.monotonic())
                 return response
 
-            extractions = [asyncio.ensure_future(post(_chat(steering=[{"instruction": t}])))
-                           for t in ("Use no commas.", "Answer in French.")]
+            extractions = [
+                asyncio.ensure_future(post(_chat(steering=[{"instruction": t}])))
+                for t in ("Use no commas.", "Answer in French.")
+            ]
             await asyncio.sleep(0.15)  # both are running or waiting now
-            third = await c.post("/v1/chat/completions",
-                                 json=_chat(steering=[{"instruction": "Be brief."}]))
+            third = await c.post(
+                "/v1/chat/completions", json=_chat(steering=[{"instruction": "Be brief."}])
+            )
             await post(_chat(max_tokens=2))
             plain_done = done[-1]
             extracted = await asyncio.gather(*extractions)
@@ -217,16 +247,17 @@ def test_a_short_request_behind_a_long_one_is_answered_first(slow_lm, start):
 
     async def scenario() -> tuple[dict, float, dict, float]:
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
+
             async def timed(body: dict) -> tuple[dict, float]:
                 response = await c.post("/v1/completions", json=body)
                 assert response.status_code == 200, response.text
                 return response.json(), time.monotonic()
 
-            long = asyncio.ensure_future(timed(
-                {"model": MODEL, "prompt": "Tell a long story.", "max_tokens": 32}))
+            long = asyncio.ensure_future(
+                timed({"model": MODEL, "prompt": "Tell a long story.", "max_tokens": 32})
+            )
             await asyncio.sleep(0.1)  # the long request is decoding
-            short, short_done = await timed(
-                {"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+            short, short_done = await timed({"model": MODEL, "prompt": "Hi", "max_tokens": 2})
             return (*await long, short, short_done)
 
     long, long_done, short, short_done = asyncio.run(scenario())
@@ -243,13 +274,20 @@ def test_abandoned_requests_are_not_generated(slow_lm, start):
         async def scenario() -> httpx.Response:
             async with httpx.AsyncClient(base_url=url, timeout=60) as c:
                 long = asyncio.ensure_future(
-                    c.post("/v1/chat/completions", json=_chat(max_tokens=32)))  # >= 0.64 s
+                    c.post("/v1/chat/completions", json=_chat(max_tokens=32))
+                )  # >= 0.64 s
                 await asyncio.sleep(0.1)
                 async with httpx.AsyncClient(base_url=url, timeout=0.2) as impatient:
                     for outcome in await asyncio.gather(
-                        *(impatient.post("/v1/completions", json={
-                            "model": MODEL, "prompt": f"Count to {i}.", "max_tokens": 32})
-                          for i in range(10)), return_exceptions=True):
+                        *(
+                            impatient.post(
+                                "/v1/completions",
+                                json={"model": MODEL, "prompt": f"Count to {i}.", "max_tokens": 32},
+                            )
+                            for i in range(10)
+                        ),
+                        return_exceptions=True,
+                    ):
                         assert isinstance(outcome, httpx.TimeoutException)
                 return await long
 
@@ -264,8 +302,12 @@ def test_a_full_queue_is_a_429_and_a_deadline_a_504(slow_lm, start):
 
     async def scenario() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=url, timeout=60) as c:
-            two = asyncio.ensure_future(c.post("/v1/completions", json={
-                "model": MODEL, "prompt": ["One", "Two"], "max_tokens": 32}))
+            two = asyncio.ensure_future(
+                c.post(
+                    "/v1/completions",
+                    json={"model": MODEL, "prompt": ["One", "Two"], "max_tokens": 32},
+                )
+            )
             await asyncio.sleep(0.1)
             busy = await c.post("/v1/chat/completions", json=_chat())
             return [busy, await two]
@@ -288,13 +330,16 @@ def _raw(url: str) -> socket.socket:
 
 def test_an_oversized_body_is_refused_while_it_is_read(url, http):
     sock = _raw(url)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                 b"Content-Length: 200000000\r\n\r\n{")
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 200000000\r\n\r\n{"
+    )
     assert sock.recv(65536).startswith(b"HTTP/1.1 413")  # before any more of the body
     sock.close()
     sock = _raw(url)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                 b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
     chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
     sent = 0
     answer = b""
@@ -358,8 +403,10 @@ def test_a_hang_up_mid_upload_logs_one_line(url, http):
     try:
         for _ in range(3):
             sock = _raw(url)
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                         b"Content-Length: 1000\r\n\r\n{\"model\": ")
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b'Content-Length: 1000\r\n\r\n{"model": '
+            )
             time.sleep(0.05)
             sock.close()
         time.sleep(0.3)
@@ -385,8 +432,7 @@ def test_unfinished_headers_and_bodies_are_timed_out(url, http):
     assert time.monotonic() - started < 5
 
     sock = _raw(url)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                 b"Content-Length: 100\r\n\r\n{")
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
     sock.settimeout(LIMITS.body_timeout_s + 5)
     assert sock.recv(1024).startswith(b"HTTP/1.1 408")
     sock.close()
@@ -414,10 +460,19 @@ def test_head_health(http):
     assert response.status_code == 200 and response.content == b""
 
 
-@pytest.mark.parametrize(("host", "local"), [
-    ("127.0.0.1", True), ("127.0.0.2", True), ("localhost", True), ("::1", True),
-    ("[::1]", True), ("0.0.0.0", False), ("192.168.1.4", False), ("example.org", False),
-])
+@pytest.mark.parametrize(
+    ("host", "local"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("localhost", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("0.0.0.0", False),
+        ("192.168.1.4", False),
+        ("example.org", False),
+    ],
+)
 def test_loopback_hosts(host, local):
     assert is_loopback(host) is local
 

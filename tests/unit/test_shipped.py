@@ -94,8 +94,9 @@ def test_only_recommended_files_are_steered_with(tmp_path, title_vectors):
     steerings = steerings_for(point, title_vectors)
     write_calibrated(tmp_path / file_name(TITLE), steerings, calibration(point, title_vectors))
     lost = {**calibration(point, title_vectors), "recommended": False}
-    other = [replace(s, vector=replace(s.vector, instruction_id="startend:quotation"))
-             for s in steerings]
+    other = [
+        replace(s, vector=replace(s.vector, instruction_id="startend:quotation")) for s in steerings
+    ]
     write_calibrated(tmp_path / file_name("startend:quotation"), other, lost)
     assert shipped_ids(directory=tmp_path) == [TITLE, "startend:quotation"]
     assert recommended_files(directory=tmp_path) == {TITLE: tmp_path / file_name(TITLE)}

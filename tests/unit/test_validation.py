@@ -85,8 +85,11 @@ def test_validation_rows_are_our_queries_checked_as_ifeval_checks_them():
 
 def test_the_language_sweep_validates_on_every_language_its_rows_ask_for():
     group = "language:response_language"
-    members = [_row("de", group, {"language": "de"}), _row("it", group, {"language": "it"}),
-               _row("fr", group, {"language": "ko"})]
+    members = [
+        _row("de", group, {"language": "de"}),
+        _row("it", group, {"language": "it"}),
+        _row("fr", group, {"language": "ko"}),
+    ]
     rows = validation_rows(group, members, 10)
     languages = [r.kwargs[0]["language"] for r in rows]
     assert sorted(set(languages)) == ["de", "it", "ko"]

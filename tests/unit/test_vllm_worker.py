@@ -27,8 +27,16 @@ def _vector(layer: int, seed: int, mode: str = "additive", weight: float = 3.0) 
     g = torch.Generator().manual_seed(seed)
     direction = torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)
     return SteeringVector(
-        instruction="x", instruction_id=f"v{seed}", model_id="tiny", layer=layer,
-        direction=direction, norm=2.0, target=1.5, hidden_size=64, n_pairs=4, mode=mode,
+        instruction="x",
+        instruction_id=f"v{seed}",
+        model_id="tiny",
+        layer=layer,
+        direction=direction,
+        norm=2.0,
+        target=1.5,
+        hidden_size=64,
+        n_pairs=4,
+        mode=mode,
         weight=weight,
     )
 
@@ -75,26 +83,37 @@ def test_positions_travel_only_when_not_all():
 
 
 def _runner(**changes) -> SimpleNamespace:
-    settings = {"v2": False, "mode": 0, "graphs": SimpleNamespace(name="NONE"), "eager": True,
-                "spec": None, **changes}
+    settings = {
+        "v2": False,
+        "mode": 0,
+        "graphs": SimpleNamespace(name="NONE"),
+        "eager": True,
+        "spec": None,
+        **changes,
+    }
     return SimpleNamespace(
         input_batch=object(),
         model_config=SimpleNamespace(enforce_eager=settings["eager"]),
         vllm_config=SimpleNamespace(
-            use_v2_model_runner=settings["v2"], speculative_config=settings["spec"],
-            compilation_config=SimpleNamespace(mode=settings["mode"],
-                                               cudagraph_mode=settings["graphs"]),
+            use_v2_model_runner=settings["v2"],
+            speculative_config=settings["spec"],
+            compilation_config=SimpleNamespace(
+                mode=settings["mode"], cudagraph_mode=settings["graphs"]
+            ),
         ),
     )
 
 
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"v2": True}, "V1 model runner"),
-    ({"mode": 3}, "enforce_eager"),
-    ({"graphs": SimpleNamespace(name="PIECEWISE")}, "CUDA graphs"),
-    ({"eager": False}, "enforce_eager"),
-    ({"spec": object()}, "speculative"),
-])
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"v2": True}, "V1 model runner"),
+        ({"mode": 3}, "enforce_eager"),
+        ({"graphs": SimpleNamespace(name="PIECEWISE")}, "CUDA graphs"),
+        ({"eager": False}, "enforce_eager"),
+        ({"spec": object()}, "speculative"),
+    ],
+)
 def test_the_worker_refuses_runners_it_cannot_steer(changes, message):
     refuse_unsupported(_runner())  # the supported setting passes
     with pytest.raises(RuntimeError, match=message):

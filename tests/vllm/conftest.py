@@ -27,8 +27,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     try:
         import vllm  # noqa: F401
     except Exception as exc:  # ImportError, or a broken wheel next to it (torchvision)
-        reason = f"tests/vllm skipped: vLLM is not importable ({type(exc).__name__}: {exc}); " \
+        reason = (
+            f"tests/vllm skipped: vLLM is not importable ({type(exc).__name__}: {exc}); "
             "install it with `bash scripts/setup.sh --with-vllm`"
+        )
         warnings.warn(reason, stacklevel=1)
         for item in items:
             if "tests/vllm" in str(item.fspath).replace(os.sep, "/"):
@@ -81,11 +83,22 @@ def write_capital_case(root: Path, lm: Any) -> tuple[Path, list[int]]:
     from ifsteer.vectors import default_layer, extract_instruction, save_vectors
 
     rows = root / "rows.jsonl"
-    rows.write_text("".join(json.dumps({
-        "key": i, "prompt": f"{q} Your entire response should be in English, and in all "
-        "capital letters.", "prompt_without_instruction": q,
-        "instruction_id_list": [CAPITAL], "kwargs": [{}],
-    }) + "\n" for i, q in enumerate(PROMPTS[:6])))
+    rows.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "key": i,
+                    "prompt": f"{q} Your entire response should be in English, and in all "
+                    "capital letters.",
+                    "prompt_without_instruction": q,
+                    "instruction_id_list": [CAPITAL],
+                    "kwargs": [{}],
+                }
+            )
+            + "\n"
+            for i, q in enumerate(PROMPTS[:6])
+        )
+    )
     layer = default_layer(lm.n_layers)
     vectors = extract_instruction(lm, get_instruction(CAPITAL), [layer, layer + 4], n_pairs=16)
     (root / "vectors").mkdir()

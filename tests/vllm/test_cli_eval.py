@@ -25,18 +25,46 @@ SETTINGS = "no_instruction,steer"
 def _eval(root: Path, out: Path, *backend: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     return subprocess.run(
-        [sys.executable, "-m", "ifsteer.cli", "eval", "--data", str(root / "rows.jsonl"),
-         "--vectors", str(root / "vectors"), "--out", str(out), "--limit", "3",
-         "--settings", SETTINGS, "--max-new-tokens", "12", "--no-perplexity", *backend],
-        capture_output=True, text=True, timeout=900, env=env,
+        [
+            sys.executable,
+            "-m",
+            "ifsteer.cli",
+            "eval",
+            "--data",
+            str(root / "rows.jsonl"),
+            "--vectors",
+            str(root / "vectors"),
+            "--out",
+            str(out),
+            "--limit",
+            "3",
+            "--settings",
+            SETTINGS,
+            "--max-new-tokens",
+            "12",
+            "--no-perplexity",
+            *backend,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
 
 
 def test_eval_with_backend_vllm_writes_the_hf_backends_run_directory(tmp_path):
     vllm_model_dir()  # the converted cache vLLM loads exists, in the standard layout
     write_capital_case(tmp_path, load_model(DEFAULT_MODEL, "float32"))
-    ours = _eval(tmp_path, tmp_path / "vllm", "--backend", "vllm", "--kv-cache-gib", "0.25",
-                 "--max-model-len", "1024")
+    ours = _eval(
+        tmp_path,
+        tmp_path / "vllm",
+        "--backend",
+        "vllm",
+        "--kv-cache-gib",
+        "0.25",
+        "--max-model-len",
+        "1024",
+    )
     assert ours.returncode == 0, ours.stderr[-3000:]
     assert "6 new responses" in ours.stdout
     hf = _eval(tmp_path, tmp_path / "hf")

@@ -28,8 +28,13 @@ pytestmark = pytest.mark.vllm
 KEY = "cli-sekrit"
 PROMPT = "Describe the city of Paris."
 TOKENS = 12
-FIRST_TOKEN_PROMPTS = [PROMPT, "Tell me a story.", "What should I cook tonight?", "Hi!",
-                       "Give me one word."]
+FIRST_TOKEN_PROMPTS = [
+    PROMPT,
+    "Tell me a story.",
+    "What should I cook tonight?",
+    "Hi!",
+    "Give me one word.",
+]
 LIMITS = ["--max-prompt-tokens", "512", "--max-tokens-limit", "64"]
 
 
@@ -42,10 +47,16 @@ def vector() -> SteeringVector:
     config = AutoConfig.from_pretrained(vllm_model_dir(), local_files_only=True)
     direction = torch.randn(config.hidden_size, generator=torch.Generator().manual_seed(3))
     return SteeringVector(
-        direction=direction / direction.norm(), norm=4.0,
-        layer=default_layer(config.num_hidden_layers), target=0.0, model_id=DEFAULT_MODEL,
-        hidden_size=config.hidden_size, instruction="Answer oddly.", instruction_id="odd",
-        mode="additive", weight=16.0,
+        direction=direction / direction.norm(),
+        norm=4.0,
+        layer=default_layer(config.num_hidden_layers),
+        target=0.0,
+        model_id=DEFAULT_MODEL,
+        hidden_size=config.hidden_size,
+        instruction="Answer oddly.",
+        instruction_id="odd",
+        mode="additive",
+        weight=16.0,
     )
 
 
@@ -58,10 +69,23 @@ def url(vector, tmp_path_factory) -> Iterator[str]:
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     command = [
-        sys.executable, "-m", "ifsteer.cli", "serve", "--backend", "vllm",
-        "--model", DEFAULT_MODEL,
-        "--vectors", str(vectors), "--port", str(port), "--api-key", KEY, *LIMITS,
-        "--kv-cache-gib", "0.25",
+        sys.executable,
+        "-m",
+        "ifsteer.cli",
+        "serve",
+        "--backend",
+        "vllm",
+        "--model",
+        DEFAULT_MODEL,
+        "--vectors",
+        str(vectors),
+        "--port",
+        str(port),
+        "--api-key",
+        KEY,
+        *LIMITS,
+        "--kv-cache-gib",
+        "0.25",
     ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     started = time.monotonic()
@@ -74,8 +98,9 @@ def url(vector, tmp_path_factory) -> Iterator[str]:
     try:
         while True:
             if server.poll() is not None:
-                pytest.fail(f"ifsteer serve exited with {server.returncode}:\n"
-                            + log.read_text()[-3000:])
+                pytest.fail(
+                    f"ifsteer serve exited with {server.returncode}:\n" + log.read_text()[-3000:]
+                )
             assert time.monotonic() - started < 600, "no /health in 10 minutes"
             try:
                 if httpx.get(f"{base}/health", timeout=5).status_code == 200:
@@ -101,8 +126,11 @@ def client(url) -> openai.OpenAI:
 
 def _chat(client, steering=None, tokens: int = TOKENS, prompt: str = PROMPT) -> str:
     out = client.chat.completions.create(
-        model=DEFAULT_MODEL, messages=[{"role": "user", "content": prompt}], max_tokens=tokens,
-        temperature=0, extra_body={"steering": steering} if steering else None,
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=tokens,
+        temperature=0,
+        extra_body={"steering": steering} if steering else None,
     )
     return out.choices[0].message.content or ""
 
@@ -121,8 +149,12 @@ def test_plain_and_steered_answers(client):
 
 def test_streamed_deltas_join_to_the_answer(client):
     stream = client.chat.completions.create(
-        model=DEFAULT_MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=TOKENS,
-        temperature=0, stream=True, extra_body={"steering": [{"vector": "odd"}]},
+        model=DEFAULT_MODEL,
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=TOKENS,
+        temperature=0,
+        stream=True,
+        extra_body={"steering": [{"vector": "odd"}]},
     )
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert len([p for p in pieces if p]) > 1
@@ -136,8 +168,10 @@ def test_positions_split_the_prompt_from_the_generated_tokens(client):
     # The first token is read off the last prompt position: "generated" leaves it as unsteered,
     # "prompt" makes it as "all" does (which changes it on some of these prompts).
     firsts = {
-        prompt: [_chat(client, s, tokens=1, prompt=prompt)
-                 for s in (None, generated, steered, prompt_only)]
+        prompt: [
+            _chat(client, s, tokens=1, prompt=prompt)
+            for s in (None, generated, steered, prompt_only)
+        ]
         for prompt in FIRST_TOKEN_PROMPTS
     }
     assert all(plain == narrowed for plain, narrowed, _, _ in firsts.values()), firsts
@@ -154,30 +188,55 @@ def test_requests_without_the_key_are_refused(url):
         assert response.json()["error"]["code"] == "invalid_api_key"
 
 
-@pytest.mark.parametrize(("body", "status", "code", "param"), [
-    ('{"model": "m", "messages": [', 400, "invalid_json", None),
-    ({"steering": [{"vector": "nope"}]}, 404, "vector_not_found", "steering.0.vector"),
-    ({"steering": [{"vector": "odd", "positions": "middle"}]}, 400, "invalid_value",
-     "steering.0.positions"),
-    ({"steering": [{"vector": "odd", "weight": "heavy"}]}, 400, "invalid_value",
-     "steering.0.weight"),
-    ({"steering": [{"vector": "odd", "layer": 2}]}, 422, "vector_mismatch", "steering.0.layer"),
-    ({"model": "gpt-4o"}, 404, "model_not_found", "model"),
-    ({"max_tokens": 65}, 400, "invalid_value", "max_tokens"),
-    ({"messages": [{"role": "user", "content": "forest " * 600}]}, 400,
-     "context_length_exceeded", "messages"),
-    ({"n": 2}, 400, "invalid_value", "n"),
-    ({"stop": ["."]}, 400, "unsupported_parameter", "stop"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "code", "param"),
+    [
+        ('{"model": "m", "messages": [', 400, "invalid_json", None),
+        ({"steering": [{"vector": "nope"}]}, 404, "vector_not_found", "steering.0.vector"),
+        (
+            {"steering": [{"vector": "odd", "positions": "middle"}]},
+            400,
+            "invalid_value",
+            "steering.0.positions",
+        ),
+        (
+            {"steering": [{"vector": "odd", "weight": "heavy"}]},
+            400,
+            "invalid_value",
+            "steering.0.weight",
+        ),
+        ({"steering": [{"vector": "odd", "layer": 2}]}, 422, "vector_mismatch", "steering.0.layer"),
+        ({"model": "gpt-4o"}, 404, "model_not_found", "model"),
+        ({"max_tokens": 65}, 400, "invalid_value", "max_tokens"),
+        (
+            {"messages": [{"role": "user", "content": "forest " * 600}]},
+            400,
+            "context_length_exceeded",
+            "messages",
+        ),
+        ({"n": 2}, 400, "invalid_value", "n"),
+        ({"stop": ["."]}, 400, "unsupported_parameter", "stop"),
+    ],
+)
 def test_bad_input_gets_the_hf_servers_4xx(url, body, status, code, param):
     if isinstance(body, dict):
-        body = json.dumps({
-            "model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 2, **body,
-        })
-    response = httpx.post(f"{url}/v1/chat/completions", content=body, timeout=120, headers={
-        "content-type": "application/json", "authorization": f"Bearer {KEY}",
-    })
+        body = json.dumps(
+            {
+                "model": DEFAULT_MODEL,
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 2,
+                **body,
+            }
+        )
+    response = httpx.post(
+        f"{url}/v1/chat/completions",
+        content=body,
+        timeout=120,
+        headers={
+            "content-type": "application/json",
+            "authorization": f"Bearer {KEY}",
+        },
+    )
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert (error["code"], error["param"]) == (code, param)

@@ -45,8 +45,12 @@ def hf():
 def engine(hf, loop):
     lm, _ = hf
     vllm_engine = VLLMEngine(
-        str(vllm_model_dir()), model_id=lm.model_id, dtype="float32", max_model_len=1024,
-        kv_cache_memory_bytes=512 << 20, max_num_seqs=32,
+        str(vllm_model_dir()),
+        model_id=lm.model_id,
+        dtype="float32",
+        max_model_len=1024,
+        kv_cache_memory_bytes=512 << 20,
+        max_num_seqs=32,
     )
     loop(vllm_engine.start())
     yield vllm_engine
@@ -101,7 +105,9 @@ def test_steered_requests_match_the_hf_backend(hf, engine, loop):
 def test_concurrent_mixed_requests_equal_each_sent_alone(hf, engine, loop):
     _, v = hf
     settings = [
-        (), [Steering(v["projection"])], [Steering(v["additive"], positions="generated")],
+        (),
+        [Steering(v["projection"])],
+        [Steering(v["additive"], positions="generated")],
         [Steering(v["projection"]), Steering(v["additive"], positions="prompt")],
     ]
     requests = [(PROMPTS[i % 8], settings[i // 4]) for i in range(16)]

@@ -43,7 +43,10 @@ def data(lm, tmp_path_factory):
 @pytest.fixture(scope="module")
 def offline(lm):
     engine = OfflineVLLM(
-        str(vllm_model_dir()), model_id=lm.model_id, dtype="float32", max_model_len=1024,
+        str(vllm_model_dir()),
+        model_id=lm.model_id,
+        dtype="float32",
+        max_model_len=1024,
         kv_cache_memory_bytes=256 << 20,
     )
     engine.start()
@@ -61,8 +64,9 @@ def test_eval_on_vllm_gives_the_hf_engines_answers_and_verdicts(lm, data, offlin
     assert (side.model_id, side.n_layers) == (lm.model_id, lm.n_layers)
     options = {"sampling": Sampling(max_new_tokens=TOKENS), "perplexity": False}
     hf = run_evaluation(lm, rows, root / "vectors", tmp_path / "hf", **options)
-    ours = run_evaluation(side, rows, root / "vectors", tmp_path / "vllm", engine=offline.queue,
-                          **options)
+    ours = run_evaluation(
+        side, rows, root / "vectors", tmp_path / "vllm", engine=offline.queue, **options
+    )
     assert ours.generated == hf.generated == 4 * len(rows)
     theirs, mine = (_by_key(read_responses(s.responses_path)) for s in (hf, ours))
     assert mine.keys() == theirs.keys()
@@ -70,7 +74,9 @@ def test_eval_on_vllm_gives_the_hf_engines_answers_and_verdicts(lm, data, offlin
     for (setting, _), record in mine.items():
         other = theirs[(setting, str(record["key"]))]
         same = (record["response"], record["strict"], record["loose"]) == (
-            other["response"], other["strict"], other["loose"]
+            other["response"],
+            other["strict"],
+            other["loose"],
         )
         agree[setting] = agree.get(setting, 0) + same
         assert record["vectors"] == other["vectors"] and record["model"] == other["model"]
@@ -81,8 +87,9 @@ def test_eval_on_vllm_gives_the_hf_engines_answers_and_verdicts(lm, data, offlin
     # changes the rest of the answer (tests/vllm/test_engine.py: 8 of 8 at 16 tokens).
     assert agree["steer"] >= len(rows) - 2 and agree["instruction_steer"] >= len(rows) - 2
     keys = [str(r.key) for r in rows]
-    steered = sum(mine[("steer", k)]["response"] != mine[("no_instruction", k)]["response"]
-                  for k in keys)
+    steered = sum(
+        mine[("steer", k)]["response"] != mine[("no_instruction", k)]["response"] for k in keys
+    )
     assert steered >= len(rows) // 2  # the vectors really steer
 
 
@@ -96,23 +103,32 @@ def test_a_sweep_on_vllm_picks_a_point_and_writes_it(lm, data, offline, tmp_path
         options = {"engine": engine} if engine else {}
         runner_lm = offline.side_model() if engine else lm
         (done[name],) = calibrate_groups(
-            runner_lm, files, groups, tmp_path / name, layers=layers, sampling=sampling,
-            set_default=False, **options,
+            runner_lm,
+            files,
+            groups,
+            tmp_path / name,
+            layers=layers,
+            sampling=sampling,
+            set_default=False,
+            **options,
         ).values()
     (hf, _, _), (ours, updated, written) = done["hf"], done["vllm"]
-    assert written.is_file() and json.loads(written.read_text())["chosen"] == ours.to_json()[
-        "chosen"
-    ]
+    assert (
+        written.is_file() and json.loads(written.read_text())["chosen"] == ours.to_json()["chosen"]
+    )
     extra = load_vector_files(root / "vectors")[CAPITAL].default.extra
     assert extra["sweep"]["layer"] == ours.chosen.layer and list(updated) == [CAPITAL]
     unsteered = [(r["response"], r["decided"]) for r in ours.responses if r["layer"] is None]
-    assert unsteered == [(r["response"], r["decided"]) for r in hf.responses
-                         if r["layer"] is None]
+    assert unsteered == [(r["response"], r["decided"]) for r in hf.responses if r["layer"] is None]
     assert any(r["decided"] for r in hf.responses)  # the case does stop failures early
-    agree = sum((a["response"], a["decided"]) == (b["response"], b["decided"])
-                for a, b in zip(ours.responses, hf.responses, strict=True))
-    print(f"sweep answers equal to the HF engine's: {agree} of {len(hf.responses)}; "
-          f"chosen {ours.chosen.layer} (HF: {hf.chosen.layer})")
+    agree = sum(
+        (a["response"], a["decided"]) == (b["response"], b["decided"])
+        for a, b in zip(ours.responses, hf.responses, strict=True)
+    )
+    print(
+        f"sweep answers equal to the HF engine's: {agree} of {len(hf.responses)}; "
+        f"chosen {ours.chosen.layer} (HF: {hf.chosen.layer})"
+    )
     assert agree >= len(hf.responses) - 2
     if agree == len(hf.responses):  # the same answers and verdicts: the same grid and choice
         assert ours.grid == hf.grid and ours.chosen == hf.chosen

@@ -47,11 +47,16 @@ def url(hf):
     """The server, holding the vectors the shared bad-input table names."""
     lm, upper, extracted = hf
     engine = VLLMEngine(
-        str(vllm_model_dir()), model_id=lm.model_id, dtype="float32", max_model_len=1024,
-        kv_cache_memory_bytes=256 << 20, extract_pairs=16,
+        str(vllm_model_dir()),
+        model_id=lm.model_id,
+        dtype="float32",
+        max_model_len=1024,
+        kv_cache_memory_bytes=256 << 20,
+        extract_pairs=16,
     )
     named = {
-        "upper": upper, "foreign": dataclasses.replace(upper, model_id="other-model"),
+        "upper": upper,
+        "foreign": dataclasses.replace(upper, model_id="other-model"),
         "multi": NamedVector(upper, extracted),  # two layers apart: lacks the one between
     }
     app = build_app(engine, named, api_key=KEY, limits=LIMITS)
@@ -78,8 +83,12 @@ def client(url):
 
 def _chat(client, model: str, prompt: str, steering=None, **extra) -> str:
     out = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": prompt}], max_tokens=TOKENS,
-        temperature=0, extra_body={"steering": steering} if steering else None, **extra,
+        model=model,
+        messages=[{"role": "user", "content": prompt}],
+        max_tokens=TOKENS,
+        temperature=0,
+        extra_body={"steering": steering} if steering else None,
+        **extra,
     )
     return out.choices[0].message.content or ""
 
@@ -100,8 +109,11 @@ def test_the_openai_client_gets_the_hf_backends_answers(hf, client):
 def test_streamed_text_is_the_whole_answer(hf, client):
     lm, *_ = hf
     stream = client.chat.completions.create(
-        model=lm.model_id, messages=[{"role": "user", "content": PROMPTS[0]}],
-        max_tokens=TOKENS, temperature=0, stream=True,
+        model=lm.model_id,
+        messages=[{"role": "user", "content": PROMPTS[0]}],
+        max_tokens=TOKENS,
+        temperature=0,
+        stream=True,
         extra_body={"steering": [{"vector": "upper"}]},
     )
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
@@ -121,8 +133,14 @@ def test_inline_instructions_are_extracted_once_and_steer(hf, client):
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_gets_the_hf_servers_4xx(hf, url, case):
     lm, *_ = hf
-    served = Served(lm.model_id, lm.n_layers, LIMITS.max_prompt_tokens, LIMITS.max_tokens,
-                    missing_layer=default_layer(lm.n_layers) + 1,
-                    max_body_bytes=LIMITS.max_body_bytes, key=KEY)
+    served = Served(
+        lm.model_id,
+        lm.n_layers,
+        LIMITS.max_prompt_tokens,
+        LIMITS.max_tokens,
+        missing_layer=default_layer(lm.n_layers) + 1,
+        max_body_bytes=LIMITS.max_body_bytes,
+        key=KEY,
+    )
     with httpx.Client(base_url=url, timeout=120) as client:
         replay(client, served, BAD[case])

@@ -132,8 +132,14 @@ class BatchingEngine:
         self._in_flight: dict[int, _Pending] = {}
         self._extractions: list[_Extraction] = []  # oldest first
         self._last_piece = time.monotonic()
-        self._stats = {"requests": 0, "steps": 0, "largest_batch": 0, "cancelled": 0,
-                       "extractions": 0, "extraction_pieces": 0}
+        self._stats = {
+            "requests": 0,
+            "steps": 0,
+            "largest_batch": 0,
+            "cancelled": 0,
+            "extractions": 0,
+            "extraction_pieces": 0,
+        }
         self._warned_bos = False
 
     def _new_engine(self) -> continuous.Engine:
@@ -180,8 +186,11 @@ class BatchingEngine:
             self._stats["extraction_pieces"] += 1
             yield
         vectors = vectors_from_activations(
-            self.lm, {layer: torch.cat(parts)}, instruction=instruction.phrasings[0],
-            instruction_id=instruction.id, phrasings=instruction.phrasings,
+            self.lm,
+            {layer: torch.cat(parts)},
+            instruction=instruction.phrasings[0],
+            instruction_id=instruction.id,
+            phrasings=instruction.phrasings,
             mode=instruction.mode,
         )
         self._stats["extractions"] += 1
@@ -225,8 +234,7 @@ class BatchingEngine:
                 return
             self._drop_abandoned()
             if self._extractions and (
-                not self._engine.busy
-                or time.monotonic() - self._last_piece >= EXTRACTION_SHARE_S
+                not self._engine.busy or time.monotonic() - self._last_piece >= EXTRACTION_SHARE_S
             ):
                 if self._extractions[0].step():
                     self._extractions.pop(0)

@@ -39,6 +39,7 @@ MIN_PERPLEXITY = 2.5
 # A grid point where more than this share of responses pass only by degenerating scores zero.
 MAX_DEGENERATE = 0.5
 
+
 @dataclass(frozen=True)
 class Fluency:
     """How a grid point's responses read: mean trigram repetition, median perplexity under the
@@ -171,7 +172,6 @@ def best_steered(grid: Sequence[GridPoint]) -> GridPoint | None:
     return min(steered, key=lambda p: (-round(p.score, 9), p.layer, abs(p.weight or 0.0)))
 
 
-
 def load_sweep(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
@@ -181,4 +181,3 @@ def load_sweep(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict) or "grid" not in data or "chosen" not in data:
         raise IfsteerError(f"{path}: not a sweep file (no grid/chosen)")
     return data
-

@@ -41,7 +41,8 @@ def _path(file: str | Path | VectorFile) -> Path:
 def apply_choice(
     result: SweepResult,
     files: Sequence[str | Path | VectorFile] | Mapping[str, str | Path | VectorFile],
-    *, set_default: bool = True,
+    *,
+    set_default: bool = True,
 ) -> list[Path]:
     """Write a sweep's choice into vector files.
 
@@ -133,17 +134,33 @@ def calibrate_groups(
     progress) as for `sweeps`.
     """
     requests = [
-        weight_request(lm, files, rows, weights=weights, layers=layers, instruction_id=group,
-                       with_instruction=with_instruction, mode=mode)
+        weight_request(
+            lm,
+            files,
+            rows,
+            weights=weights,
+            layers=layers,
+            instruction_id=group,
+            with_instruction=with_instruction,
+            mode=mode,
+        )
         if weights
-        else layer_request(lm, files, rows, layers=layers, instruction_id=group,
-                           with_instruction=with_instruction, mode=mode)
+        else layer_request(
+            lm,
+            files,
+            rows,
+            layers=layers,
+            instruction_id=group,
+            with_instruction=with_instruction,
+            mode=mode,
+        )
         for group, rows in groups.items()
     ]
     done: dict[str, tuple[SweepResult, dict[str, Path], Path]] = {}
     for group, result in zip(groups, sweeps(lm, requests, **options), strict=True):
         updated = {
-            **group_vector_files(group, files), **{v: files[v].path for v in result.vector_ids}
+            **group_vector_files(group, files),
+            **{v: files[v].path for v in result.vector_ids},
         }
         apply_choice(result, updated, set_default=set_default)
         done[group] = (result, updated, save_sweep(result, sweeps_dir))

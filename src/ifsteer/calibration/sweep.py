@@ -82,7 +82,9 @@ def _vector_files(vectors: VectorSource, rows: Sequence[Row]) -> dict[str, Vecto
 
 
 def validation_groups(
-    rows: Sequence[Row], available: Collection[str], n_prompts: int,
+    rows: Sequence[Row],
+    available: Collection[str],
+    n_prompts: int,
     instruction_id: str | None = None,
 ) -> dict[str, list[Row]]:
     """The first `n_prompts` rows of each sweep group that the `available` vectors fully serve
@@ -207,7 +209,9 @@ def sweeps(
     # Characters bound a prompt's tokens from above: enough to size the KV cache.
     longest = max((len(text) for plan in planned for _, _, text, _ in plan.jobs), default=0)
     queue = engine(
-        lm, batch_size=batch_size, max_tokens=longest + sampling.max_new_tokens,
+        lm,
+        batch_size=batch_size,
+        max_tokens=longest + sampling.max_new_tokens,
         allow_transfer=False,
     )
     log = AnswerLog(answers) if answers is not None else None
@@ -225,12 +229,18 @@ def sweeps(
                 continue
             key = AnswerLog.key(
                 plan.request.instruction_id or group_of(plan.usable[r][0]),
-                plan.request.with_instruction, plan.request.mode, plan.request.points[p],
-                plan.usable[r][0].key, text, sampling, early_stop,
+                plan.request.with_instruction,
+                plan.request.mode,
+                plan.request.points[p],
+                plan.usable[r][0].key,
+                text,
+                sampling,
+                early_stop,
             )
             known = log.get(key)
             slots[-1].append(
-                known if known is not None
+                known
+                if known is not None
                 else queue.submit(replace(job, on_done=log.recorder(key)))
             )
     reused = sum(isinstance(slot, Completion) for plan_slots in slots for slot in plan_slots)
@@ -239,9 +249,12 @@ def sweeps(
     done = queue.run(progress)
     return [
         _score(
-            lm, plan,
+            lm,
+            plan,
             [slot if isinstance(slot, Completion) else done[slot] for slot in plan_slots],
-            sampling, perplexity, max_degenerate,
+            sampling,
+            perplexity,
+            max_degenerate,
         )
         for plan, plan_slots in zip(planned, slots, strict=True)
     ]
@@ -443,4 +456,3 @@ def _serving(
     used = {v for row in rows for v in row.vector_ids()}
     files = {v: f.layers for v, f in mapping.items() if v in used}
     return files or {v: f.layers for v, f in mapping.items()}
-

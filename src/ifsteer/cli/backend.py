@@ -95,7 +95,8 @@ def vllm_settings(
         )
         per_token = kv_bytes_per_token(config, dtype) if one_worker else None
         if (
-            per_token and max_model_len
+            per_token
+            and max_model_len
             and per_token * max_model_len > engine_kwargs["kv_cache_memory_bytes"]
         ):
             raise InvalidSteering(
@@ -107,8 +108,11 @@ def vllm_settings(
     # tokenizer threads and an event loop); `python -m ifsteer.cli` guards its entry for that.
     os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
     return {
-        "model": str(directory), "model_id": model_id, "dtype": dtype,
-        "max_model_len": max_model_len, **engine_kwargs,
+        "model": str(directory),
+        "model_id": model_id,
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        **engine_kwargs,
     }
 
 
@@ -132,8 +136,12 @@ def runner_backend(
         yield load(model, dtype), Engine
         return
     settings = vllm_settings(
-        model, dtype=dtype, context=None, max_model_len=max_model_len,
-        kv_cache_gib=kv_cache_gib, tensor_parallel_size=tensor_parallel_size,
+        model,
+        dtype=dtype,
+        context=None,
+        max_model_len=max_model_len,
+        kv_cache_gib=kv_cache_gib,
+        tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=1,
     )
     from ifsteer.backends.vllm import OfflineVLLM

@@ -73,7 +73,6 @@ def _eval_mode(text: str) -> str:
     return text
 
 
-
 @app.command("eval")
 def eval_command(
     data: Annotated[
@@ -188,13 +187,19 @@ def eval_command(
         from ifsteer.shipped import recommended_files
 
         found = recommended_files(model)
-        out.print(f"steering with {len(found)} shipped vectors their search recommends: "
-                  + ", ".join(sorted(found)))
+        out.print(
+            f"steering with {len(found)} shipped vectors their search recommends: "
+            + ", ".join(sorted(found))
+        )
     pending = count_pending(out_dir, rows, experiment=experiment, settings=chosen)
     with (
         runner_backend(
-            backend, model, dtype, tensor_parallel_size=tensor_parallel_size,
-            max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+            backend,
+            model,
+            dtype,
+            tensor_parallel_size=tensor_parallel_size,
+            max_model_len=max_model_len,
+            kv_cache_gib=kv_cache_gib,
         ) as (lm, engine),
         progress_bar(f"eval {experiment}", pending) as advance,
     ):
@@ -314,19 +319,30 @@ def sweep_command(
     sampling = Sampling(max_new_tokens=max_new_tokens)
     label = next(iter(groups)) if len(groups) == 1 else f"{len(groups)} groups"
     with runner_backend(
-        backend, model, dtype, tensor_parallel_size=tensor_parallel_size,
-        max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+        backend,
+        model,
+        dtype,
+        tensor_parallel_size=tensor_parallel_size,
+        max_model_len=max_model_len,
+        kv_cache_gib=kv_cache_gib,
     ) as (lm, engine):
-        n_points = 1 + len(grid_layers or default_layers(lm.n_layers)) * len(
-            grid_weights or [None]
-        )
+        n_points = 1 + len(grid_layers or default_layers(lm.n_layers)) * len(grid_weights or [None])
         total = sum(len(rows) for rows in groups.values()) * n_points
         with progress_bar(f"sweep {label}", total) as advance:
             done = calibrate_groups(
-                lm, files, dict(sorted(groups.items())), target, weights=grid_weights,
-                set_default=set_default, layers=grid_layers, with_instruction=with_instruction,
-                sampling=sampling, batch_size=batch_size, perplexity=perplexity,
-                progress=advance, engine=engine,
+                lm,
+                files,
+                dict(sorted(groups.items())),
+                target,
+                weights=grid_weights,
+                set_default=set_default,
+                layers=grid_layers,
+                with_instruction=with_instruction,
+                sampling=sampling,
+                batch_size=batch_size,
+                perplexity=perplexity,
+                progress=advance,
+                engine=engine,
             )
     for group, (result, updated, written) in done.items():
         plot_sweep(result.to_json(), written.with_suffix(".png"))

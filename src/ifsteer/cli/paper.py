@@ -100,7 +100,4 @@ def run_paper_command(
         stages.stop()
     took = time.perf_counter() - started
     estimated = sum(estimates.values())
-    out.print(
-        f"done in {took / 60:.1f} min (estimated: {estimated / 60:.1f} min); open {report}"
-    )
-
+    out.print(f"done in {took / 60:.1f} min (estimated: {estimated / 60:.1f} min); open {report}")

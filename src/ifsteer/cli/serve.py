@@ -71,8 +71,10 @@ def serve(
 
     named = load_vector_dir(vectors) if vectors else {}
     limits = Limits(
-        max_prompt_tokens=max_prompt_tokens, max_tokens=max_tokens_limit,
-        max_queued=max_queued, request_timeout_s=request_timeout,
+        max_prompt_tokens=max_prompt_tokens,
+        max_tokens=max_tokens_limit,
+        max_queued=max_queued,
+        request_timeout_s=request_timeout,
     )
     if backend == "hf":
         lm = _load(model, dtype)

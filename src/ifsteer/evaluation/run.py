@@ -82,7 +82,10 @@ def _check_settings(settings: Sequence[str]) -> tuple[str, ...]:
 
 
 def count_pending(
-    out_dir: str | Path, rows: Sequence[Row], *, experiment: str = "format",
+    out_dir: str | Path,
+    rows: Sequence[Row],
+    *,
+    experiment: str = "format",
     settings: Sequence[str] = SETTINGS,
 ) -> int:
     """How many responses a `run_evaluation` into `out_dir` still has to generate."""
@@ -155,21 +158,31 @@ def run_evaluation(
             f"settings {', '.join(steered)} need vectors: pass a vector directory (--vectors)"
         )
     plan = plan_vectors(
-        lm, rows, vectors if steered else None, weights=weights or {}, modes=modes or {},
-        layers=layers or {}, allow_transfer=allow_transfer,
+        lm,
+        rows,
+        vectors if steered else None,
+        weights=weights or {},
+        modes=modes or {},
+        layers=layers or {},
+        allow_transfer=allow_transfer,
     )
     if steered and plan.missing_ids:
         n_rows = sum(bool(m) for m in plan.missing.values())
         log.warning(
             "no vector file for %s: %d of %d rows run unsteered (or partly steered) in the "
-            "steered settings", ", ".join(plan.missing_ids), n_rows, len(rows),
+            "steered settings",
+            ", ".join(plan.missing_ids),
+            n_rows,
+            len(rows),
         )
     ensure_punkt()
     out = Path(out_dir)
     path = out / RESPONSES
     sampling_record = {
-        "max_new_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
-        "top_p": sampling.top_p, "seed": sampling.seed,
+        "max_new_tokens": sampling.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_p": sampling.top_p,
+        "seed": sampling.seed,
     }
     generated = skipped = 0
     with open_for_append(path) as (handle, existing):
@@ -178,17 +191,21 @@ def run_evaluation(
         todo = _schedule(lm, rows, settings, experiment, done)
         skipped = len(rows) * len(settings) - len(todo)
         queue = engine(
-            lm, batch_size=batch_size, allow_transfer=True,  # vectors were checked when planned
+            lm,
+            batch_size=batch_size,
+            allow_transfer=True,  # vectors were checked when planned
             max_tokens=_longest_prompt(lm, todo) + sampling.max_new_tokens,
         )
         finished: list[tuple[str, Row, Completion]] = []
         for setting, row in todo:
-            queue.submit(Job(
-                row.prompt_for(setting),
-                steering=plan.steerings[str(row.key)] if setting in STEERED else (),
-                sampling=sampling,
-                on_done=_collect(finished, setting, row),
-            ))
+            queue.submit(
+                Job(
+                    row.prompt_for(setting),
+                    steering=plan.steerings[str(row.key)] if setting in STEERED else (),
+                    sampling=sampling,
+                    on_done=_collect(finished, setting, row),
+                )
+            )
         last = time.perf_counter()
         while queue.busy:
             queue.step()
@@ -196,8 +213,15 @@ def run_evaluation(
                 continue
             now = time.perf_counter()
             records = _answer(
-                lm, finished, experiment, plan, sampling_record, judge=judge,
-                perplexity=perplexity, fluency_lm=fluency_lm, seconds=(now - last) / len(finished),
+                lm,
+                finished,
+                experiment,
+                plan,
+                sampling_record,
+                judge=judge,
+                perplexity=perplexity,
+                fluency_lm=fluency_lm,
+                seconds=(now - last) / len(finished),
             )
             last, count = now, len(finished)
             finished.clear()

@@ -47,7 +47,6 @@ HEADLINE_METRIC: dict[str, str] = {
 }
 
 
-
 def wilson_interval(successes: int, n: int) -> tuple[float, float]:
     """The 95% Wilson score interval of a proportion; (0, 1) when n is 0."""
     if n < 0 or not 0 <= successes <= n:
@@ -77,7 +76,8 @@ def _setting_summary(records: Sequence[Mapping[str, Any]], setting: str) -> dict
     loose = [list(map(bool, r["loose"])) for r in records]
     fluency = [r.get("fluency") or {} for r in records]
     perplexities = [
-        float(f["perplexity"]) for f in fluency
+        float(f["perplexity"])
+        for f in fluency
         if f.get("perplexity") is not None and math.isfinite(float(f["perplexity"]))
     ]
     judged = [float(r["judge"]) for r in records if r.get("judge") is not None]
@@ -164,7 +164,6 @@ def _per_instruction(
         }
         for instruction_id, by_setting in sorted(counts.items())
     }
-
 
 
 def write_summary(out_dir: Path) -> dict[str, Any]:

@@ -111,7 +111,6 @@ class Plan:
         return len(SETTINGS) * len(self.evaluation)
 
 
-
 # --- planning -------------------------------------------------------------------------------
 
 
@@ -175,10 +174,14 @@ def plan_run(config: PaperConfig, n_layers: int) -> Plan:
 def _split(rows: Sequence[Row], config: PaperConfig) -> Split:
     """Every data row held out; each instruction's sweep validates on `sweep_prompts` prompts
     built from our own queries (`ifsteer.validation`), never on the rows it is scored on."""
-    validation = {
-        group: validation_rows(group, members, config.sweep_prompts, seed=config.seed)
-        for group, members in sorted(by_group(rows).items())
-    } if config.sweep_prompts else {}
+    validation = (
+        {
+            group: validation_rows(group, members, config.sweep_prompts, seed=config.seed)
+            for group, members in sorted(by_group(rows).items())
+        }
+        if config.sweep_prompts
+        else {}
+    )
     return held_out_split(rows, validation, per_group=config.sweep_prompts, seed=config.seed)
 
 
@@ -205,7 +208,11 @@ def _scale(n_params: int | None) -> float:
 
 
 def estimate_seconds(
-    config: PaperConfig, plan: Plan, n_params: int | None = None, *, todo: bool = False,
+    config: PaperConfig,
+    plan: Plan,
+    n_params: int | None = None,
+    *,
+    todo: bool = False,
     out: Path | None = None,
 ) -> dict[str, float]:
     """Seconds per stage for this plan, from constants measured on the embedded model.
@@ -227,18 +234,20 @@ def estimate_seconds(
     tokens = config.max_new_tokens
     sweep_answers, sweep_tokens = _sweep_work(
         [row for g in groups for row in plan.split.validation[g]],
-        len(plan.sweep_layers), tokens, with_instruction=config.with_instruction,
+        len(plan.sweep_layers),
+        tokens,
+        with_instruction=config.with_instruction,
     )
     return {
         "load": SECONDS_LOAD * scale,
         "extract": len(vector_ids) * 2 * config.n_pairs * SECONDS_PER_EXTRACT_PROMPT * scale,
-        "sweep": generation_seconds(
-            sweep_answers, sweep_tokens / max(sweep_answers, 1), batch
-        ) * scale,
-        "evaluate": scale * (
+        "sweep": generation_seconds(sweep_answers, sweep_tokens / max(sweep_answers, 1), batch)
+        * scale,
+        "evaluate": scale
+        * (
             generation_seconds(eval_rows, LENGTH_EVALUATED * tokens, batch)
-            + eval_rows * (SECONDS_PER_EVAL_ROW
-                           + (SECONDS_PER_PERPLEXITY_ROW if config.perplexity else 0.0))
+            + eval_rows
+            * (SECONDS_PER_EVAL_ROW + (SECONDS_PER_PERPLEXITY_ROW if config.perplexity else 0.0))
         ),
         "report": 15.0,
     }
@@ -296,7 +305,11 @@ def full_command(config: PaperConfig) -> str:
 
 def full_config(config: PaperConfig) -> PaperConfig:
     return replace(
-        config, out=Path(f"{config.out}-full"), limit=None, layer_step=2, max_new_tokens=256,
+        config,
+        out=Path(f"{config.out}-full"),
+        limit=None,
+        layer_step=2,
+        max_new_tokens=256,
         n_pairs=64,
     )
 
@@ -317,9 +330,10 @@ def full_plan(config: PaperConfig, plan: Plan, n_layers: int) -> Plan:
     return Plan(
         split=split,
         evaluation=split.evaluation,
-        vector_ids=sorted({v for r in split.evaluation for v in r.vector_ids()}
-                          | {v for rows in split.validation.values() for r in rows
-                             for v in r.vector_ids()}),
+        vector_ids=sorted(
+            {v for r in split.evaluation for v in r.vector_ids()}
+            | {v for rows in split.validation.values() for r in rows for v in r.vector_ids()}
+        ),
         sweep_layers=sweep_grid(n_layers, full.layer_step),
         groups=sorted(split.validation),
     )
@@ -330,8 +344,9 @@ def preview(config: PaperConfig, plan: Plan, lm: LoadedModel) -> tuple[dict[str,
     n_params = sum(p.numel() for p in lm.model.parameters())
     estimates = estimate_seconds(config, plan, n_params, todo=True)
     full_total = sum(
-        estimate_seconds(full_config(config), full_plan(config, plan, lm.n_layers), n_params)
-        .values()
+        estimate_seconds(
+            full_config(config), full_plan(config, plan, lm.n_layers), n_params
+        ).values()
     )
     big = {k: v for k, v in estimates.items() if v >= 30}
     text = (

@@ -138,9 +138,13 @@ def run_paper(
         "n_layers": lm.n_layers,
         "sweep_layers": plan.sweep_layers,
         "full_command": full_command(config),
-        "full_estimate": minutes_text(sum(estimate_seconds(
-            full_config(config), full_plan(config, plan, lm.n_layers), n_params
-        ).values())),
+        "full_estimate": minutes_text(
+            sum(
+                estimate_seconds(
+                    full_config(config), full_plan(config, plan, lm.n_layers), n_params
+                ).values()
+            )
+        ),
         "started": previous.get("started") or time.strftime("%Y-%m-%d %H:%M:%S"),
         "stages": log.stages,
     }
@@ -150,18 +154,26 @@ def run_paper(
     # 1. vectors: every layer of the paper grid, plus the no-sweep default layer.
     layers = sorted({*default_layers(lm.n_layers), default_layer(lm.n_layers)})
     todo = [v for v in plan.vector_ids if not vector_path(out, v).is_file()]
-    with log.timed("extract", n_pairs=config.n_pairs, layers=layers) as entry, stages.stage(
-        "extract", len(todo)
-    ) as advance:
+    with (
+        log.timed("extract", n_pairs=config.n_pairs, layers=layers) as entry,
+        stages.stage("extract", len(todo)) as advance,
+    ):
         entry["skipped"] = len(plan.vector_ids) - len(todo)
         for vector_id in todo:
             instruction = get_instruction(vector_id)
             vectors = extract_instruction(
-                lm, instruction, layers, n_pairs=config.n_pairs,
-                batch_size=min(config.batch_size or 16, 16), seed=config.seed,
+                lm,
+                instruction,
+                layers,
+                n_pairs=config.n_pairs,
+                batch_size=min(config.batch_size or 16, 16),
+                seed=config.seed,
             )
-            save_vectors(vector_path(out, vector_id), list(vectors.values()),
-                         default=default_layer(lm.n_layers))
+            save_vectors(
+                vector_path(out, vector_id),
+                list(vectors.values()),
+                default=default_layer(lm.n_layers),
+            )
             entry["items"] += 1
             advance(1)
     write_json(out / RUN, run_record)
@@ -171,20 +183,26 @@ def run_paper(
     sampling = Sampling(max_new_tokens=config.max_new_tokens)
     groups = [g for g in plan.groups if not sweep_path(out / SWEEPS, g).is_file()]
     sweep_rows = sum(len(plan.split.validation[g]) for g in groups) * (len(plan.sweep_layers) + 1)
-    with log.timed("sweep", layers=plan.sweep_layers) as entry, stages.stage(
-        "sweep", sweep_rows
-    ) as advance:
+    with (
+        log.timed("sweep", layers=plan.sweep_layers) as entry,
+        stages.stage("sweep", sweep_rows) as advance,
+    ):
         entry["skipped"] = len(plan.groups) - len(groups)
         done = calibrate_groups(
-            lm, files, {g: plan.split.validation[g] for g in groups}, out / SWEEPS,
-            layers=plan.sweep_layers, with_instruction=config.with_instruction,
-            sampling=sampling, batch_size=config.batch_size, progress=advance,
+            lm,
+            files,
+            {g: plan.split.validation[g] for g in groups},
+            out / SWEEPS,
+            layers=plan.sweep_layers,
+            with_instruction=config.with_instruction,
+            sampling=sampling,
+            batch_size=config.batch_size,
+            progress=advance,
             answers=out / SWEEPS / ANSWERS,
         )
         for group, (result, _, written) in done.items():
             plot_sweep(result.to_json(), written.with_suffix(".png"))
-            verdict = (f"layer {result.chosen.layer}" if result.chosen.recommended
-                       else "no steering")
+            verdict = f"layer {result.chosen.layer}" if result.chosen.recommended else "no steering"
             stages.message(f"sweep {group}: {verdict} (score {result.chosen.score:.2f})")
             entry["items"] += 1
     write_json(out / RUN, run_record)
@@ -193,7 +211,8 @@ def run_paper(
     # sweeps rewrote the files' defaults, so the directory is read again.
     files = load_vector_directory(out / VECTORS)
     steer_with = {
-        vector_id: file for vector_id, file in files.items()
+        vector_id: file
+        for vector_id, file in files.items()
         if _recommended(file, config.with_instruction)
     }
     run_record["not_steered"] = sorted(set(files) - set(steer_with))
@@ -204,21 +223,26 @@ def run_paper(
             + ": those rows run unsteered in the steered settings (listed as missing vectors)"
         )
     pending = count_pending(out, plan.evaluation)
-    with log.timed("evaluate", rows=len(plan.evaluation)) as entry, stages.stage(
-        "evaluate", pending
-    ) as advance:
+    with (
+        log.timed("evaluate", rows=len(plan.evaluation)) as entry,
+        stages.stage("evaluate", pending) as advance,
+    ):
         summary = run_evaluation(
-            lm, plan.evaluation, steer_with, out, sampling=sampling,
-            batch_size=config.batch_size, perplexity=config.perplexity, progress=advance,
+            lm,
+            plan.evaluation,
+            steer_with,
+            out,
+            sampling=sampling,
+            batch_size=config.batch_size,
+            perplexity=config.perplexity,
+            progress=advance,
         )
         entry["items"], entry["skipped"] = summary.generated, summary.skipped
     write_json(out / RUN, run_record)
 
     # 4. report.
     run_record["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    run_record["seconds"] = round(
-        time.time() - started + float(previous.get("seconds") or 0), 1
-    )
+    run_record["seconds"] = round(time.time() - started + float(previous.get("seconds") or 0), 1)
     write_json(out / RUN, run_record)
     with log.timed("report") as entry, stages.stage("report", 1) as advance:
         report = render_report(out)

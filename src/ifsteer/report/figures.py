@@ -65,20 +65,31 @@ def plot_overall(experiment: str, data: Mapping[str, Any], model: str, path: Pat
     fig, ax = plt.subplots(figsize=(6.0, 3.8), dpi=120)
     try:
         bars = ax.bar(
-            [SETTING_LABELS.get(s, s) for s in settings], means,
+            [SETTING_LABELS.get(s, s) for s in settings],
+            means,
             color=[SETTING_COLOURS.get(s, "#999999") for s in settings],
-            yerr=_errors(stats), capsize=5, edgecolor="#333333", linewidth=0.6,
+            yerr=_errors(stats),
+            capsize=5,
+            edgecolor="#333333",
+            linewidth=0.6,
         )
         for bar, mean, s, stat in zip(bars, means, settings, stats, strict=True):
             n = data["settings"][s].get("n", "")
             top = max(mean, stat.get("high") or 0.0)
-            ax.annotate(f"{mean:.2f}\nn={n}", (bar.get_x() + bar.get_width() / 2, top),
-                        xytext=(0, 3), textcoords="offset points", ha="center", va="bottom",
-                        fontsize=8)
+            ax.annotate(
+                f"{mean:.2f}\nn={n}",
+                (bar.get_x() + bar.get_width() / 2, top),
+                xytext=(0, 3),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         ax.set_ylim(0, 1.18)
         ax.set_ylabel(metric.replace("_", " ") + " accuracy")
-        ax.set_title(f"{experiment}: {model}  ({data.get('n_rows', '?')} prompts, 95% CI)",
-                     fontsize=10)
+        ax.set_title(
+            f"{experiment}: {model}  ({data.get('n_rows', '?')} prompts, 95% CI)", fontsize=10
+        )
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
         fig.tight_layout()
@@ -107,20 +118,36 @@ def plot_per_instruction(experiment: str, data: Mapping[str, Any], path: Path) -
         for k, setting in enumerate(settings):
             stats = [per[i].get(setting, {}).get("loose", {"mean": None}) for i in ids]
             xs = [j + (k - (len(settings) - 1) / 2) * width for j in range(len(ids))]
-            ax.bar(xs, [s.get("mean") or 0.0 for s in stats], width,
-                   yerr=_errors(stats), capsize=2, error_kw={"elinewidth": 0.7},
-                   color=SETTING_COLOURS.get(setting, "#999999"),
-                   label=SETTING_LABELS.get(setting, setting), edgecolor="#333333",
-                   linewidth=0.4)
+            ax.bar(
+                xs,
+                [s.get("mean") or 0.0 for s in stats],
+                width,
+                yerr=_errors(stats),
+                capsize=2,
+                error_kw={"elinewidth": 0.7},
+                color=SETTING_COLOURS.get(setting, "#999999"),
+                label=SETTING_LABELS.get(setting, setting),
+                edgecolor="#333333",
+                linewidth=0.4,
+            )
         counts = [max((v.get("n", 0) for v in per[i].values()), default=0) for i in ids]
         ax.set_xticks(range(len(ids)))
-        ax.set_xticklabels([f"{_short(i)}\n(n={n})" for i, n in zip(ids, counts, strict=True)],
-                           rotation=40, ha="right", fontsize=7.5)
+        ax.set_xticklabels(
+            [f"{_short(i)}\n(n={n})" for i, n in zip(ids, counts, strict=True)],
+            rotation=40,
+            ha="right",
+            fontsize=7.5,
+        )
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("loose accuracy")
         ax.set_title(f"{experiment}: per instruction (95% CI)", fontsize=10, pad=22)
-        ax.legend(fontsize=8, ncol=len(settings), loc="lower center",
-                  bbox_to_anchor=(0.5, 1.0), frameon=False)
+        ax.legend(
+            fontsize=8,
+            ncol=len(settings),
+            loc="lower center",
+            bbox_to_anchor=(0.5, 1.0),
+            frameon=False,
+        )
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
         fig.tight_layout()
@@ -137,18 +164,23 @@ def plot_sweeps(sweeps: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
     plt = _pyplot()
     cols = min(3, len(sweeps))
     rows = math.ceil(len(sweeps) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.1 * rows), dpi=100,
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.1 * rows), dpi=100, squeeze=False)
     try:
-        for ax in list(axes.flat)[len(sweeps):]:
+        for ax in list(axes.flat)[len(sweeps) :]:
             ax.axis("off")
         seen: dict[str, Any] = {}
         for ax, data in zip(axes.flat, sweeps, strict=False):
             for handle in draw_sweep(ax, data, legend=False):
                 label = handle.get_label()
                 seen.setdefault("chosen layer" if label.startswith("chosen") else label, handle)
-        fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=len(seen),
-                   fontsize=8, frameon=False)
+        fig.legend(
+            list(seen.values()),
+            list(seen),
+            loc="lower center",
+            ncol=len(seen),
+            fontsize=8,
+            frameon=False,
+        )
         fig.tight_layout(rect=(0, 0.04, 1, 1))
         fig.savefig(path)
     finally:
@@ -172,25 +204,49 @@ def draw_sweep(ax: Any, data: Mapping[str, Any], *, legend: bool = True) -> list
     for i, weight in enumerate(weights):
         points = sorted((p for p in steered if p["weight"] == weight), key=lambda p: p["layer"])
         label = "accuracy" if weight is None else f"accuracy, w={weight:g}"
-        ax.plot([p["layer"] for p in points], [p["accuracy"] for p in points], "o-",
-                color=colours[i % len(colours)], label=label)
+        ax.plot(
+            [p["layer"] for p in points],
+            [p["accuracy"] for p in points],
+            "o-",
+            color=colours[i % len(colours)],
+            label=label,
+        )
         if len(weights) == 1:
-            ax.plot([p["layer"] for p in points], [p["score"] for p in points], "s:",
-                    color="#ff7f0e", label="score (fluency-filtered)", markersize=4)
+            ax.plot(
+                [p["layer"] for p in points],
+                [p["score"] for p in points],
+                "s:",
+                color="#ff7f0e",
+                label="score (fluency-filtered)",
+                markersize=4,
+            )
     if baseline is not None:
-        ax.axhline(baseline["score"], color="grey", linestyle="--", linewidth=1,
-                   label="no steering (score)")
+        ax.axhline(
+            baseline["score"],
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label="no steering (score)",
+        )
         ax.plot([none_x], [baseline["accuracy"]], "o", color="grey")
         ax.plot([none_x], [baseline["score"]], "s", color="#ff7f0e", markersize=4)
     chosen = data["chosen"]
     if chosen.get("layer") is not None:
-        ax.plot([chosen["layer"]], [chosen["score"]], "o", markersize=14, fillstyle="none",
-                color="crimson", label=f"chosen: layer {chosen['layer']}")
+        ax.plot(
+            [chosen["layer"]],
+            [chosen["score"]],
+            "o",
+            markersize=14,
+            fillstyle="none",
+            color="crimson",
+            label=f"chosen: layer {chosen['layer']}",
+        )
     ax.set_ylim(-0.05, 1.05)
     ticks = ([none_x] if baseline is not None else []) + layers
     ax.set_xticks(ticks)
-    ax.set_xticklabels((["none"] if baseline is not None else []) + [str(la) for la in layers],
-                       fontsize=7)
+    ax.set_xticklabels(
+        (["none"] if baseline is not None else []) + [str(la) for la in layers], fontsize=7
+    )
     ax.set_xlabel("layer")
     ax.set_ylabel("loose accuracy")
     handles = ax.get_legend_handles_labels()[0]
@@ -203,8 +259,14 @@ def draw_sweep(ax: Any, data: Mapping[str, Any], *, legend: bool = True) -> list
     for p in grid:
         x = none_x if p["layer"] is None else p["layer"]
         worst[x] = max(worst.get(x, 0.0), p["fluency"]["degenerate"])
-    twin.bar(list(worst), list(worst.values()), width=0.4 * gap, alpha=0.18, color="red",
-             label="degenerate share")
+    twin.bar(
+        list(worst),
+        list(worst.values()),
+        width=0.4 * gap,
+        alpha=0.18,
+        color="red",
+        label="degenerate share",
+    )
     twin.set_ylim(0, 1.0)
     twin.set_ylabel("degenerate share", color="#b22222", fontsize=8)
     twin.tick_params(axis="y", labelsize=7, colors="#b22222")

@@ -136,26 +136,40 @@ def _num(value: Any, fmt: str = ".3f") -> str:
 
 
 def _settings_table(data: Mapping[str, Any]) -> str:
-    head = ("setting", "n", "prompt loose", "prompt strict", "instruction loose",
-            "instruction strict", "repetition", "perplexity (median)", "degenerate",
-            "unsteered rows", "seconds")
+    head = (
+        "setting",
+        "n",
+        "prompt loose",
+        "prompt strict",
+        "instruction loose",
+        "instruction strict",
+        "repetition",
+        "perplexity (median)",
+        "degenerate",
+        "unsteered rows",
+        "seconds",
+    )
     rows = []
     for setting, s in data["settings"].items():
         fluency = s.get("fluency") or {}
         rows.append(
-            "<tr>" + "".join([
-                f"<th>{_e(SETTING_LABELS.get(setting, setting))}</th>",
-                f"<td class=num>{_num(s.get('n'), 'd')}</td>",
-                f"<td class=num>{_pct(s.get('prompt_loose'))}</td>",
-                f"<td class=num>{_pct(s.get('prompt_strict'))}</td>",
-                f"<td class=num>{_pct(s.get('instruction_loose'), False)}</td>",
-                f"<td class=num>{_pct(s.get('instruction_strict'), False)}</td>",
-                f"<td class=num>{_num(fluency.get('repetition'))}</td>",
-                f"<td class=num>{_num(fluency.get('perplexity'), '.2f')}</td>",
-                f"<td class=num>{_num(fluency.get('degenerate'))}</td>",
-                f"<td class=num>{_num(s.get('n_unsteered'), 'd')}</td>",
-                f"<td class=num>{_num(s.get('seconds'), '.0f')}</td>",
-            ]) + "</tr>"
+            "<tr>"
+            + "".join(
+                [
+                    f"<th>{_e(SETTING_LABELS.get(setting, setting))}</th>",
+                    f"<td class=num>{_num(s.get('n'), 'd')}</td>",
+                    f"<td class=num>{_pct(s.get('prompt_loose'))}</td>",
+                    f"<td class=num>{_pct(s.get('prompt_strict'))}</td>",
+                    f"<td class=num>{_pct(s.get('instruction_loose'), False)}</td>",
+                    f"<td class=num>{_pct(s.get('instruction_strict'), False)}</td>",
+                    f"<td class=num>{_num(fluency.get('repetition'))}</td>",
+                    f"<td class=num>{_num(fluency.get('perplexity'), '.2f')}</td>",
+                    f"<td class=num>{_num(fluency.get('degenerate'))}</td>",
+                    f"<td class=num>{_num(s.get('n_unsteered'), 'd')}</td>",
+                    f"<td class=num>{_num(s.get('seconds'), '.0f')}</td>",
+                ]
+            )
+            + "</tr>"
         )
     header = "".join(f"<th>{h}</th>" for h in head)
     return f"<table><tr>{header}</tr>{''.join(rows)}</table>"
@@ -167,7 +181,8 @@ def _paper_table(experiment: str) -> str:
         return ""
     header = "".join(f"<th>{_e(SETTING_LABELS[s])}</th>" for s in SETTING_LABELS)
     body = "".join(
-        f"<tr><th>{_e(model)}</th>" + "".join(f"<td class=num>{v:.3f}</td>" for v in values)
+        f"<tr><th>{_e(model)}</th>"
+        + "".join(f"<td class=num>{v:.3f}</td>" for v in values)
         + "</tr>"
         for model, values in published.items()
     )
@@ -185,8 +200,11 @@ def _sweep_table(sweeps: Sequence[Mapping[str, Any]]) -> str:
         chosen = s["chosen"]
         baseline = next((p for p in s["grid"] if p["layer"] is None), None)
         layers = [p["layer"] for p in s["grid"] if p["layer"] is not None]
-        verdict = (f"layer {chosen['layer']}" if chosen.get("layer") is not None
-                   else "no steering (not recommended)")
+        verdict = (
+            f"layer {chosen['layer']}"
+            if chosen.get("layer") is not None
+            else "no steering (not recommended)"
+        )
         if chosen.get("weight") is not None:
             verdict += f", weight {chosen['weight']:g}"
         rows.append(
@@ -200,7 +218,8 @@ def _sweep_table(sweeps: Sequence[Mapping[str, Any]]) -> str:
     return (
         "<table><tr><th>instruction</th><th>chosen</th><th>score</th><th>no-steering score</th>"
         "<th>prompts</th><th>layers swept</th><th>instruction in prompt</th></tr>"
-        + "".join(rows) + "</table>"
+        + "".join(rows)
+        + "</table>"
     )
 
 
@@ -253,16 +272,12 @@ def _examples_table(responses: Sequence[Mapping[str, Any]], experiment: str) -> 
     picked = _pick_examples(responses, experiment)
     if not picked:
         return "<p class=meta>No responses recorded.</p>"
-    head = "".join(
-        f"<th>{_e(SETTING_LABELS[s])}</th>" for s in SETTING_LABELS
-    )
+    head = "".join(f"<th>{_e(SETTING_LABELS[s])}</th>" for s in SETTING_LABELS)
     rows = []
     for settings in picked:
         first = next(iter(settings.values()))
         query = (settings.get("no_instruction") or settings.get("steer") or first)["prompt"]
-        full = (settings.get("instruction") or settings.get("instruction_steer") or first)[
-            "prompt"
-        ]
+        full = (settings.get("instruction") or settings.get("instruction_steer") or first)["prompt"]
         cells = []
         for setting in SETTING_LABELS:
             record = settings.get(setting)
@@ -277,11 +292,10 @@ def _examples_table(responses: Sequence[Mapping[str, Any]], experiment: str) -> 
             f"<tr><td class=prompt><b>{_e(ids)}</b> <span class=meta>#{_e(first.get('key'))}"
             f"</span><div class=resp>{_e(query)}</div><details><summary class=meta>with the "
             f"instruction</summary><div class=resp>{_e(full)}</div></details></td>"
-            + "".join(cells) + "</tr>"
+            + "".join(cells)
+            + "</tr>"
         )
-    return (
-        "<table class=examples><tr><th>query</th>" + head + "</tr>" + "".join(rows) + "</table>"
-    )
+    return "<table class=examples><tr><th>query</th>" + head + "</tr>" + "".join(rows) + "</table>"
 
 
 def _run_meta(run: Mapping[str, Any] | None, split: Mapping[str, Any] | None) -> str:
@@ -293,9 +307,7 @@ def _run_meta(run: Mapping[str, Any] | None, split: Mapping[str, Any] | None) ->
         if config:
             parts.append(
                 "<table><tr><th>option</th><th>value</th></tr>"
-                + "".join(
-                    f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in config.items()
-                )
+                + "".join(f"<tr><td>{_e(k)}</td><td>{_e(v)}</td></tr>" for k, v in config.items())
                 + "</table>"
             )
         stages = run.get("stages") or {}
@@ -370,12 +382,12 @@ def render_report(run_dir: str | Path) -> Path:
 <style>{_CSS}</style></head><body>
 <h1>Instruction following by activation steering: {_e(model)}</h1>
 <p class=meta>Run directory <code>{_e(run_dir.name)}</code>, report written {_e(when)}.
-Generation time: {_e(', '.join(f'{k} {v:.0f} s' for k, v in timing.items()) or '–')}.
+Generation time: {_e(", ".join(f"{k} {v:.0f} s" for k, v in timing.items()) or "–")}.
 Settings: <b>no instruction</b> (the query alone), <b>steer</b> (query + vector),
 <b>instruction</b> (the full prompt), <b>instruction + steer</b> (both). Accuracy is IFEval's,
 loose unless stated; bars show 95% Wilson intervals.</p>
-{''.join(sections)}
-{_run_meta(run.get('run'), run.get('split'))}
+{"".join(sections)}
+{_run_meta(run.get("run"), run.get("split"))}
 </body></html>
 """
     target = run_dir / REPORT

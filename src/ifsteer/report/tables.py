@@ -82,17 +82,19 @@ def settings_table(summary: Mapping[str, Any], experiment: str) -> TextTable | N
     for name, s in settings.items():
         fluency = s["fluency"]
         note = f" ({s['n_unsteered']} unsteered)" if s.get("n_unsteered") else ""
-        table.rows.append([
-            SHORT_LABELS.get(name, name) + note,
-            str(s["n"]),
-            _cell(s[metric], interval=True),
-            _cell(s[other]),
-            _cell(s[f"instruction_{kind}"]),
-            _number(fluency["degenerate"]),
-            _number(fluency["perplexity"]),
-            *(_number(s.get(key)) for _, key in extra),
-            f"{s['seconds']:.0f}",
-        ])
+        table.rows.append(
+            [
+                SHORT_LABELS.get(name, name) + note,
+                str(s["n"]),
+                _cell(s[metric], interval=True),
+                _cell(s[other]),
+                _cell(s[f"instruction_{kind}"]),
+                _number(fluency["degenerate"]),
+                _number(fluency["perplexity"]),
+                *(_number(s.get(key)) for _, key in extra),
+                f"{s['seconds']:.0f}",
+            ]
+        )
     return table
 
 
@@ -127,19 +129,28 @@ def sweep_table(result: Any) -> TextTable:
         f"{'with' if result.with_instruction else 'without'} the instruction",
         columns=[
             Column(name, no_wrap=False)
-            for name in ("layer", "weight", "loose acc.", "score", "repetition", "degenerate",
-                         "ppl")
+            for name in (
+                "layer",
+                "weight",
+                "loose acc.",
+                "score",
+                "repetition",
+                "degenerate",
+                "ppl",
+            )
         ],
     )
     for p in result.grid:
         chosen = (p.layer, p.weight) == (result.chosen.layer, result.chosen.weight)
-        table.rows.append([
-            ("none" if p.layer is None else str(p.layer)) + (" ←" if chosen else ""),
-            "–" if p.weight is None else f"{p.weight:g}",
-            f"{p.accuracy:.2f}",
-            f"{p.score:.2f}",
-            f"{p.fluency.repetition:.2f}",
-            f"{p.fluency.degenerate:.2f}",
-            "–" if p.fluency.perplexity is None else f"{p.fluency.perplexity:.2f}",
-        ])
+        table.rows.append(
+            [
+                ("none" if p.layer is None else str(p.layer)) + (" ←" if chosen else ""),
+                "–" if p.weight is None else f"{p.weight:g}",
+                f"{p.accuracy:.2f}",
+                f"{p.score:.2f}",
+                f"{p.fluency.repetition:.2f}",
+                f"{p.fluency.degenerate:.2f}",
+                "–" if p.fluency.perplexity is None else f"{p.fluency.perplexity:.2f}",
+            ]
+        )
     return table

@@ -14,5 +14,13 @@ from .guard import is_loopback, uvicorn_config
 from .registry import NamedVector, load_vector_dir
 from .schema import Limits
 
-__all__ = ["Limits", "NamedVector", "build_app", "create_app", "is_loopback", "load_vector_dir",
-           "serve", "uvicorn_config"]
+__all__ = [
+    "Limits",
+    "NamedVector",
+    "build_app",
+    "create_app",
+    "is_loopback",
+    "load_vector_dir",
+    "serve",
+    "uvicorn_config",
+]

@@ -71,12 +71,12 @@ def create_app(
 ) -> FastAPI:
     """The server around a loaded Hugging Face model and named vectors."""
     engine = BatchingEngine(
-        lm, max_batch_size=max_batch_size, allow_transfer=allow_transfer,
+        lm,
+        max_batch_size=max_batch_size,
+        allow_transfer=allow_transfer,
         extract_pairs=extract_pairs,
     )
-    return build_app(
-        engine, vectors, api_key=api_key, limits=limits, allow_transfer=allow_transfer
-    )
+    return build_app(engine, vectors, api_key=api_key, limits=limits, allow_transfer=allow_transfer)
 
 
 def build_app(
@@ -139,21 +139,33 @@ def build_app(
 
         async def jobs() -> tuple[list[Job], list[Resolved]]:
             job, resolved = await build_job(
-                body, prompt, engine=engine, store=store, limits=limits,
+                body,
+                prompt,
+                engine=engine,
+                store=store,
+                limits=limits,
                 prompt_param="messages",
             )
             return [job], resolved
 
         if body.stream:
-            return await _stream(request, state, jobs, lambda jobs, resolved: chat_chunks(
-                engine, jobs[0], Meta.new("chatcmpl", engine.model_id, resolved),
-                body.include_usage(),
-            ))
+            return await _stream(
+                request,
+                state,
+                jobs,
+                lambda jobs, resolved: chat_chunks(
+                    engine,
+                    jobs[0],
+                    Meta.new("chatcmpl", engine.model_id, resolved),
+                    body.include_usage(),
+                ),
+            )
 
         async def answer() -> dict[str, Any]:
             (job,), resolved = await jobs()
-            return chat_body(Meta.new("chatcmpl", engine.model_id, resolved),
-                             await engine.generate(job))
+            return chat_body(
+                Meta.new("chatcmpl", engine.model_id, resolved), await engine.generate(job)
+            )
 
         return await _answer(request, state, 1, answer)
 
@@ -170,17 +182,31 @@ def build_app(
 
         async def jobs() -> tuple[list[Job], list[Resolved]]:
             built = [
-                await build_job(body, render_text(text), engine=engine, store=store,
-                                limits=limits, prompt_param="prompt")
+                await build_job(
+                    body,
+                    render_text(text),
+                    engine=engine,
+                    store=store,
+                    limits=limits,
+                    prompt_param="prompt",
+                )
                 for text in texts
             ]
             return [job for job, _ in built], built[-1][1]
 
         if body.stream:
-            return await _stream(request, state, jobs, lambda jobs, resolved: completion_chunks(
-                engine, jobs, Meta.new("cmpl", engine.model_id, resolved),
-                body.include_usage(),
-            ), n=len(texts))
+            return await _stream(
+                request,
+                state,
+                jobs,
+                lambda jobs, resolved: completion_chunks(
+                    engine,
+                    jobs,
+                    Meta.new("cmpl", engine.model_id, resolved),
+                    body.include_usage(),
+                ),
+                n=len(texts),
+            )
 
         async def answer() -> dict[str, Any]:
             built, resolved = await jobs()
@@ -205,8 +231,11 @@ async def _answer(
 
 
 async def _stream(
-    request: Request, state: _State, build: Build,
-    chunks: Callable[[list[Job], list[Resolved]], Events], n: int = 1,
+    request: Request,
+    state: _State,
+    build: Build,
+    chunks: Callable[[list[Job], list[Resolved]], Events],
+    n: int = 1,
 ) -> StreamingResponse:
     """A streamed answer: admitted before its steering is resolved, released when the stream
     ends, or when the client leaves before it starts (the response's background task)."""
@@ -240,13 +269,17 @@ def _check_model(state: _State, model: str, param: str = "model") -> None:
         raise ApiError(
             f"model {model!r} is not served here; this server serves "
             f"{state.engine.model_id!r} (GET /v1/models)",
-            param=param, code="model_not_found", status=404,
+            param=param,
+            code="model_not_found",
+            status=404,
         )
 
 
 def _model_card(state: _State) -> dict[str, Any]:
     return {
-        "id": state.engine.model_id, "object": "model", "created": state.created,
+        "id": state.engine.model_id,
+        "object": "model",
+        "created": state.created,
         "owned_by": "ifsteer",
     }
 
@@ -255,11 +288,16 @@ def _model_card(state: _State) -> dict[str, Any]:
 
 
 def _error(
-    status: int, message: str, *, code: str, param: str | None = None,
+    status: int,
+    message: str,
+    *,
+    code: str,
+    param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     return JSONResponse(
-        error_body(message, code=code, param=param, status=status), status_code=status,
+        error_body(message, code=code, param=param, status=status),
+        status_code=status,
         headers=headers,
     )
 

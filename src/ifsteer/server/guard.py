@@ -48,7 +48,8 @@ async def read_body(request: Request, limits: Limits) -> bytes:
     except asyncio.TimeoutError:
         raise ApiError(
             f"the request body took over {limits.body_timeout_s:g} s to arrive",
-            code="request_timeout", status=408,
+            code="request_timeout",
+            status=408,
         ) from None
     except ClientDisconnect:
         raise ClientGone("client hung up during the upload", code="client_disconnected") from None
@@ -82,7 +83,8 @@ async def unless_abandoned(request: Request, work: Awaitable[T], limits: Limits)
     watcher = asyncio.ensure_future(_disconnected(request))
     try:
         done, _ = await asyncio.wait(
-            {task, watcher}, timeout=limits.request_timeout_s,
+            {task, watcher},
+            timeout=limits.request_timeout_s,
             return_when=asyncio.FIRST_COMPLETED,
         )
     finally:
@@ -95,7 +97,8 @@ async def unless_abandoned(request: Request, work: Awaitable[T], limits: Limits)
         raise ClientGone("client hung up before its completion", code="client_disconnected")
     raise ApiError(
         f"the request did not finish within {limits.request_timeout_s:g} s",
-        code="timeout", status=504,
+        code="timeout",
+        status=504,
     )
 
 
@@ -116,7 +119,9 @@ class Admission:
         if self.in_flight + n > self.limit:
             raise ApiError(
                 f"the server is busy: {self.in_flight} completions in flight, the limit is "
-                f"{self.limit}; retry shortly", code="server_busy", status=429,
+                f"{self.limit}; retry shortly",
+                code="server_busy",
+                status=429,
             )
         self.in_flight += n
         held = [n]
@@ -152,10 +157,17 @@ class BearerAuth:
         if scope["type"] != "http" or scope["path"] in self.open_paths or self._ok(scope):
             await self.app(scope, receive, send)
             return
-        await _send_json(send, 401, error_body(
-            "missing or incorrect API key: send one 'Authorization: Bearer <key>' header",
-            code="invalid_api_key", param=None, status=401,
-        ), [(b"www-authenticate", b"Bearer")])
+        await _send_json(
+            send,
+            401,
+            error_body(
+                "missing or incorrect API key: send one 'Authorization: Bearer <key>' header",
+                code="invalid_api_key",
+                param=None,
+                status=401,
+            ),
+            [(b"www-authenticate", b"Bearer")],
+        )
 
     def _ok(self, scope: dict[str, Any]) -> bool:
         values = [v for k, v in scope["headers"] if k == b"authorization"]
@@ -169,10 +181,17 @@ async def _send_json(
     send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]
 ) -> None:
     raw = json.dumps(body).encode()
-    await send({"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
-        *headers,
-    ]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(raw)).encode()),
+                *headers,
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": raw})
 
 
@@ -227,8 +246,13 @@ def is_loopback(host: str) -> bool:
 
 
 def uvicorn_config(
-    app: Any, *, host: str, port: int, log_level: str = "info",
-    header_timeout_s: float = 10.0, keep_alive_s: int = 5,
+    app: Any,
+    *,
+    host: str,
+    port: int,
+    log_level: str = "info",
+    header_timeout_s: float = 10.0,
+    keep_alive_s: int = 5,
 ) -> Any:
     """The uvicorn settings `serve` runs with (and the tests start): header and keep-alive
     timeouts, h11's 16 KiB cap on a request's headers."""
@@ -236,10 +260,22 @@ def uvicorn_config(
 
     protocol = type("TimedHeaders", (_TimedHeaders,), {"header_timeout_s": header_timeout_s})
     return uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, http=protocol,
-        timeout_keep_alive=keep_alive_s, h11_max_incomplete_event_size=16 * 1024,
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        http=protocol,
+        timeout_keep_alive=keep_alive_s,
+        h11_max_incomplete_event_size=16 * 1024,
     )
 
 
-__all__ = ["Admission", "BearerAuth", "ClientGone", "is_loopback", "read_body",
-           "unless_abandoned", "uvicorn_config"]
+__all__ = [
+    "Admission",
+    "BearerAuth",
+    "ClientGone",
+    "is_loopback",
+    "read_body",
+    "unless_abandoned",
+    "uvicorn_config",
+]

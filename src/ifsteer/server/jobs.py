@@ -21,8 +21,13 @@ def chat_prompt(tokenizer: Any, messages: Sequence[Message]) -> Prompt:
 
 
 async def build_job(
-    request: GenerationRequest, prompt: Prompt, *, engine: Engine, store: VectorStore,
-    limits: Limits, prompt_param: str,
+    request: GenerationRequest,
+    prompt: Prompt,
+    *,
+    engine: Engine,
+    store: VectorStore,
+    limits: Limits,
+    prompt_param: str,
 ) -> tuple[Job, list[Resolved]]:
     """Check a request against the limits and the model, and resolve its steering."""
     n_prompt = len(prompt_ids(engine.tokenizer, prompt))
@@ -31,14 +36,16 @@ async def build_job(
     if n_prompt > limits.max_prompt_tokens:
         raise ApiError(
             f"the prompt has {n_prompt} tokens, the limit is {limits.max_prompt_tokens}",
-            param=prompt_param, code="context_length_exceeded",
+            param=prompt_param,
+            code="context_length_exceeded",
         )
     asked = request.requested_max_tokens()
     room = None if engine.context_length is None else engine.context_length - n_prompt
     if asked is not None and asked > limits.max_tokens:
         raise ApiError(
             f"max_tokens {asked} is over the limit {limits.max_tokens}",
-            param="max_tokens", code="invalid_value",
+            param="max_tokens",
+            code="invalid_value",
         )
     max_tokens = asked or limits.default_max_tokens
     if room is not None and max_tokens > room:
@@ -46,7 +53,8 @@ async def build_job(
             raise ApiError(
                 f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the "
                 f"model's context of {engine.context_length} tokens",
-                param="max_tokens" if asked else prompt_param, code="context_length_exceeded",
+                param="max_tokens" if asked else prompt_param,
+                code="context_length_exceeded",
             )
         max_tokens = room
     sampling = Sampling(

@@ -57,8 +57,11 @@ class Resolved:
     def describe(self) -> dict[str, Any]:
         v = self.steering.vector
         described: dict[str, Any] = {
-            "source": self.source, "instruction_id": v.instruction_id, "layer": v.layer,
-            "mode": self.steering.effective_mode, "weight": self.steering.effective_weight,
+            "source": self.source,
+            "instruction_id": v.instruction_id,
+            "layer": v.layer,
+            "mode": self.steering.effective_mode,
+            "weight": self.steering.effective_weight,
         }
         if self.steering.positions != "all":  # shown only where the request narrowed it
             described["positions"] = self.steering.positions
@@ -100,9 +103,7 @@ class VectorStore:
 
     def _check(self, vector: SteeringVector) -> None:
         e = self.engine
-        vector.check_fits(
-            e.model_id, e.hidden_size, e.n_layers, allow_transfer=self.allow_transfer
-        )
+        vector.check_fits(e.model_id, e.hidden_size, e.n_layers, allow_transfer=self.allow_transfer)
 
     async def resolve(self, specs: Sequence[SteeringSpec], limits: Limits) -> list[Resolved]:
         if len(specs) > limits.max_steering:
@@ -118,7 +119,8 @@ class VectorStore:
             if spec.weight is not None and abs(spec.weight) > limits.max_abs_weight:
                 raise ApiError(
                     f"{param}.weight: |{spec.weight}| is over the limit {limits.max_abs_weight}",
-                    param=f"{param}.weight", code="invalid_value",
+                    param=f"{param}.weight",
+                    code="invalid_value",
                 )
             vector = self._named(spec, param) if key is None else await self._extracted(key)
             try:
@@ -137,14 +139,17 @@ class VectorStore:
             known = ", ".join(sorted(self.named)) or "none"
             raise UnknownVector(
                 f"no vector named {spec.vector!r}; loaded: {known} (GET /v1/vectors)",
-                param=f"{param}.vector", code="vector_not_found",
+                param=f"{param}.vector",
+                code="vector_not_found",
             )
         if spec.layer is None:
             return named.default
         if spec.layer not in named.layers:
             raise ApiError(
-                f"vector {spec.vector!r} holds layers {sorted(named.layers)}, not "
-                f"{spec.layer}", param=f"{param}.layer", code="vector_mismatch", status=422,
+                f"vector {spec.vector!r} holds layers {sorted(named.layers)}, not {spec.layer}",
+                param=f"{param}.layer",
+                code="vector_mismatch",
+                status=422,
             )
         return named.layers[spec.layer]
 
@@ -157,7 +162,9 @@ class VectorStore:
         if not 0 <= layer < self.engine.n_layers:
             raise ApiError(
                 f"layer {layer} is out of range 0..{self.engine.n_layers - 1}",
-                param=f"{param}.layer", code="invalid_value", status=422,
+                param=f"{param}.layer",
+                code="invalid_value",
+                status=422,
             )
         if spec.instruction is None:
             get_instruction(str(spec.instruction_id))  # an unknown id is a 404 here
@@ -166,7 +173,8 @@ class VectorStore:
         if len(text) > limits.max_instruction_chars:
             raise ApiError(
                 f"instruction has {len(text)} characters, the limit is "
-                f"{limits.max_instruction_chars}", param=f"{param}.instruction",
+                f"{limits.max_instruction_chars}",
+                param=f"{param}.instruction",
             )
         return ("text", text, layer)
 
@@ -179,13 +187,16 @@ class VectorStore:
                 f"this request needs {len(new)} new inline extractions, the limit is "
                 f"{limits.max_new_extractions} per request; send them one request at a time "
                 "(each is cached) or extract them up front (ifsteer extract, --vectors)",
-                param="steering", code="too_many_extractions",
+                param="steering",
+                code="too_many_extractions",
             )
         if new and len(self._pending) + len(new) > limits.max_pending_extractions:
             raise ApiError(
                 f"{len(self._pending)} inline extractions are running or waiting, the limit "
                 f"is {limits.max_pending_extractions}; retry shortly",
-                param="steering", code="server_busy", status=429,
+                param="steering",
+                code="server_busy",
+                status=429,
             )
 
     async def _extracted(self, key: _Key) -> SteeringVector:
@@ -222,15 +233,29 @@ class VectorStore:
             if kind == "id":
                 by_id.setdefault(text, []).append(vector)
         for text, vectors in sorted(by_id.items()):
-            rows.append({
-                "id": f"instruction_id:{text}", "source": "inline",
-                "layers": sorted(v.layer for v in vectors), **_listed(vectors[-1], True),
-            })
+            rows.append(
+                {
+                    "id": f"instruction_id:{text}",
+                    "source": "inline",
+                    "layers": sorted(v.layer for v in vectors),
+                    **_listed(vectors[-1], True),
+                }
+            )
         return rows
 
 
 def _listed(vector: SteeringVector, fits: bool) -> dict[str, Any]:
     info = describe(vector)
-    keep = ("instruction", "instruction_id", "model_id", "layer", "mode", "weight", "norm",
-            "target", "hidden_size", "n_pairs")
+    keep = (
+        "instruction",
+        "instruction_id",
+        "model_id",
+        "layer",
+        "mode",
+        "weight",
+        "norm",
+        "target",
+        "hidden_size",
+        "n_pairs",
+    )
     return {"object": "steering_vector", **{k: info[k] for k in keep}, "fits_model": fits}

@@ -30,8 +30,11 @@ log = logging.getLogger("ifsteer.server")
 def usage(completions: Sequence[Completion]) -> dict[str, int]:
     prompt = sum(c.prompt_tokens for c in completions)
     generated = sum(c.completion_tokens for c in completions)
-    return {"prompt_tokens": prompt, "completion_tokens": generated,
-            "total_tokens": prompt + generated}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": generated,
+        "total_tokens": prompt + generated,
+    }
 
 
 @dataclass(frozen=True)
@@ -44,7 +47,9 @@ class Meta:
     @classmethod
     def new(cls, prefix: str, model: str, resolved: Sequence[Resolved]) -> Meta:
         return cls(
-            f"{prefix}-{uuid.uuid4().hex}", int(time.time()), model,
+            f"{prefix}-{uuid.uuid4().hex}",
+            int(time.time()),
+            model,
             [r.describe() for r in resolved],
         )
 
@@ -55,12 +60,14 @@ class Meta:
 def chat_body(meta: Meta, completion: Completion) -> dict[str, Any]:
     return {
         **meta.head("chat.completion"),
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": completion.text},
-            "logprobs": None,
-            "finish_reason": completion.finish_reason,
-        }],
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": completion.text},
+                "logprobs": None,
+                "finish_reason": completion.finish_reason,
+            }
+        ],
         "usage": usage([completion]),
         "steering": meta.steering,
     }
@@ -88,7 +95,8 @@ def sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(
-        lines(), media_type="text/event-stream",
+        lines(),
+        media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
 
@@ -131,8 +139,7 @@ async def _guarded(
         yield error_body(str(exc), code=code, param=param, status=status)
     except Exception as exc:
         log.exception("stream failed")
-        yield error_body(f"generation failed: {exc}", code="internal_error", param=None,
-                         status=500)
+        yield error_body(f"generation failed: {exc}", code="internal_error", param=None, status=500)
 
 
 def chat_chunks(
@@ -141,9 +148,7 @@ def chat_chunks(
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {
             **meta.head("chat.completion.chunk"),
-            "choices": [
-                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            ],
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
         }
 
     async def events() -> AsyncIterator[dict[str, Any]]:
@@ -154,8 +159,11 @@ def chat_chunks(
             else:
                 yield chunk({}, item.finish_reason)
                 if include_usage:
-                    yield {**meta.head("chat.completion.chunk"), "choices": [],
-                           "usage": usage([item])}
+                    yield {
+                        **meta.head("chat.completion.chunk"),
+                        "choices": [],
+                        "usage": usage([item]),
+                    }
 
     return _guarded(events())
 
@@ -166,9 +174,7 @@ def completion_chunks(
     def chunk(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
         return {
             **meta.head("text_completion"),
-            "choices": [
-                {"text": text, "index": index, "logprobs": None, "finish_reason": finish}
-            ],
+            "choices": [{"text": text, "index": index, "logprobs": None, "finish_reason": finish}],
         }
 
     async def events() -> AsyncIterator[dict[str, Any]]:

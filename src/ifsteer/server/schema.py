@@ -31,7 +31,11 @@ class ApiError(IfsteerError):
     status = 400
 
     def __init__(
-        self, message: str, *, param: str | None = None, code: str = "invalid_request",
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str = "invalid_request",
         status: int | None = None,
     ) -> None:
         super().__init__(message)
@@ -213,7 +217,8 @@ class GenerationRequest(BaseModel):
             if getattr(self, name, None) not in (None, False, 0, 0.0, "", [], {}):
                 raise ApiError(
                     f"{name} is not supported by ifsteer; {hint}",
-                    param=name, code="unsupported_parameter",
+                    param=name,
+                    code="unsupported_parameter",
                 )
         return self
 
@@ -281,7 +286,8 @@ def parse_request(raw: bytes, schema: type[Request], limits: Limits) -> Request:
     if len(raw) > limits.max_body_bytes:
         raise ApiError(
             f"request body is {len(raw)} bytes, the limit is {limits.max_body_bytes}",
-            code="request_too_large", status=413,
+            code="request_too_large",
+            status=413,
         )
     try:
         data = json.loads(raw)
@@ -334,5 +340,7 @@ def _check_text(text: str, param: str | None) -> None:
         where = f"{param}: " if param else ""
         raise ApiError(
             f"{where}the text holds a lone UTF-16 surrogate (such as \\ud800), which is not "
-            "a character", param=param, code="invalid_value",
+            "a character",
+            param=param,
+            code="invalid_value",
         ) from None

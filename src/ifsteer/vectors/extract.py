@@ -94,7 +94,11 @@ def extract_vectors(
     layers = sorted(set(layers))
     acts = last_token_activations(lm, pair_prompts(pairs), layers, batch_size, progress)
     return vectors_from_activations(
-        lm, acts, instruction=instruction, instruction_id=instruction_id, phrasings=phrasings,
+        lm,
+        acts,
+        instruction=instruction,
+        instruction_id=instruction_id,
+        phrasings=phrasings,
         mode=mode,
     )
 

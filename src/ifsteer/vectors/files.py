@@ -217,4 +217,3 @@ def describe(vector: SteeringVector) -> dict[str, Any]:
     info["phrasings"] = list(vector.phrasings)
     info["extra"] = dict(vector.extra)
     return info
-

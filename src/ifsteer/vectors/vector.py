@@ -138,4 +138,3 @@ def _check_compatible(a: SteeringVector, b: SteeringVector) -> None:
         raise InvalidSteering(
             "projection vectors do not add; pass both to steer(), or switch them to additive"
         )
-

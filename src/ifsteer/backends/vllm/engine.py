@@ -54,7 +54,9 @@ def vector_key(vector: SteeringVector) -> str:
 def bank_entry(vector: SteeringVector) -> dict[str, Any]:
     """A vector as `ifsteer_register` receives it (plain lists: nothing is pickled as torch)."""
     return {
-        "key": vector_key(vector), "layer": vector.layer, "target": vector.target,
+        "key": vector_key(vector),
+        "layer": vector.layer,
+        "target": vector.target,
         "direction": vector.direction.detach().float().cpu().tolist(),
     }
 
@@ -122,8 +124,12 @@ class VLLMEngine:
         **engine_kwargs: Any,
     ) -> None:
         setup = EngineSetup.of(
-            model, model_id=model_id, tensor_parallel_size=tensor_parallel_size,
-            pipeline_parallel_size=pipeline_parallel_size, dtype=dtype, **engine_kwargs,
+            model,
+            model_id=model_id,
+            tensor_parallel_size=tensor_parallel_size,
+            pipeline_parallel_size=pipeline_parallel_size,
+            dtype=dtype,
+            **engine_kwargs,
         )
         self.setup = setup
         self.model_path, self.model_id = setup.model_path, setup.model_id
@@ -138,7 +144,10 @@ class VLLMEngine:
         self._register_lock = asyncio.Lock()
         self._side_lock = asyncio.Lock()
         self._stats = {
-            "requests": 0, "registered_vectors": 0, "extractions": 0, "cached_prompt_tokens": 0,
+            "requests": 0,
+            "registered_vectors": 0,
+            "extractions": 0,
+            "cached_prompt_tokens": 0,
         }
 
     async def start(self) -> None:
@@ -265,11 +274,15 @@ class EngineSetup:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
         text_config = getattr(config, "text_config", None) or config
         args = {
-            "model": path, "tokenizer": path, "dtype": dtype,
+            "model": path,
+            "tokenizer": path,
+            "dtype": dtype,
             "tensor_parallel_size": tensor_parallel_size,
             "pipeline_parallel_size": pipeline_parallel_size,
-            "enable_prefix_caching": True, **engine_kwargs,
-            "enforce_eager": True, "worker_extension_cls": WORKER_EXTENSION,
+            "enable_prefix_caching": True,
+            **engine_kwargs,
+            "enforce_eager": True,
+            "worker_extension_cls": WORKER_EXTENSION,
         }
         return cls(
             model_path=path,

@@ -102,7 +102,11 @@ class OfflineVLLM:
             self._registered.update(new)
 
     def queue(
-        self, lm: LoadedModel, *, batch_size: int | None = None, max_tokens: int = 0,
+        self,
+        lm: LoadedModel,
+        *,
+        batch_size: int | None = None,
+        max_tokens: int = 0,
         allow_transfer: bool = False,
     ) -> VLLMQueue:
         """An `ifsteer.engine.EngineFactory`: a job queue on this engine for one run.
@@ -116,7 +120,9 @@ class OfflineVLLM:
         if batch_size is not None and batch_size < 1:
             raise InvalidSteering("batch_size must be at least 1")
         if (lm.model_id, lm.hidden_size, lm.n_layers) != (
-            self.model_id, self.setup.hidden_size, self.setup.n_layers
+            self.model_id,
+            self.setup.hidden_size,
+            self.setup.n_layers,
         ):
             raise InvalidSteering(
                 f"the runner's model {lm.model_id!r} is not the one vLLM serves "
@@ -145,7 +151,11 @@ class VLLMQueue:
     """`JobQueue` on an `OfflineVLLM` (see the module's docstring for each `Job` field)."""
 
     def __init__(
-        self, owner: OfflineVLLM, engine: Any, lm: LoadedModel, batch_size: int | None,
+        self,
+        owner: OfflineVLLM,
+        engine: Any,
+        lm: LoadedModel,
+        batch_size: int | None,
         allow_transfer: bool,
     ) -> None:
         self._owner, self._engine, self._lm = owner, engine, lm
@@ -179,7 +189,10 @@ class VLLMQueue:
         # New tokens only, each step: the text is decoded here, by the HF tokenizer, as the HF
         # engine decodes it.
         params = sampling_params(
-            job.sampling, job.steering, sorted(self._stop), detokenize=False,
+            job.sampling,
+            job.steering,
+            sorted(self._stop),
+            detokenize=False,
             output_kind=RequestOutputKind.DELTA,
         )
         job_id = next(self._ids)

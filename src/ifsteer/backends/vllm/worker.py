@@ -153,8 +153,10 @@ def build_plan(
 
 
 def _slot(
-    spans: Sequence[tuple[int, int]], items: Sequence[tuple[int, int, Entry]],
-    num_tokens: int, device: torch.device,
+    spans: Sequence[tuple[int, int]],
+    items: Sequence[tuple[int, int, Entry]],
+    num_tokens: int,
+    device: torch.device,
 ) -> Slot:
     rows = torch.full((num_tokens,), -1, dtype=torch.long)
     weights = torch.zeros(num_tokens, dtype=torch.float32)
@@ -189,7 +191,9 @@ def plan_device(plan: Plan) -> torch.device:
 
 
 def steering_delta(
-    stream: torch.Tensor, slots: Sequence[Slot], bank: VectorBank,
+    stream: torch.Tensor,
+    slots: Sequence[Slot],
+    bank: VectorBank,
     generated: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """What to add to the residual stream `[num_tokens, hidden]` so that every token gets its
@@ -201,7 +205,8 @@ def steering_delta(
         generated = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
     for slot in slots:
         at_position = (slot.positions == POSITION_CODES["all"]) | torch.where(
-            generated, slot.positions == POSITION_CODES["generated"],
+            generated,
+            slot.positions == POSITION_CODES["generated"],
             slot.positions == POSITION_CODES["prompt"],
         )
         active = (slot.rows >= 0) & at_position
@@ -284,9 +289,11 @@ class SteeringWorkerExtension:
             return result
 
         runner.execute_model = execute_model
-        state.handles.append(model.register_forward_pre_hook(
-            lambda _m, args, kwargs: self._ifsteer_plan(args, kwargs), with_kwargs=True
-        ))
+        state.handles.append(
+            model.register_forward_pre_hook(
+                lambda _m, args, kwargs: self._ifsteer_plan(args, kwargs), with_kwargs=True
+            )
+        )
         for index, layer in enumerate(layers):
             if type(layer).__name__ == "PPMissingLayer":  # owned by another pipeline stage
                 continue
@@ -310,7 +317,8 @@ class SteeringWorkerExtension:
         state: _State = self._ifsteer  # type: ignore[attr-defined]
         runner = self.model_runner  # type: ignore[attr-defined]
         return {
-            "hidden_size": state.bank.hidden_size, "vectors": len(state.bank.layers),
+            "hidden_size": state.bank.hidden_size,
+            "vectors": len(state.bank.layers),
             "steered_steps": state.steered_steps,
             "runner": f"{type(runner).__module__}.{type(runner).__qualname__}",
         }
@@ -374,7 +382,8 @@ def _pad_tensor(t: torch.Tensor, num_tokens: int, value: Any) -> torch.Tensor:
 
 def _pad(slot: Slot, num_tokens: int) -> Slot:
     return Slot(
-        _pad_tensor(slot.rows, num_tokens, -1), _pad_tensor(slot.weights, num_tokens, 0.0),
+        _pad_tensor(slot.rows, num_tokens, -1),
+        _pad_tensor(slot.weights, num_tokens, 0.0),
         _pad_tensor(slot.projection, num_tokens, False),
         _pad_tensor(slot.positions, num_tokens, 0),
     )

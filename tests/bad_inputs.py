@@ -268,8 +268,10 @@ BAD: dict[str, Bad] = {
 EXCLUDED = {
     "base-model chat ending in an answer (400 invalid_request)": "needs a model without a "
     "chat template; the served models of both tiers have one (tests/unit/test_server.py)",
-    "full queue (429 server_busy), deadline (504 timeout), extractions in flight (429)": "need an engine held busy for a known time (a slowed model): a fact of one engine, not "
-    "of a request (tests/unit/test_server_hardening.py)",
+    (
+        "full queue (429 server_busy), deadline (504 timeout), extractions in flight (429)"
+    ): "need an engine held busy for a known time (a slowed model): a fact of one engine, "
+    "not of a request (tests/unit/test_server_hardening.py)",
     "unfinished headers and bodies (connection closed, 408)": "need raw sockets and a server "
     "built with sub-second timeouts; the timeouts are uvicorn's and server/guard.py's, the "
     "same code before any engine (tests/unit/test_server_hardening.py)",

@@ -14,9 +14,9 @@ import pytest
 
 from ifsteer import checks
 from ifsteer.checks import CheckResult, check, check_row, ensure_punkt, supported_instruction_ids
+from ifsteer.datasets import data_path
 from ifsteer.errors import UnknownInstruction
 
-DATA = Path("/work/shared/data")
 PROMPT = "Tell me about a short trip."
 END_PHRASE = "Is there anything else I can help with?"
 
@@ -280,9 +280,7 @@ def test_ensure_punkt_is_idempotent(tmp_path, monkeypatch):
     ],
 )
 def test_every_data_row_builds_without_random_parameters(name):
-    path = DATA / name
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
+    path = data_path(name)
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     assert rows
     for row in rows:

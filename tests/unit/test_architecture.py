@@ -49,6 +49,7 @@ LAYERS = {
     "ifsteer.calibration": "runners",
     "ifsteer.search": "runners",
     "ifsteer.shipped.build": "runners",
+    "ifsteer.training": "runners",
     "ifsteer.backends": "adapters",
     "ifsteer.backends.vllm.offline": "adapters",  # lends the runners a queue; they never import it
     "ifsteer.report": "faces",

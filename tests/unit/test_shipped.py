@@ -100,7 +100,7 @@ def test_only_recommended_files_are_steered_with(tmp_path, title_vectors):
     write_calibrated(tmp_path / file_name("startend:quotation"), other, lost)
     assert shipped_ids(directory=tmp_path) == [TITLE, "startend:quotation"]
     assert recommended_files(directory=tmp_path) == {TITLE: tmp_path / file_name(TITLE)}
-    with pytest.raises(NotShipped, match="build_vectors"):
+    with pytest.raises(NotShipped, match="vectors build"):
         recommended_files("no-such-model")
 
 

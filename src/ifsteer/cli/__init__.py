@@ -12,7 +12,7 @@ Importing a command module registers its commands; the order below is the order 
 """
 
 # In this order, not sorted: it is the order of `ifsteer --help`.
-from ifsteer.cli import steer, catalogue, evaluate, paper, serve  # noqa: F401, I001
+from ifsteer.cli import steer, train, catalogue, evaluate, paper, serve  # noqa: F401, I001
 from ifsteer.cli.app import app, main
 from ifsteer.cli.steer import parse_vector_spec
 

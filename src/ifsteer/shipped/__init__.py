@@ -13,7 +13,7 @@ The search's projection *target scale* is stored as the target itself (`c̄ + (s
 the file with `ifsteer.vectors.load_vector` and steers with it applies the calibrated point.
 Several chosen layers keep their per-layer weights in `weights`.
 
-`python -m ifsteer.shipped.build` (or `scripts/build_vectors.py`) rebuilds the files.
+`ifsteer vectors build` rebuilds the files (`shipped/build.py`).
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def recommended_files(
     if not folder.is_dir():
         raise NotShipped(
             f"no calibrated vectors ship for {model_id!r}: `ifsteer vectors list` shows the "
-            "models that have them, scripts/build_vectors.py builds them for yours"
+            "models that have them, `ifsteer vectors build` builds them for yours"
         )
     files = {}
     for path in sorted(folder.glob("*.safetensors")):

@@ -1,7 +1,8 @@
 """Rebuild the calibrated vectors: extract, search, write one file per instruction.
 
-    python -m ifsteer.shipped.build                     # the embedded model, into the package
-    python -m ifsteer.shipped.build --model DIR --out my-vectors/
+    ifsteer vectors build                               # the embedded model, into the package
+    ifsteer vectors build --model DIR --out my-vectors/
+    ifsteer vectors build --groups format --trained     # then the paper's vector vs a trained one
 
 Seeded and resumable: vectors are extracted from the extraction share of our base queries with
 a fixed seed, generation is greedy, every scored response is logged (`--work`), and an
@@ -16,12 +17,9 @@ sets need is then extracted at the chosen layer(s) and written with the class's 
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +33,7 @@ from ifsteer.instructions import (
     get_instruction,
     keyword_instruction,
 )
-from ifsteer.models import DEFAULT_MODEL, LoadedModel, load_model
-from ifsteer.paths import cache_home
+from ifsteer.models import LoadedModel
 from ifsteer.search import (
     Fluency,
     Point,
@@ -47,7 +44,8 @@ from ifsteer.search import (
     steerings_for,
     verify_point,
 )
-from ifsteer.shipped import file_name, read_calibrated, shipped_dir, write_calibrated
+from ifsteer.shipped import file_name, read_calibrated, write_calibrated
+from ifsteer.training import TrainConfig, compete
 from ifsteer.validation import (
     ValidationPrompt,
     extraction_queries,
@@ -342,73 +340,33 @@ class Builder:
                 if donor is None and point is not None:
                     donor = point
 
+    def trained(self, groups: Sequence[str], only: Sequence[str], config: TrainConfig) -> None:
+        """The paper's vector against a trained one for every searched instruction of
+        `groups` (keywords excepted: one trained vector per word is not a class)."""
+        for group in groups:
+            if group == "keywords":
+                continue
+            members = group_ids(group)
+            for instruction_id in [i for i in only if i in members] if only else members:
+                if self.status(instruction_id) in ("missing", "pending"):
+                    continue
+                contest = compete(
+                    self.lm,
+                    instruction_id,
+                    self.out / file_name(instruction_id),
+                    self.work,
+                    config,
+                    judge=self.judge,
+                    fluency=self.fluency,
+                    sampling=Sampling(max_new_tokens=TOKENS[group]),
+                    n_prompts=self.n_prompts,
+                    seed=self.seed,
+                    batch_size=self.batch_size,
+                )
+                if contest is not None:
+                    self.say(contest.summary())
+
 
 def _point_of(calibration: Mapping[str, Any]) -> Point:
     layers = tuple(int(layer) for layer in calibration["layers"])
     return Point(layers, calibration["mode"], float(calibration["scale"]), calibration["positions"])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL)
-    parser.add_argument("--judge", default="gemma-3-270m", help="perplexity model; 'none' to skip")
-    parser.add_argument("--out", type=Path, help="vector folder (default: the package's)")
-    parser.add_argument("--work", type=Path, help="response logs (default: the cache)")
-    parser.add_argument("--groups", default=",".join(GROUPS))
-    parser.add_argument("--only", default="", help="comma-separated instruction ids")
-    parser.add_argument("--n-prompts", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument(
-        "--quick", action="store_true", help="search one instruction per group, verify the rest"
-    )
-    parser.add_argument("--layers", help="stage-1 layers, comma-separated (default: every 4th)")
-    parser.add_argument("--projection-scales", help="stage-2 target scales (default 2,4)")
-    parser.add_argument("--additive-scales", help="stage-2 additive scales (default 1,2)")
-    parser.add_argument(
-        "--pending-only", action="store_true", help="only extract the files not yet written"
-    )
-    parser.add_argument(
-        "--layers-only", action="store_true", help="stage 1 of the search only (the layer sweep)"
-    )
-    args = parser.parse_args(argv)
-    groups = [g for g in args.groups.split(",") if g]
-    unknown = [g for g in groups if g not in GROUPS]
-    if unknown:
-        print(
-            f"error: unknown group(s) {unknown}; choose from {', '.join(GROUPS)}", file=sys.stderr
-        )
-        return 2
-    lm = load_model(args.model)
-    judge = None if args.judge == "none" else load_model(args.judge)
-    out = args.out or shipped_dir(lm.model_id)
-    work = args.work or cache_home() / "build" / lm.model_id
-    builder = Builder(
-        lm, judge, out, work, n_prompts=args.n_prompts, seed=args.seed, batch_size=args.batch_size
-    )
-    floats = lambda text: tuple(float(x) for x in text.split(",") if x)  # noqa: E731
-    if args.layers:
-        builder.space = replace(builder.space, layers=tuple(int(x) for x in args.layers.split(",")))
-    if args.projection_scales is not None:
-        builder.space = replace(builder.space, projection_scales=floats(args.projection_scales))
-    if args.additive_scales is not None:
-        builder.space = replace(builder.space, additive_scales=floats(args.additive_scales))
-    if args.layers_only:
-        builder.space = replace(
-            builder.space,
-            projection_scales=(),
-            additive_scales=(),
-            multi_layer=0,
-            try_generated=False,
-        )
-    builder.run(
-        groups,
-        [i for i in args.only.split(",") if i],
-        quick=args.quick,
-        pending_only=args.pending_only,
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

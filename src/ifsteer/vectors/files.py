@@ -90,7 +90,11 @@ def save_vectors(
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "default_layer": default,
-        "layers": {str(v.layer): {"norm": v.norm, "target": v.target} for v in vectors},
+        # Each layer keeps its own weight (a trained vector's differs per layer); the shared
+        # "weight" stays for files written before, which had one for all layers.
+        "layers": {
+            str(v.layer): {"norm": v.norm, "target": v.target, "weight": v.weight} for v in vectors
+        },
         **shared,
     }
     tensors = {
@@ -121,7 +125,11 @@ def read_vector_file(path: str | Path) -> VectorFile:
                 norm=float(info["norm"]),
                 layer=int(layer),
                 target=float(info["target"]),
-                **{**shared, "phrasings": tuple(shared["phrasings"])},
+                **{
+                    **shared,
+                    "phrasings": tuple(shared["phrasings"]),
+                    "weight": float(info.get("weight", shared["weight"])),
+                },
             )
             for layer, info in meta["layers"].items()
         }

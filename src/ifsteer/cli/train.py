@@ -1,0 +1,189 @@
+"""`ifsteer train` (a trained vector for one instruction) and `ifsteer vectors build` (the
+calibrated vectors that ship: search, verify, and the paper's vector against a trained one)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ifsteer.cli.app import (
+    DtypeOption,
+    ModelOption,
+    ThreadsOption,
+    app,
+    csv_floats,
+    csv_ints,
+    load,
+    out,
+    set_threads,
+    vectors_app,
+)
+from ifsteer.errors import InvalidSteering
+
+LayersOption = Annotated[
+    str, typer.Option(help="Comma-separated layers trained jointly, e.g. 18 or 14,18.")
+]
+
+
+@app.command()
+def train(
+    out_path: Annotated[Path, typer.Option("--out", "-o", help="Vector file to write.")],
+    instruction_id: Annotated[
+        str | None, typer.Option(help="Catalogue id (see `ifsteer instructions`).")
+    ] = None,
+    instruction: Annotated[
+        str | None, typer.Option(help="Free-text instruction (trained by self-distillation).")
+    ] = None,
+    model: ModelOption = "smollm2-135m-instruct",
+    layers: LayersOption = "18",
+    targets: Annotated[
+        str, typer.Option(help="rule | distill | auto (rule where one exists, else distill).")
+    ] = "auto",
+    steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 60,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
+    lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 0.05,
+    max_norm_ratio: Annotated[
+        float, typer.Option(help="Cap on the vector's norm, as a share of the residual norm.")
+    ] = 0.5,
+    seed: int = 0,
+    threads: ThreadsOption = None,
+    dtype: DtypeOption = "float32",
+) -> None:
+    """Train an additive steering vector with the model frozen (docs/method.md)."""
+    from ifsteer.instructions import custom_instruction, get_instruction
+    from ifsteer.paths import cache_home
+    from ifsteer.progress import progress_bar
+    from ifsteer.training import ANSWER_TOKENS, TrainConfig, train_vectors
+    from ifsteer.training.data import distilled_examples, rule_examples, unsteered_answers
+    from ifsteer.validation import extraction_queries
+    from ifsteer.vectors import save_vectors
+
+    if (instruction is None) == (instruction_id is None):
+        raise InvalidSteering("give exactly one of --instruction-id and --instruction")
+    if targets not in ("rule", "distill", "auto"):
+        raise InvalidSteering(f"unknown --targets {targets!r}; choose rule, distill or auto")
+    if steps < 1 or batch_size < 1 or not lr > 0 or not max_norm_ratio > 0:
+        raise InvalidSteering("--steps, --batch-size, --lr and --max-norm-ratio must be positive")
+    spec = get_instruction(instruction_id) if instruction_id else custom_instruction(instruction)
+    set_threads(threads)
+    lm = load(model, dtype)
+    config = TrainConfig(
+        layers=tuple(csv_ints(layers) or []),
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        max_norm_ratio=max_norm_ratio,
+        seed=seed,
+    )
+    if not config.layers:
+        raise InvalidSteering("--layers needs at least one layer")
+    queries = extraction_queries()
+    examples = []
+    if targets in ("rule", "auto") and instruction_id:
+        cache = cache_home() / "build" / lm.model_id / f"answers-{ANSWER_TOKENS}.jsonl"
+        with progress_bar("unsteered answers", len(queries)) as advance:
+            answers = unsteered_answers(lm, queries, ANSWER_TOKENS, cache, advance)
+        examples = rule_examples(spec.id, answers)
+        if targets == "rule" and not examples:
+            raise InvalidSteering(f"no rule writes targets for {spec.id!r}; use --targets distill")
+    if not examples:
+        with progress_bar("answers with the instruction", len(queries)) as advance:
+            examples = distilled_examples(lm, spec, queries, ANSWER_TOKENS, advance)
+    started = time.perf_counter()
+    with progress_bar(f"training {spec.id}", config.steps) as advance:
+        trained = train_vectors(lm, spec, examples, config, progress=advance)
+    save_vectors(out_path, list(trained.vectors.values()))
+    loss = trained.record["loss"]
+    out.print(
+        f"wrote {out_path}: layers {list(trained.vectors)}, {len(examples)} examples "
+        f"({trained.record['targets']}), held-out loss {loss['held_out_unsteered']:.3f} -> "
+        f"{loss['held_out_best']:.3f} (step {trained.record['best_step']}), "
+        f"{(time.perf_counter() - started) / 60:.1f} min"
+    )
+
+
+@vectors_app.command("build")
+def vectors_build(
+    model: ModelOption = "smollm2-135m-instruct",
+    judge: Annotated[str, typer.Option(help="Perplexity model; 'none' to skip.")] = "gemma-3-270m",
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Vector folder (default: the package's).")
+    ] = None,
+    work: Annotated[Path | None, typer.Option(help="Response logs (default: the cache).")] = None,
+    groups: Annotated[str, typer.Option(help="Comma-separated groups, in order.")] = (
+        "language,format,keywords,length"
+    ),
+    only: Annotated[str, typer.Option(help="Comma-separated instruction ids.")] = "",
+    n_prompts: int = 10,
+    seed: int = 0,
+    batch_size: int = 32,
+    quick: Annotated[
+        bool, typer.Option(help="Search one instruction per group, verify the rest.")
+    ] = False,
+    layers: Annotated[str | None, typer.Option(help="Stage-1 layers (default: every 4th).")] = None,
+    projection_scales: Annotated[
+        str | None, typer.Option(help="Stage-2 target scales (default 2,4).")
+    ] = None,
+    additive_scales: Annotated[
+        str | None, typer.Option(help="Stage-2 additive scales (default 1,2).")
+    ] = None,
+    pending_only: Annotated[
+        bool, typer.Option(help="Only extract the files not yet written.")
+    ] = False,
+    layers_only: Annotated[bool, typer.Option(help="Stage 1 of the search only.")] = False,
+    trained: Annotated[
+        bool,
+        typer.Option(help="Then train a vector per instruction; the better method ships."),
+    ] = False,
+    train_layers: LayersOption = "18",
+    train_steps: int = 60,
+    threads: ThreadsOption = None,
+) -> None:
+    """Rebuild calibrated vectors (seeded, resumable: rerun the same command to continue)."""
+    from dataclasses import replace
+
+    from ifsteer.paths import cache_home
+    from ifsteer.shipped import shipped_dir
+    from ifsteer.shipped.build import GROUPS, Builder
+    from ifsteer.training import TrainConfig
+
+    chosen = [g for g in groups.split(",") if g]
+    unknown = [g for g in chosen if g not in GROUPS]
+    if unknown:
+        raise InvalidSteering(f"unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
+    set_threads(threads)
+    lm = load(model, "float32")
+    judge_lm = None if judge == "none" else load(judge, "float32")
+    builder = Builder(
+        lm,
+        judge_lm,
+        out_dir or shipped_dir(lm.model_id),
+        work or cache_home() / "build" / lm.model_id,
+        n_prompts=n_prompts,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    space = builder.space
+    if layers:
+        space = replace(space, layers=tuple(csv_ints(layers) or ()))
+    if projection_scales is not None:
+        space = replace(
+            space, projection_scales=tuple(csv_floats(projection_scales, "--projection-scales"))
+        )
+    if additive_scales is not None:
+        space = replace(
+            space, additive_scales=tuple(csv_floats(additive_scales, "--additive-scales"))
+        )
+    if layers_only:
+        space = replace(
+            space, projection_scales=(), additive_scales=(), multi_layer=0, try_generated=False
+        )
+    builder.space = space
+    ids = [i for i in only.split(",") if i]
+    builder.run(chosen, ids, quick=quick, pending_only=pending_only)
+    if trained:
+        config = TrainConfig(layers=tuple(csv_ints(train_layers) or ()), steps=train_steps)
+        builder.trained(chosen, ids, config)

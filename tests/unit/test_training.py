@@ -1,0 +1,153 @@
+"""Trained vectors on a tiny random model: the loss falls, the saved vector steers as trained,
+a seed fixes the result, and the competition ships the better method."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from ifsteer.errors import InvalidSteering
+from ifsteer.instructions import get_instruction
+from ifsteer.search import Point, steerings_for
+from ifsteer.shipped import read_calibrated, write_calibrated
+from ifsteer.steering import Steering
+from ifsteer.training import Example, TrainConfig, compete, train_vectors
+from ifsteer.training import train as training
+from ifsteer.vectors import load_vectors, save_vectors
+from tests.conftest import make_tiny, tiny_llama_config
+
+LOWERCASE = get_instruction("change_case:english_lowercase")
+QUERIES = [
+    "Describe the city of Paris.",
+    "Why is the ocean salty?",
+    "How does a refrigerator keep food cold?",
+    "What should I know before adopting a cat?",
+    "Name a colour.",
+    "Describe a forest at dawn.",
+    "How do I clean a cast iron pan?",
+    "Explain how rain forms.",
+]
+
+
+def examples() -> list[Example]:
+    # One fixed answer for every prompt: a target a single vector can make far likelier.
+    return [Example(q, "the answer is small and plain.", True, "rule") for q in QUERIES * 2]
+
+
+def config(**changes) -> TrainConfig:
+    base = dict(layers=(1,), steps=12, batch_size=4, lr=0.1, eval_every=4, held_out=0.25)
+    return TrainConfig(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_tokenizer):
+    return make_tiny(tiny_llama_config(), tiny_tokenizer, model_id="tiny-train")
+
+
+def test_training_lowers_the_loss_on_its_targets(lm):
+    trained = train_vectors(lm, LOWERCASE, examples(), config())
+    loss = trained.record["loss"]
+    assert loss["held_out_best"] < loss["held_out_unsteered"] - 0.05
+    assert trained.record["best_step"] > 0 and trained.record["targets"] == {"rule": 16}
+    vector = trained.vectors[1]
+    assert vector.mode == "additive" and vector.weight == pytest.approx(vector.norm)
+    assert 0 < vector.norm <= trained.record["norm_limits"]["1"] + 1e-4
+
+
+def test_a_saved_vector_steers_through_steer_exactly_as_in_training(lm, tmp_path):
+    trained = train_vectors(lm, LOWERCASE, examples(), config(layers=(1, 2)))
+    path = save_vectors(tmp_path / "v.safetensors", list(trained.vectors.values()))
+    loaded, _ = load_vectors(path)
+    batch = training._batch(lm, [training._tokens(lm, e, 64) for e in examples()[:4]])
+    raw = [
+        Steering(training._raw_vector(lm, LOWERCASE, layer, v.direction * v.norm))
+        for layer, v in trained.vectors.items()
+    ]
+    with torch.no_grad():
+        during = training.target_loss(lm, raw, batch)
+        after = training.target_loss(lm, [Steering(v) for v in loaded.values()], batch)
+        unsteered = training.target_loss(lm, [], batch)
+    torch.testing.assert_close(after, during, rtol=1e-5, atol=1e-5)
+    assert float(after) < float(unsteered)
+
+
+def test_the_same_seed_trains_the_same_vector_and_another_seed_another(lm):
+    first = train_vectors(lm, LOWERCASE, examples(), config(steps=4, eval_every=2))
+    again = train_vectors(lm, LOWERCASE, examples(), config(steps=4, eval_every=2))
+    other = train_vectors(lm, LOWERCASE, examples(), config(steps=4, eval_every=2, seed=1))
+    assert torch.equal(first.vectors[1].direction, again.vectors[1].direction)
+    assert not torch.equal(first.vectors[1].direction, other.vectors[1].direction)
+
+
+def test_training_leaves_the_model_frozen_as_it_was(lm):
+    flags = [p.requires_grad for p in lm.model.parameters()]
+    before = [p.detach().clone() for p in lm.model.parameters()]
+    train_vectors(lm, LOWERCASE, examples(), config(steps=2, eval_every=1))
+    assert [p.requires_grad for p in lm.model.parameters()] == flags
+    assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))
+
+
+def test_bad_requests_are_refused_with_one_line(lm):
+    with pytest.raises(InvalidSteering, match="out of range"):
+        train_vectors(lm, LOWERCASE, examples(), config(layers=(9,)))
+    with pytest.raises(InvalidSteering, match="at least 4"):
+        train_vectors(lm, LOWERCASE, examples()[:2], config())
+
+
+def test_the_competition_ships_the_trained_vector_only_where_it_scores_higher(
+    lm, tmp_path, monkeypatch
+):
+    """The paper's file holds a steered point; the validation verdicts are forced so that the
+    trained vector wins, then a rerun skips the decided instruction."""
+    from ifsteer import search
+    from ifsteer.generation import Sampling
+    from ifsteer.vectors import extract_instruction
+
+    competing = sys.modules["ifsteer.training.compete"]
+
+    iid = LOWERCASE.id
+    paper = extract_instruction(lm, LOWERCASE, [1], n_pairs=4)
+    shipped = tmp_path / "shipped.safetensors"
+    paper_point = Point((1,), "projection", 1.0)
+    write_calibrated(
+        shipped,
+        steerings_for(paper_point, paper),
+        {"status": "searched", "recommended": True, "point": paper_point.key,
+         "validation": {"score": 0.1, "accuracy": 0.1, "degenerate": 0.0}},
+    )  # fmt: skip
+    monkeypatch.setattr(competing, "training_examples", lambda *a, **k: examples())
+    # Every trained answer passes, every unsteered one fails.
+    monkeypatch.setattr(
+        "ifsteer.search.check",
+        lambda _id, _kw, _prompt, response: _Verdict(response != "UNSTEERED"),
+    )
+    real_generate = search.generate
+
+    def generate(lm_, texts, *, per_row, **kwargs):
+        done = real_generate(lm_, texts, per_row=per_row, **kwargs)
+        return [
+            c if steering else replace(c, text="UNSTEERED")
+            for c, steering in zip(done, per_row, strict=True)
+        ]
+
+    monkeypatch.setattr(search, "generate", generate)
+
+    contest = compete(
+        lm, iid, shipped, tmp_path / "work", config(), sampling=Sampling(max_new_tokens=4),
+        n_prompts=3,
+    )  # fmt: skip
+    assert contest is not None and contest.winner == "trained"
+    written = read_calibrated(shipped)
+    assert written.calibration["method"] == "trained" and written.recommended
+    assert written.calibration["competition"]["mean_difference"]["score"] == 0.1
+    assert [s.effective_mode for s in written.steerings()] == ["additive"]
+    assert written.vectors[0].extra["training"]["method"] == "trained"
+    assert compete(lm, iid, shipped, tmp_path / "work", config()) is None  # decided: skipped
+
+
+class _Verdict:
+    def __init__(self, passed: bool) -> None:
+        self.loose = self.strict = passed

@@ -308,6 +308,13 @@ def test_an_id_without_a_file_gets_its_groups_point_once_cached_and_unverified(
     assert code == 0, err
     assert "extracting" not in err and "unverified" in err and GERMAN in err
     assert json.loads(out)["steered"] == expected(tiny_lm, want)
+    code, out, err = cli(monkeypatch, capsys, shipped, "vectors", "list", "-m", str(model_dir))
+    assert code == 0 and FRENCH in out and "unverified" in out, err
+    code, out, _ = cli(
+        monkeypatch, capsys, shipped, "vectors", "list", "-m", str(model_dir), "--json"
+    )
+    rows = {row["instruction_id"]: row for row in json.loads(out)}
+    assert rows[FRENCH]["group_of"] == GERMAN and rows[TITLE]["status"] == "searched"
 
 
 def test_the_cli_extracts_a_group_point_once(monkeypatch, capsys, shipped, model_dir, home):

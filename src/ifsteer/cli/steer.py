@@ -20,6 +20,7 @@ from ifsteer.cli.app import (
     check_mode,
     csv_ints,
     load,
+    model_id_of,
     out,
 )
 from ifsteer.errors import InvalidSteering
@@ -221,11 +222,7 @@ def _points(model: str, ids: Sequence[str]) -> list[tuple[str, Any]]:
     or its group's point (extracted once, cached); `NotShipped` before any model loads."""
     from ifsteer.shipped.points import Points
 
-    path = Path(model).expanduser()
-    model_id = path.stem if path.suffix == ".gguf" else model  # as load_model names it
-    if path.is_dir():
-        model_id = path.resolve().name
-    points = Points(model_id)
+    points = Points(model_id_of(model))
     return [(i, points.require(i)) for i in ids]
 
 

@@ -243,7 +243,7 @@ def _calibrated(lm: Any, instruction_id: str, point: Any) -> Any:
         point = extract_point(lm, point)
     info = point.describe()
     if point.status == "unverified":
-        label = f"[yellow]unverified[/yellow]: the point of {info.get('group_of')}'s group"
+        label = f"[yellow]unverified[/yellow]: its group's point, from {info.get('group_of')}"
     else:
         label = f"{point.status}, {'recommended' if point.recommended else 'not recommended'}"
     err.print(f"{instruction_id}: {info['point']} at layers {info['layers']} ({label})")

@@ -31,7 +31,7 @@ from ifsteer.instructions import get_instruction
 from ifsteer.prompts import build_pairs
 from ifsteer.rows import Row
 from ifsteer.search import Point, steerings_for
-from ifsteer.server import Limits, build_app, create_app
+from ifsteer.server import Limits, build_app, create_app, load_vector_dir
 from ifsteer.shipped import file_name, read_calibrated, recommended_files, write_calibrated
 from ifsteer.shipped.points import GroupPoint, Points, instruction_for
 from ifsteer.steering import Steering
@@ -233,6 +233,13 @@ def test_every_face_applies_a_multi_layer_generated_only_point_alike(
     assert echo["point"] == "shipped" and echo["layers"] == [1, 3] and echo["recommended"]
     assert echo["weights"] == [3.0, 5.0] and echo["positions"] == "generated"
     assert echo["method"] == "trained" and echo["status"] == "searched"
+
+    # the same file served by name (--vectors DIR): its point, unless a layer is asked for
+    named = run_server(create_app(tiny_lm, load_vector_dir(shipped), limits=LIMITS))
+    body = {**chat(TITLE), "steering": [{"vector": "detectable_format__title"}]}
+    answer = httpx.post(f"{named.v1}/chat/completions", json=body, timeout=120).json()
+    assert answer["choices"][0]["message"]["content"] == expected(tiny_lm, want)
+    assert answer["steering"][0]["point"] == "file" and answer["steering"][0]["layers"] == [1, 3]
 
     # the vLLM backend: the same resolver, so the same steerings on the wire to its workers
     engine = Recording(tiny_lm)

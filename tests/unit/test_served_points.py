@@ -32,7 +32,13 @@ from ifsteer.prompts import build_pairs
 from ifsteer.rows import Row
 from ifsteer.search import Point, steerings_for
 from ifsteer.server import Limits, build_app, create_app, load_vector_dir
-from ifsteer.shipped import file_name, read_calibrated, recommended_files, write_calibrated
+from ifsteer.shipped import (
+    ShippedVector,
+    file_name,
+    read_calibrated,
+    recommended_files,
+    write_calibrated,
+)
 from ifsteer.shipped.points import GroupPoint, Points, instruction_for
 from ifsteer.steering import Steering
 from ifsteer.vectors import extract_instruction, extract_vectors
@@ -371,3 +377,32 @@ def test_an_instruction_is_bounded_by_tokens_not_characters(tiny_lm, run_server,
     assert httpx.get(f"{srv.url}/health").json()["engine"]["extractions"] == 0
     body["steering"] = [{"instruction": "Answer in one short sentence."}]
     assert httpx.post(f"{srv.v1}/chat/completions", json=body, timeout=120).status_code == 200
+
+
+def test_a_cached_group_point_is_made_again_when_its_donor_changes(tiny_lm, shipped, home):
+    polish = "language:response_language:pl"
+    points = Points("tiny-llama", directory=shipped)
+    group = points.lookup(polish)
+    assert isinstance(group, GroupPoint)
+    group.save(extract_instruction(tiny_lm, instruction_for(polish), [2], n_pairs=4))
+    cached = Points("tiny-llama", directory=shipped).lookup(polish)
+    assert isinstance(cached, ShippedVector) and cached.status == "unverified"
+    # German rebuilt at another point: the cached Polish point is stale
+    rebuilt = home / "rebuilt"
+    german = extract_instruction(tiny_lm, get_instruction(GERMAN), [1], n_pairs=4)
+    point = Point((1,), "additive", 1.0)
+    write_calibrated(
+        rebuilt / file_name(GERMAN),
+        steerings_for(point, german),
+        {"status": "searched", "recommended": True, "point": point.key, "validation": None},
+    )
+    again = Points("tiny-llama", directory=rebuilt).lookup(polish)
+    assert isinstance(again, GroupPoint) and again.layers == (1,)
+    # a trained file lends no point: its weights mean nothing for another id's vector
+    trained = home / "trained"
+    write_calibrated(
+        trained / file_name(GERMAN),
+        steerings_for(point, german),
+        {"status": "searched", "method": "trained", "recommended": True, "point": point.key},
+    )
+    assert Points("tiny-llama", directory=trained).lookup(polish) is None

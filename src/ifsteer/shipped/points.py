@@ -125,7 +125,11 @@ class GroupPoint:
                 "donor_validation": calibration.get("validation"),
             },
         }
-        write_calibrated(self.path, self.steerings(vectors), record)
+        try:
+            write_calibrated(self.path, self.steerings(vectors), record)
+        except FileNotFoundError:  # another process (CLI, server) wrote the same point first
+            if not self.path.is_file():
+                raise
         return read_calibrated(self.path)
 
 

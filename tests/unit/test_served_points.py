@@ -406,3 +406,14 @@ def test_a_cached_group_point_is_made_again_when_its_donor_changes(tiny_lm, ship
         {"status": "searched", "method": "trained", "recommended": True, "point": point.key},
     )
     assert Points("tiny-llama", directory=trained).lookup(polish) is None
+    # an id is looked up as the catalogue spells it: a keyword's word in lowercase
+    zebra = "keywords:existence:zebra"
+    words = home / "words"
+    vectors = extract_instruction(tiny_lm, get_instruction(zebra), [1], n_pairs=4)
+    write_calibrated(
+        words / file_name(zebra),
+        steerings_for(point, vectors),
+        {"status": "searched", "recommended": True, "point": point.key},
+    )
+    found = Points("tiny-llama", directory=words).lookup("keywords:existence:Zebra")
+    assert isinstance(found, ShippedVector) and found.path == words / file_name(zebra)

@@ -176,6 +176,8 @@ class Points:
         if donor is None:
             return None
         instruction = instruction_for(instruction_id)  # a bad word or language raises here
+        if instruction.id != instruction_id:  # "keywords:existence:Zebra" ships as "...zebra"
+            return self.lookup(instruction.id)
         path = self.cache_folder / file_name(instruction.id)
         if path.is_file():
             cached = read_calibrated(path)

@@ -298,8 +298,8 @@ def _format_instruction(instruction_id: str) -> Instruction:
     return Instruction(instruction_id, phrasings, "projection", description)
 
 
-def _language_instruction(code: str) -> Instruction:
-    name = LANGUAGES[code]
+def language_instruction(code: str, name: str | None = None) -> Instruction:
+    name = name or LANGUAGES[code]
     phrasings = tuple(template.format(name=name) for template in _LANGUAGE_TEMPLATES)
     return Instruction(_LANGUAGE_PREFIX + code, phrasings, "projection", f"Whole reply in {name}.")
 
@@ -311,7 +311,7 @@ def _length_instruction(level: str) -> Instruction:
 
 def _build_catalogue() -> dict[str, Instruction]:
     entries = [_format_instruction(i) for i in FORMAT_INSTRUCTION_IDS]
-    entries += [_language_instruction(code) for code in LANGUAGES]
+    entries += [language_instruction(code) for code in LANGUAGES]
     entries += [_length_instruction(level) for level in LENGTH_LEVELS]
     return {entry.id: entry for entry in entries}
 

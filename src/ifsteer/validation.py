@@ -26,7 +26,7 @@ from typing import Any
 
 from ifsteer.datasets import resolve_data
 from ifsteer.errors import IfsteerError
-from ifsteer.instructions import EXTREMELY_CONCISE_BELOW, LANGUAGES, get_instruction
+from ifsteer.instructions import EXTREMELY_CONCISE_BELOW, get_instruction
 from ifsteer.prompts import BASE_QUERIES
 from ifsteer.rows import Row, group_of
 
@@ -107,7 +107,7 @@ def check_for(instruction_id: str) -> tuple[str, dict[str, Any]]:
         return instruction_id, dict(FORMAT_KWARGS[instruction_id])
     if instruction_id.startswith(_LANGUAGE_PREFIX):
         code = instruction_id[len(_LANGUAGE_PREFIX) :]
-        if code in LANGUAGES:
+        if code:  # any code IFEval's checker knows, shipped or not (`generate -i ...:fr --check`)
             return "language:response_language", {"language": code}
     if instruction_id.startswith(_LENGTH_PREFIX):
         level = instruction_id[len(_LENGTH_PREFIX) :]

@@ -40,6 +40,7 @@ LAYERS = {
     "ifsteer.steering": "core",
     "ifsteer.gguf_export": "core",
     "ifsteer.shipped": "core",
+    "ifsteer.shipped.points": "core",  # id → point for the CLI and the server; callers extract
     "ifsteer.batching": "runners",
     "ifsteer.engine": "runners",
     "ifsteer.slots": "runners",

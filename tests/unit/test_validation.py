@@ -53,6 +53,7 @@ def test_checks_match_the_instruction():
         "language:response_language",
         {"language": "de"},
     )
+    assert check_for("language:response_language:fr")[1] == {"language": "fr"}  # no file ships
     assert check_for("length:concise")[0] == "length_constraints:number_sentences"
     assert check_for("keywords:existence:river") == ("keywords:existence", {"keywords": ["river"]})
     with pytest.raises(IfsteerError, match="no validation check"):

@@ -89,6 +89,17 @@ def load(model: str, dtype: str) -> Any:
         return load_model(model, dtype)
 
 
+def model_id_of(model: str) -> str:
+    """The id `load_model` gives a --model value, without loading it (shipped points are
+    looked up by it before a slow load)."""
+    from pathlib import Path
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path.resolve().name
+    return path.stem if path.suffix == ".gguf" else model
+
+
 def csv_ints(text: str | None) -> list[int] | None:
     if text is None:
         return None

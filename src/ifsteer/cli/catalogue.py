@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ifsteer.cli.app import ModelOption, app, out, vectors_app
+from ifsteer.cli.app import ModelOption, app, model_id_of, out, vectors_app
 from ifsteer.errors import InvalidSteering
 
 
@@ -19,10 +19,25 @@ def vectors_list(
     model: ModelOption = "smollm2-135m-instruct",
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Calibrated vectors that ship for a model, and how each did on validation."""
+    """Calibrated vectors that ship for a model, and how each did on validation; then the group
+    points made on this machine for ids with no file (unverified: no validation ran)."""
     from ifsteer.shipped import listing
+    from ifsteer.shipped.points import Points
 
-    rows = listing(model)
+    points = Points(model_id_of(model))
+    rows = listing(points.model_id, points.shipped_folder)
+    for point in points.cached():
+        info = point.describe()
+        rows.append(
+            {
+                "instruction_id": point.instruction_id,
+                **{k: info[k] for k in ("status", "recommended", "point", "method", "layers")},
+                "score": None,
+                "no_steering_score": None,
+                "n_prompts": None,
+                "group_of": info.get("group_of"),
+            }
+        )
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -41,6 +56,11 @@ def vectors_list(
         )
     out.print(table)
     out.print("steer: whether the vector beat no steering on its validation prompts")
+    if any(row["status"] == "unverified" for row in rows):
+        out.print(
+            "unverified: an id with no file, steered at its group's point (`generate -i`, the "
+            f"server), cached in {points.cache_folder}"
+        )
 
 
 def _score(value: float | None) -> str:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ifsteer.cli.app import DtypeOption, ModelOption, app, out
+from ifsteer.cli.app import DtypeOption, ModelOption, app, model_id_of, out
 from ifsteer.cli.app import load as _load
 from ifsteer.cli.backend import (
     BackendOption,
@@ -106,9 +106,13 @@ def serve(
             f"warning: serving on {host} without --api-key: anyone who can reach it can use it",
             file=sys.stderr,
         )
+    from ifsteer.shipped import shipped_ids
+
+    shipped = len(shipped_ids(model_id_of(model)))
     out.print(
         f"serving on http://{host}:{port}/v1 with {len(named)} vectors "
-        f"({', '.join(sorted(named)) or 'none'})"
+        f"({', '.join(sorted(named)) or 'none'}) and {shipped} calibrated points that ship for "
+        "the model (steering by instruction_id)"
     )
     run_server(application, host=host, port=port)
 

@@ -20,6 +20,7 @@ from ifsteer.cli.app import (
     check_mode,
     csv_ints,
     load,
+    model_id_of,
     out,
 )
 from ifsteer.errors import InvalidSteering
@@ -190,12 +191,10 @@ def generate(
     for spec in [] if no_steer else vector or []:
         path, mode, weight = parse_vector_spec(spec)
         steering.append(Steering(load_vector(path, layer), mode=mode, weight=weight))  # type: ignore[arg-type]
-    if not no_steer:
-        from ifsteer.shipped import load_shipped
-
-        for shipped_id in instruction_id or []:
-            steering += load_shipped(shipped_id, model).steerings()
+    found = [] if no_steer else _points(model, instruction_id or [])  # before a slow load
     lm = load(model, dtype)
+    for shipped_id, point in found:
+        steering += _calibrated(lm, shipped_id, point).steerings()
     check_steering(lm, steering, allow_transfer=allow_transfer)
     sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
     runs = {"steered": steering} if steering else {}
@@ -216,6 +215,39 @@ def generate(
     answers = {name: [c.text for c in completions] for name, completions in results.items()}
     verdicts = _verdicts(instruction_id or [], texts, answers) if check else {}
     _show_generations(texts, answers, verdicts, as_json)
+
+
+def _points(model: str, ids: Sequence[str]) -> list[tuple[str, Any]]:
+    """Each id's calibrated point for the model (`ifsteer.shipped.points`): its shipped file,
+    or its group's point (extracted once, cached); `NotShipped` before any model loads."""
+    from ifsteer.shipped.points import Points
+
+    points = Points(model_id_of(model))
+    return [(i, points.require(i)) for i in ids]
+
+
+def _calibrated(lm: Any, instruction_id: str, point: Any) -> Any:
+    """The point as a `ShippedVector`, said on stderr (stdout may be JSON lines): a group's
+    point is labelled unverified, since no validation ran for this id."""
+    from rich.console import Console
+
+    from ifsteer.shipped.points import GroupPoint, extract_point
+
+    err = Console(stderr=True, soft_wrap=True)
+    if isinstance(point, GroupPoint):
+        err.print(
+            f"{instruction_id}: no file ships; extracting it once at its group's point "
+            f"(layers {list(point.layers)}, from {point.donor.instruction_id}), cached in "
+            f"{point.path.parent}"
+        )
+        point = extract_point(lm, point)
+    info = point.describe()
+    if point.status == "unverified":
+        label = f"[yellow]unverified[/yellow]: its group's point, from {info.get('group_of')}"
+    else:
+        label = f"{point.status}, {'recommended' if point.recommended else 'not recommended'}"
+    err.print(f"{instruction_id}: {info['point']} at layers {info['layers']} ({label})")
+    return point
 
 
 def _verdicts(

@@ -3,7 +3,9 @@
 Vectors are picked per row by `Row.needs` from a directory of vector files (or a mapping of
 id to file or vector); rows of different instructions share a batch through per-row steering.
 An instruction whose vector has no file runs unsteered, and is recorded as missing, so a
-partial vector set still gives a full, honest table.
+partial vector set still gives a full, honest table. A calibrated file (`write_calibrated`:
+the shipped ones, or any in the directory) steers at its point, through
+`ShippedVector.steerings`, as `generate` and the server steer with it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 from ifsteer.errors import EvaluationError, InvalidSteering
 from ifsteer.models import LoadedModel
 from ifsteer.rows import Row
+from ifsteer.shipped import ShippedVector, calibrated, is_calibrated
 from ifsteer.steering import Steering
 from ifsteer.vectors import (
     MODES,
@@ -29,7 +32,7 @@ from ifsteer.vectors import (
 
 __all__ = ["VectorPlan", "VectorSource", "plan_vectors"]
 
-VectorSource = str | Path | Mapping[str, "str | Path | VectorFile | SteeringVector"]
+VectorSource = str | Path | Mapping[str, "str | Path | VectorFile | SteeringVector | ShippedVector"]
 
 
 @dataclass(frozen=True)
@@ -67,15 +70,15 @@ def plan_vectors(
 ) -> VectorPlan:
     """Each vector is read (or taken) once, checked against the model once, and shared by
     every row it serves."""
-    available: Mapping[str, str | Path | VectorFile | SteeringVector]
+    available: Mapping[str, str | Path | VectorFile | SteeringVector | ShippedVector]
     if source is None:
         available = {}
     elif isinstance(source, str | Path):
         available = load_vector_directory(source)
     else:
         available = source
-    loaded: dict[str, SteeringVector] = {}
-    made: dict[tuple[str, bool], tuple[Steering, dict[str, Any]]] = {}
+    loaded: dict[str, SteeringVector | ShippedVector] = {}
+    made: dict[tuple[str, bool], list[tuple[Steering, dict[str, Any]]]] = {}
     plan = VectorPlan({}, {}, {})
     for row in rows:
         key = str(row.key)
@@ -91,21 +94,42 @@ def plan_vectors(
                     continue
                 if (vector_id, negate) not in made:
                     if vector_id not in loaded:
-                        vector = _load(available[vector_id], _override(layers, vector_id))
-                        vector.check_fits(
-                            lm.model_id, lm.hidden_size, lm.n_layers, allow_transfer=allow_transfer
+                        loaded[vector_id] = _load(
+                            available[vector_id],
+                            _override(layers, vector_id),
+                            plain=_override(weights, vector_id) is not None
+                            or _override(modes, vector_id) is not None,
                         )
-                        loaded[vector_id] = vector
-                    made[(vector_id, negate)] = _steering(
+                        for vector in _vectors(loaded[vector_id]):
+                            vector.check_fits(
+                                lm.model_id,
+                                lm.hidden_size,
+                                lm.n_layers,
+                                allow_transfer=allow_transfer,
+                            )
+                    made[(vector_id, negate)] = _steerings(
                         loaded[vector_id], vector_id, negate, weights, modes
                     )
-                steering, record = made[(vector_id, negate)]
-                plan.steerings[key].append(steering)
-                plan.records[key].append(record)
+                for steering, record in made[(vector_id, negate)]:
+                    plan.steerings[key].append(steering)
+                    plan.records[key].append(record)
     return plan
 
 
-def _load(item: str | Path | VectorFile | SteeringVector, layer: int | None) -> SteeringVector:
+def _vectors(item: SteeringVector | ShippedVector) -> tuple[SteeringVector, ...]:
+    return item.vectors if isinstance(item, ShippedVector) else (item,)
+
+
+def _load(
+    item: str | Path | VectorFile | SteeringVector | ShippedVector, layer: int | None, plain: bool
+) -> SteeringVector | ShippedVector:
+    """A calibrated file (`write_calibrated`: the shipped ones, or any in --vectors) is its
+    point, applied through `ShippedVector.steerings` as generate and the server apply it; an
+    override of its layer, weight or mode steers it as a plain vector instead."""
+    if isinstance(item, ShippedVector):
+        if layer is None and not plain:
+            return item
+        item = read_vector_file(item.path)
     if isinstance(item, SteeringVector):
         if layer is not None and layer != item.layer:
             raise InvalidSteering(
@@ -114,7 +138,34 @@ def _load(item: str | Path | VectorFile | SteeringVector, layer: int | None) -> 
             )
         return item
     file = item if isinstance(item, VectorFile) else read_vector_file(item)
+    if layer is None and not plain and is_calibrated(file):
+        return calibrated(file)
     return file.at(layer)
+
+
+def _steerings(
+    item: SteeringVector | ShippedVector,
+    vector_id: str,
+    negate: bool,
+    weights: Mapping[str, float],
+    modes: Mapping[str, Mode],
+) -> list[tuple[Steering, dict[str, Any]]]:
+    if isinstance(item, SteeringVector):
+        return [_steering(item, vector_id, negate, weights, modes)]
+    return [(s, _record(s, vector_id)) for s in item.steerings(-1.0 if negate else 1.0)]
+
+
+def _record(steering: Steering, vector_id: str) -> dict[str, Any]:
+    record = {
+        "instruction_id": vector_id,
+        "layer": steering.vector.layer,
+        "mode": steering.effective_mode,
+        "weight": steering.effective_weight,
+        "model": steering.vector.model_id,
+    }
+    if steering.positions != "all":  # absent for every record written before positions
+        record["positions"] = steering.positions
+    return record
 
 
 def _steering(
@@ -133,11 +184,4 @@ def _steering(
     weight = vector.weight if weight is None else float(weight)
     steering = Steering(vector, mode=mode, weight=-weight if negate else weight)
     steering.validate()
-    record = {
-        "instruction_id": vector_id,
-        "layer": vector.layer,
-        "mode": steering.effective_mode,
-        "weight": steering.effective_weight,
-        "model": vector.model_id,
-    }
-    return steering, record
+    return steering, _record(steering, vector_id)

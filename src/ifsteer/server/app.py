@@ -30,6 +30,7 @@ from ifsteer.backends.hf import DEFAULT_MAX_BATCH_SIZE, BatchingEngine
 from ifsteer.chat import render_text
 from ifsteer.errors import IfsteerError
 from ifsteer.models import LoadedModel
+from ifsteer.shipped.points import Points
 from ifsteer.vectors import SteeringVector
 
 from .guard import Admission, BearerAuth, ClientGone, read_body, unless_abandoned, uvicorn_config
@@ -68,6 +69,7 @@ def create_app(
     limits: Limits | None = None,
     allow_transfer: bool = False,
     extract_pairs: int = 64,
+    points: Points | None = None,
 ) -> FastAPI:
     """The server around a loaded Hugging Face model and named vectors."""
     engine = BatchingEngine(
@@ -76,7 +78,14 @@ def create_app(
         allow_transfer=allow_transfer,
         extract_pairs=extract_pairs,
     )
-    return build_app(engine, vectors, api_key=api_key, limits=limits, allow_transfer=allow_transfer)
+    return build_app(
+        engine,
+        vectors,
+        api_key=api_key,
+        limits=limits,
+        allow_transfer=allow_transfer,
+        points=points,
+    )
 
 
 def build_app(
@@ -86,13 +95,15 @@ def build_app(
     api_key: str | None = None,
     limits: Limits | None = None,
     allow_transfer: bool = False,
+    points: Points | None = None,
 ) -> FastAPI:
-    """The HTTP face over any engine: routes, errors, auth, streaming."""
+    """The HTTP face over any engine: routes, errors, auth, streaming. `points`: where the
+    served model's calibrated points are (default: those that ship for it)."""
     named = {
         name: v if isinstance(v, NamedVector) else NamedVector.single(v)
         for name, v in vectors.items()
     }
-    store = VectorStore(named, engine, allow_transfer=allow_transfer)
+    store = VectorStore(named, engine, allow_transfer=allow_transfer, points=points)
     limits = limits or Limits()
     state = _State(engine, store, limits, api_key or None, Admission(limits.max_queued))
 

@@ -64,5 +64,5 @@ async def build_job(
         seed=request.seed,
     )
     resolved = await store.resolve(request.steering or [], limits)
-    job = Job(prompt, tuple(r.steering for r in resolved), sampling)
+    job = Job(prompt, tuple(s for r in resolved for s in r.steerings), sampling)
     return job, resolved

@@ -85,6 +85,7 @@ class Limits:
     max_steering: int = 8  # entries in one request's `steering` list
     max_abs_weight: float = 1000.0
     max_instruction_chars: int = 1000
+    max_instruction_tokens: int = 256  # what bounds an extraction's cost (emoji are 4 tokens)
     max_prompts: int = 16  # prompts in one /v1/completions request
     max_body_bytes: int = 1_000_000
     max_json_depth: int = 32  # nesting of the JSON body; real requests need 5
@@ -118,7 +119,7 @@ class SteeringSpec(BaseModel):
     mode: Literal["projection", "additive"] | None = None
     weight: float | None = Field(default=None, allow_inf_nan=False, strict=True)
     layer: int | None = Field(default=None, ge=0, strict=True)
-    positions: Literal["all", "prompt", "generated"] = "all"
+    positions: Literal["all", "prompt", "generated"] | None = None  # None: the point's, or all
 
     @model_validator(mode="after")
     def _one_source(self) -> SteeringSpec:

@@ -27,12 +27,14 @@ from typing import Any
 from ifsteer.errors import IfsteerError
 from ifsteer.models import DEFAULT_MODEL
 from ifsteer.steering import Steering
-from ifsteer.vectors import SteeringVector, load_vectors, save_vectors
+from ifsteer.vectors import SteeringVector, VectorFile, read_vector_file, save_vectors
 
 __all__ = [
     "NotShipped",
     "ShippedVector",
+    "calibrated",
     "file_name",
+    "is_calibrated",
     "listing",
     "load_shipped",
     "recommended_files",
@@ -63,6 +65,38 @@ class ShippedVector:
     @property
     def recommended(self) -> bool:
         return bool(self.calibration.get("recommended", False))
+
+    @property
+    def method(self) -> str:
+        """How the vectors were made: "mean_difference" (the paper's) or "trained"."""
+        return str(self.calibration.get("method", "mean_difference"))
+
+    @property
+    def status(self) -> str:
+        """`searched`, `verified`, `pending`, or `unverified` (a group's point, `points`)."""
+        return str(self.calibration.get("status", "searched"))
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(v.layer for v in self.vectors)
+
+    def describe(self) -> dict[str, Any]:
+        """Where and how the point steers, and how sure we are of it: what the CLI and the
+        server show next to a steered answer."""
+        described: dict[str, Any] = {
+            "status": self.status,
+            "recommended": self.recommended,
+            "method": self.method,
+            "point": self.calibration.get("point", ""),
+            "layers": list(self.layers),
+            "mode": self.vectors[0].mode,
+            "weights": list(self.weights),
+            "positions": self.positions,
+        }
+        group = self.calibration.get("group")
+        if group:
+            described["group_of"] = group.get("donor")
+        return described
 
     def steerings(self, scale: float = 1.0) -> list[Steering]:
         """What `steer` needs; `scale` multiplies every weight (-1 excludes a keyword)."""
@@ -123,13 +157,24 @@ def recommended_files(
 
 
 def read_calibrated(path: Path) -> ShippedVector:
-    vectors, default = load_vectors(path)
+    return calibrated(read_vector_file(path))
+
+
+def is_calibrated(file: VectorFile) -> bool:
+    """Whether a vector file records a calibrated point (`write_calibrated` wrote it)."""
+    return bool(file.default.extra.get("calibration"))
+
+
+def calibrated(file: VectorFile) -> ShippedVector:
+    """A file read once, as its calibrated point: the one reader of calibration metadata, so
+    generate, eval, the server and vLLM apply a point alike (layers, weights, positions)."""
+    vectors, default = file.layers, file.default_layer
     calibration = dict(vectors[default].extra.get("calibration", {}))
     layers = [int(layer) for layer in calibration.get("layers", [default])]
     weights = calibration.get("weights", {})
     chosen = tuple(vectors[layer] for layer in layers)
     return ShippedVector(
-        path=path,
+        path=file.path,
         vectors=chosen,
         weights=tuple(float(weights.get(str(v.layer), v.weight)) for v in chosen),
         positions=str(calibration.get("positions", "all")),
@@ -177,6 +222,8 @@ def listing(model_id: str = DEFAULT_MODEL, directory: Path | None = None) -> lis
                 "status": shipped.calibration.get("status", "searched"),
                 "recommended": shipped.recommended,
                 "point": shipped.calibration.get("point", ""),
+                "method": shipped.method,
+                "layers": list(shipped.layers),
                 "score": validation.get("score"),
                 "no_steering_score": validation.get("no_steering_score"),
                 "n_prompts": validation.get("n_prompts"),

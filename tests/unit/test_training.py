@@ -142,7 +142,12 @@ def test_the_competition_ships_the_trained_vector_only_where_it_scores_higher(
     assert contest is not None and contest.winner == "trained"
     written = read_calibrated(shipped)
     assert written.calibration["method"] == "trained" and written.recommended
-    assert written.calibration["competition"]["mean_difference"]["score"] == 0.1
+    competition = written.calibration["competition"]
+    assert competition["mean_difference"]["score"] == 0.1
+    assert [t["point"] for t in competition["trained"]] == [
+        "L1:additive:1:all",
+        "L1:additive:0.5:all",
+    ]
     assert [s.effective_mode for s in written.steerings()] == ["additive"]
     assert written.vectors[0].extra["training"]["method"] == "trained"
     assert compete(lm, iid, shipped, tmp_path / "work", config()) is None  # decided: skipped

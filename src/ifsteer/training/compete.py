@@ -4,7 +4,8 @@ Calibration chooses the method the way it chooses a point (`search.choose`): a t
 ships only where it scores strictly higher than both "no steering" and the paper's calibrated
 point already in the file, under the same fluency rule (`search.Fluency`, answers broken by
 steering count against it) on the instruction's validation prompts. A tie keeps the paper's
-vector. The file records both contenders (`extra.calibration.competition`), so a user sees what
+vector. The trained vector is tried at its trained size and at half of it, and a point that
+breaks more than a fifth of the answers never ships. The file records both contenders (`extra.calibration.competition`), so a user sees what
 the loser scored.
 
 Resumable: the trained vector is written to the work folder before it is validated, every
@@ -14,7 +15,7 @@ skipped.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,8 @@ from ifsteer.search import (
     FORMAT_SAMPLING,
     Fluency,
     Point,
-    SearchResult,
+    PointResult,
+    best_steered,
     steerings_for,
     verify_point,
 )
@@ -39,22 +41,29 @@ from ifsteer.vectors import load_vectors, save_vectors
 __all__ = ["Contest", "compete", "training_examples"]
 
 FLUENCY = Fluency()
-ANSWER_TOKENS = 160  # unsteered answers the rules rewrite; targets use their first 64 tokens
+ANSWER_TOKENS = 160
+# A trained vector is validated at its trained size and at half of it: where the full vector
+# breaks answers, half of it often still steers. No point that breaks more than MAX_BROKEN of
+# the answers that were fine unsteered ships, however well it scores.
+TRAINED_SCALES = (1.0, 0.5)
+MAX_BROKEN = 0.2  # unsteered answers the rules rewrite; targets use their first 64 tokens
 
 
 @dataclass
 class Contest:
     instruction_id: str
-    trained: SearchResult
+    trained: PointResult  # the best trained point (an eligible one where there is one)
+    baseline: PointResult
     paper_score: float | None
     winner: str  # "trained", "mean_difference" or "none"
 
     def summary(self) -> str:
-        t, b = self.trained.best, self.trained.baseline
-        paper = "—" if self.paper_score is None else f"{self.paper_score:.2f}"
+        t, b = self.trained, self.baseline
+        paper = "-" if self.paper_score is None else f"{self.paper_score:.2f}"
         return (
-            f"{self.instruction_id}: trained {t.score:.2f} (acc {t.accuracy:.2f}, broken "
-            f"{t.degenerate:.2f}), paper {paper}, no steering {b.score:.2f} -> {self.winner}"
+            f"{self.instruction_id}: trained {t.point.key} {t.score:.2f} (acc {t.accuracy:.2f}, "
+            f"broken {t.degenerate:.2f}), paper {paper}, no steering {b.score:.2f} -> "
+            f"{self.winner}"
         )
 
 
@@ -108,60 +117,72 @@ def compete(
         )
         vectors = trained.vectors
         save_vectors(trained_path, list(vectors.values()))
-    point = Point(tuple(sorted(vectors)), "additive", 1.0 * len(vectors))
-    result = verify_point(
-        lm,
-        instruction_id,
-        validation_prompts(instruction_id, n_prompts, seed=seed),
-        [vectors] * n_prompts,
-        point,
-        judge=judge,
-        fluency=fluency,
-        sampling=sampling,
-        log_path=work / f"{name}.trained.jsonl",
-        batch_size=batch_size,
-    )
+    prompts = validation_prompts(instruction_id, n_prompts, seed=seed)
+    layers = tuple(sorted(vectors))
+    results = [
+        verify_point(
+            lm,
+            instruction_id,
+            prompts,
+            [vectors] * n_prompts,
+            Point(layers, "additive", scale * len(layers)),
+            judge=judge,
+            fluency=fluency,
+            sampling=sampling,
+            log_path=work / f"{name}.trained.jsonl",
+            batch_size=batch_size,
+        )
+        for scale in TRAINED_SCALES
+    ]
+    tried = [r.best for r in results]
+    eligible = [r for r in tried if r.degenerate <= MAX_BROKEN]
+    best = best_steered(eligible or tried)
+    baseline = results[0].baseline
     paper = current.calibration.get("validation") or {}
     paper_score = paper.get("score") if current.recommended else None
-    winner = _winner(result, paper_score)
-    record = _competition(result, current.calibration, paper_score, winner)
+    winner = _winner(best if eligible else None, baseline, paper_score)
+    record = _competition(tried, baseline, current.calibration, paper_score, winner)
+    record |= {"n_prompts": n_prompts, "max_new_tokens": sampling.max_new_tokens}
     if winner == METHOD:
         write_calibrated(
             shipped,
-            steerings_for(point, vectors),
-            _trained_calibration(result, point, vectors, record, current.calibration),
+            steerings_for(best.point, vectors),
+            _trained_calibration(best, baseline, vectors, record, current.calibration),
         )
     else:
         write_calibrated(
             shipped, current.steerings(), {**current.calibration, "competition": record}
         )
-    return Contest(instruction_id, result, paper_score, winner)
+    return Contest(instruction_id, best, baseline, paper_score, winner)
 
 
-def _winner(result: SearchResult, paper_score: float | None) -> str:
-    best, baseline = result.best.score, result.baseline.score
-    rival = max(baseline, paper_score if paper_score is not None else -1.0)
-    if round(best, 9) > round(rival, 9):
+def _winner(best: PointResult | None, baseline: PointResult, paper_score: float | None) -> str:
+    """Trained only where an eligible trained point beats both rivals strictly."""
+    rival = max(baseline.score, paper_score if paper_score is not None else -1.0)
+    if best is not None and round(best.score, 9) > round(rival, 9):
         return METHOD
     return "mean_difference" if paper_score is not None else "none"
 
 
 def _competition(
-    result: SearchResult,
+    tried: Sequence[PointResult],
+    baseline: PointResult,
     paper: Mapping[str, Any],
     paper_score: float | None,
     winner: str,
 ) -> dict[str, Any]:
-    t = result.best
     validation = paper.get("validation") or {}
     return {
         "winner": winner,
-        "trained": {
-            "point": t.point.key,
-            "score": t.score,
-            "accuracy": t.accuracy,
-            "degenerate": t.degenerate,
-        },
+        "trained": [
+            {
+                "point": t.point.key,
+                "score": t.score,
+                "accuracy": t.accuracy,
+                "degenerate": t.degenerate,
+            }
+            for t in tried
+        ],
         "mean_difference": {
             "point": paper.get("point"),
             "recommended": bool(paper.get("recommended")),
@@ -170,36 +191,35 @@ def _competition(
             "degenerate": validation.get("degenerate"),
         },
         "paper_score_counted": paper_score,
-        "no_steering_score": result.baseline.score,
-        "n_prompts": result.n_prompts,
-        "max_new_tokens": result.max_new_tokens,
+        "no_steering_score": baseline.score,
+        "no_steering_accuracy": baseline.accuracy,
+        "max_broken": MAX_BROKEN,
     }
 
 
 def _trained_calibration(
-    result: SearchResult,
-    point: Point,
+    best: PointResult,
+    baseline: PointResult,
     vectors: Mapping[int, Any],
     competition: dict[str, Any],
     previous: Mapping[str, Any],
 ) -> dict[str, Any]:
-    t, b = result.best, result.baseline
     training = next(iter(vectors.values())).extra.get("training", {})
     return {
         "status": "searched",
         "method": METHOD,
         "recommended": True,
-        "point": point.key,
-        "mode": point.mode,
-        "scale": point.scale,
+        "point": best.point.key,
+        "mode": best.point.mode,
+        "scale": best.point.scale,
         "validation": {
-            "score": t.score,
-            "accuracy": t.accuracy,
-            "degenerate": t.degenerate,
-            "no_steering_score": b.score,
-            "no_steering_accuracy": b.accuracy,
-            "n_prompts": result.n_prompts,
-            "max_new_tokens": result.max_new_tokens,
+            "score": best.score,
+            "accuracy": best.accuracy,
+            "degenerate": best.degenerate,
+            "no_steering_score": baseline.score,
+            "no_steering_accuracy": baseline.accuracy,
+            "n_prompts": competition["n_prompts"],
+            "max_new_tokens": competition["max_new_tokens"],
         },
         "training": training,
         "competition": competition,

@@ -115,3 +115,23 @@ def test_base_model_uses_plain_prompts_and_steers():
         sampling=sampling,
     )
     assert plain.completion_tokens > 0 and steered.text != plain.text
+
+
+@requires_smollm2
+def test_a_short_training_of_the_lowercase_vector_raises_lowercase_answers(smollm2):
+    """Trained on the model's own answers to our extraction queries, lowercased (rule
+    targets), and applied to prompts it was not trained on, without the instruction."""
+    from ifsteer.training import TrainConfig, train_vectors
+    from ifsteer.training.data import rule_examples, unsteered_answers
+    from ifsteer.validation import extraction_queries
+
+    answers = unsteered_answers(smollm2, extraction_queries()[:32], 48)
+    examples = rule_examples(LOWER, answers)
+    config = TrainConfig(layers=(18,), steps=30, lr=0.1, max_target_tokens=32, eval_every=10)
+    vector = train_vectors(smollm2, get_instruction(LOWER), examples, config).vectors[18]
+    assert not set(PROMPTS) & {a.query for a in answers}
+    rows = [[]] * len(PROMPTS) + [[Steering(vector)]] * len(PROMPTS)
+    out = generate(smollm2, PROMPTS * 2, per_row=rows, sampling=Sampling(max_new_tokens=24))
+    passed = [check(LOWER, {}, p, c.text).loose for p, c in zip(PROMPTS * 2, out, strict=True)]
+    unsteered, steered = sum(passed[:10]), sum(passed[10:])
+    assert steered >= unsteered + 2, [c.text for c in out[10:]]

@@ -170,6 +170,9 @@ class PointResult:
     repetition: float
     perplexity: float | None
     n: int
+    # Degenerate where the unsteered answer to the same prompt reads fine: what steering broke
+    # outright, not counting a looping answer that loops a little harder (in `degenerate`).
+    newly_broken: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "point": {**asdict(self.point), "key": self.point.key}}
@@ -335,6 +338,11 @@ def _summarize(
         repetition=statistics.fmean(r["repetition"] for r in records),
         perplexity=statistics.median(finite) if finite else None,
         n=len(records),
+        newly_broken=sum(
+            _degenerate(r, fluency) and not _degenerate(b, fluency)
+            for r, b in zip(records, baseline, strict=True)
+        )
+        / len(records),
     )
 
 

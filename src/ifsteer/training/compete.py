@@ -5,8 +5,9 @@ ships only where it scores strictly higher than both "no steering" and the paper
 point already in the file, under the same fluency rule (`search.Fluency`, answers broken by
 steering count against it) on the instruction's validation prompts. A tie keeps the paper's
 vector. The trained vector is tried at its trained size and at half of it, and a point that
-breaks more than a fifth of the answers never ships. The file records both contenders (`extra.calibration.competition`), so a user sees what
-the loser scored.
+newly breaks more than a fifth of the answers (degenerate where the unsteered answer reads
+fine) never ships. The file records both contenders (`extra.calibration.competition`), so a
+user sees what the loser scored.
 
 Resumable: the trained vector is written to the work folder before it is validated, every
 validation answer is logged, and an instruction whose file already records a competition is
@@ -43,8 +44,8 @@ __all__ = ["Contest", "compete", "training_examples"]
 FLUENCY = Fluency()
 ANSWER_TOKENS = 160
 # A trained vector is validated at its trained size and at half of it: where the full vector
-# breaks answers, half of it often still steers. No point that breaks more than MAX_BROKEN of
-# the answers that were fine unsteered ships, however well it scores.
+# breaks answers, half of it may still steer. No point that newly breaks more than MAX_BROKEN
+# of the answers (degenerate where the unsteered answer reads fine) ships, however it scores.
 TRAINED_SCALES = (1.0, 0.5)
 MAX_BROKEN = 0.2  # unsteered answers the rules rewrite; targets use their first 64 tokens
 
@@ -62,8 +63,8 @@ class Contest:
         paper = "-" if self.paper_score is None else f"{self.paper_score:.2f}"
         return (
             f"{self.instruction_id}: trained {t.point.key} {t.score:.2f} (acc {t.accuracy:.2f}, "
-            f"broken {t.degenerate:.2f}), paper {paper}, no steering {b.score:.2f} -> "
-            f"{self.winner}"
+            f"broken {t.degenerate:.2f}, newly {t.newly_broken:.2f}), paper {paper}, "
+            f"no steering {b.score:.2f} -> {self.winner}"
         )
 
 
@@ -135,7 +136,7 @@ def compete(
         for scale in TRAINED_SCALES
     ]
     tried = [r.best for r in results]
-    eligible = [r for r in tried if r.degenerate <= MAX_BROKEN]
+    eligible = [r for r in tried if r.newly_broken <= MAX_BROKEN]
     best = best_steered(eligible or tried)
     baseline = results[0].baseline
     paper = current.calibration.get("validation") or {}
@@ -180,6 +181,7 @@ def _competition(
                 "score": t.score,
                 "accuracy": t.accuracy,
                 "degenerate": t.degenerate,
+                "newly_broken": t.newly_broken,
             }
             for t in tried
         ],

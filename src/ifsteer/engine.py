@@ -488,12 +488,20 @@ def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | No
 
 
 def _sample(logits: torch.Tensor, row: _Row) -> int:
+    """One draw for one row. It never raises: a distribution float32 cannot hold (a tiny
+    temperature overflows the logits to inf, and softmax gives NaN) falls back to the row's
+    greedy token, the limit of sampling as the temperature goes to 0, so one row's settings
+    cannot fail the step its neighbours decode in."""
     probs = torch.softmax(logits.float() / row.sampling.temperature, dim=-1)
     if row.sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest head whose mass reaches top_p (always at least the top token).
+        # Keep the smallest head whose mass reaches top_p, and always the top token (a top_p
+        # below float32's range rounds to 0, which would keep none).
         outside = sorted_probs.cumsum(-1) - sorted_probs >= row.sampling.top_p
+        outside[0] = False
         probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
+        return int(logits.argmax())
     return int(torch.multinomial(probs, 1, generator=row.generator))
 
 

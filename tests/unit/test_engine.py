@@ -263,3 +263,24 @@ def test_joining_rows_are_bucketed_by_length(tiny_lm):
     lengths = [len(r.ids) for r in first]
     left = [len(r.ids) for r in engine._waiting]
     assert min(lengths) > max(left)  # the two long prompts join together, the short ones wait
+
+
+@pytest.mark.parametrize(
+    "degenerate",
+    [
+        Sampling(max_new_tokens=6, temperature=1e-300, seed=1),
+        Sampling(max_new_tokens=6, temperature=5e-324, seed=1),
+        Sampling(max_new_tokens=6, temperature=1.0, top_p=1e-46, seed=1),
+    ],
+)
+def test_a_row_float32_cannot_sample_falls_back_to_greedy_and_spares_its_neighbours(
+    tiny_lm, degenerate
+):
+    """Issue 17 §2.2: a temperature that overflows the logits (NaN after softmax) or a top_p
+    that rounds to 0 in float32 once failed the whole step; the server refuses them, and the
+    engine, which the runners drive without the server, decodes such a row greedily."""
+    greedy = [Job(p, sampling=Sampling(max_new_tokens=6)) for p in PROMPTS[:4]]
+    expected = run_jobs(tiny_lm, greedy, 4)
+    out = run_jobs(tiny_lm, [*greedy[:2], Job(PROMPTS[0], sampling=degenerate), *greedy[2:]], 5)
+    assert [c.text for c in out[:2] + out[3:]] == [c.text for c in expected]
+    assert out[2].text == expected[0].text  # its limit as the temperature goes to 0

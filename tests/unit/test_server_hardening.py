@@ -11,27 +11,20 @@ import asyncio
 import logging
 import select
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-import uvicorn
 
 from ifsteer.models import LoadedModel
-from ifsteer.server import Limits, create_app, is_loopback, uvicorn_config
+from ifsteer.server import Limits, create_app, is_loopback
 from tests.conftest import make_tiny, tiny_llama_config
+from tests.unit.live import LiveServers
 
 MODEL = "tiny-llama"
 LIMITS = Limits(max_prompt_tokens=96, max_tokens=32, default_max_tokens=4, body_timeout_s=0.5)
 SLOW_S = 0.02  # per forward of the slowed model
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 Start = Callable[..., str]
@@ -40,31 +33,9 @@ Start = Callable[..., str]
 @pytest.fixture(scope="module")
 def start() -> Iterator[Start]:
     """Start a real uvicorn server, configured as `ifsteer serve` configures it; its URL."""
-    servers = []
-
-    def run(app: object, header_timeout_s: float = 10.0) -> str:
-        port = _free_port()
-        config = uvicorn_config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            header_timeout_s=header_timeout_s,
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-        servers.append((server, thread))
-        return f"http://127.0.0.1:{port}"
-
-    yield run
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(timeout=30)
+    servers = LiveServers()
+    yield servers
+    servers.close()
 
 
 @pytest.fixture(scope="module")

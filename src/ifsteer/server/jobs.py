@@ -41,10 +41,11 @@ async def build_job(
         )
     asked = request.requested_max_tokens()
     room = None if engine.context_length is None else engine.context_length - n_prompt
+    asked_as = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     if asked is not None and asked > limits.max_tokens:
         raise ApiError(
-            f"max_tokens {asked} is over the limit {limits.max_tokens}",
-            param="max_tokens",
+            f"{asked_as} {asked} is over the limit {limits.max_tokens}",
+            param=asked_as,
             code="invalid_value",
         )
     max_tokens = asked or limits.default_max_tokens
@@ -53,7 +54,7 @@ async def build_job(
             raise ApiError(
                 f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the "
                 f"model's context of {engine.context_length} tokens",
-                param="max_tokens" if asked else prompt_param,
+                param=asked_as if asked else prompt_param,
                 code="context_length_exceeded",
             )
         max_tokens = room

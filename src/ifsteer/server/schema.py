@@ -8,6 +8,7 @@ HTTP status and the field at fault, in OpenAI's error shape.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -165,18 +166,44 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-# Fields OpenAI clients may send that ifsteer does not implement: refused, never ignored.
+# Fields OpenAI (and vLLM) clients may send that ifsteer does not implement: refused, never
+# ignored. A value that asks for nothing (top_k -1, repetition_penalty 1, tool_choice "none",
+# modalities ["text"]) is let through, as clients send those defaults.
 _UNSUPPORTED: dict[str, str] = {
     "stop": "generation ends at the model's end-of-turn token or at max_tokens",
     "presence_penalty": "leave it out",
     "frequency_penalty": "leave it out",
+    "repetition_penalty": "leave it out",
     "logit_bias": "leave it out",
     "logprobs": "leave it out",
     "top_logprobs": "leave it out",
+    "top_k": "use top_p",
+    "min_p": "use top_p",
     "tools": "leave them out",
+    "tool_choice": "leave it out",
+    "functions": "leave them out",
+    "function_call": "leave it out",
+    "modalities": "text is the only output",
+    "audio": "text is the only output",
+    "reasoning_effort": "leave it out",
+    "prediction": "leave it out",
     "echo": "leave it out",
     "suffix": "leave it out",
 }
+# Values that ask for nothing: these by default, or the field's own.
+_NEUTRAL: tuple[Any, ...] = (None, False, 0, "", [], {})
+_NEUTRAL_OF: dict[str, tuple[Any, ...]] = {
+    "repetition_penalty": (None, 1),
+    "top_k": (None, 0, -1),
+    "tool_choice": (None, "none"),
+    "modalities": (None, ["text"]),
+}
+# Temperatures and top_p this close to 0 are greedy in all but name, and float32 cannot honour
+# them: logits / 1e-40 overflow to inf, and top_p 1e-46 rounds to 0, which keeps no token.
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-6
+# The generator behind `seed` takes 32 bits: seeds 1 and 2**32 + 1 would give the same text.
+MAX_SEED = 2**32 - 1
 
 
 class GenerationRequest(BaseModel):
@@ -188,11 +215,14 @@ class GenerationRequest(BaseModel):
     model: str = Field(min_length=1)
     # Numbers are strict: `true` or `"1.0"` is a mistake to name, not a value to guess at.
     max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     temperature: float | None = Field(
         default=None, ge=0.0, le=2.0, allow_inf_nan=False, strict=True
     )
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False, strict=True)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1, strict=True)  # int64
+    top_p: float | None = Field(
+        default=None, ge=MIN_TOP_P, le=1.0, allow_inf_nan=False, strict=True
+    )
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, strict=True)
     n: int | None = Field(default=None, strict=True)
     stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
@@ -200,8 +230,21 @@ class GenerationRequest(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    repetition_penalty: Any = None
+    top_k: Any = None
+    min_p: Any = None
     user: str | None = None
     steering: list[SteeringSpec] | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _honourable_temperature(cls, value: float | None) -> float | None:
+        if value is not None and 0.0 < value < MIN_TEMPERATURE:
+            raise ValueError(
+                f"a temperature above 0 must be at least {MIN_TEMPERATURE:g}; "
+                "send 0 for greedy decoding"
+            )
+        return value
 
     @field_validator("n")
     @classmethod
@@ -214,7 +257,8 @@ class GenerationRequest(BaseModel):
     def _supported(self) -> GenerationRequest:
         # ApiError is not a ValueError, so pydantic lets it through with our param and code.
         for name, hint in _UNSUPPORTED.items():
-            if getattr(self, name, None) not in (None, False, 0, 0.0, "", [], {}):
+            value = getattr(self, name, None)
+            if not any(_same(value, v) for v in _NEUTRAL_OF.get(name, _NEUTRAL)):
                 raise ApiError(
                     f"{name} is not supported by ifsteer; {hint}",
                     param=name,
@@ -226,15 +270,30 @@ class GenerationRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
+        return self.max_completion_tokens or self.max_tokens
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """Equal and of the same kind: `True` is not 1 here, nor `0` the string "none"."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return value is neutral
+    if isinstance(neutral, (int, float)):
+        return isinstance(value, (int, float)) and value == neutral
+    return type(value) is type(neutral) and value == neutral
 
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    modalities: Any = None
+    audio: Any = None
+    reasoning_effort: Any = None
+    prediction: Any = None
     response_format: dict[str, Any] | None = None
 
     @field_validator("response_format")
@@ -246,9 +305,6 @@ class ChatCompletionRequest(GenerationRequest):
                 "vector (detectable_format:json_format) instead"
             )
         return value
-
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(GenerationRequest):
@@ -290,7 +346,7 @@ def parse_request(raw: bytes, schema: type[Request], limits: Limits) -> Request:
             status=413,
         )
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_int=_parse_int)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(f"malformed JSON body: {exc}", code="invalid_json") from None
     except RecursionError:
@@ -302,11 +358,59 @@ def parse_request(raw: bytes, schema: type[Request], limits: Limits) -> Request:
         return schema.model_validate(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
+        param = ".".join(str(part) for part in _field_path(data, first["loc"])) or None
         message = first["msg"].removeprefix("Value error, ")
         raise ApiError(
             f"{param}: {message}" if param else message, param=param, code="invalid_value"
         ) from None
+
+
+# JSON integers are read by int(), which refuses (a ValueError, so a 500) past 4,300 digits and
+# is quadratic below that; no field of ours needs more than 20 digits, wherever it sits.
+MAX_INT_DIGITS = 64
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ApiError(
+            f"the body holds an integer of {len(text.lstrip('-'))} digits, the limit is "
+            f"{MAX_INT_DIGITS}",
+            code="invalid_json",
+        )
+    return int(text)
+
+
+def _field_path(data: Any, loc: Sequence[int | str]) -> list[int | str]:
+    """pydantic's error location as a path into the body: union members' tags
+    (`messages.0.content.str`) are not fields, so they are dropped; a missing field, the last
+    part, is kept."""
+    path: list[int | str] = []
+    node = data
+    for i, part in enumerate(loc):
+        last = i == len(loc) - 1
+        if isinstance(node, dict) and isinstance(part, str) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            node = node[part]
+        elif isinstance(node, dict) and last and part in _fields():
+            pass  # a required field the body lacks
+        else:
+            continue  # a union member's tag, such as `str` or `list[TextPart]`
+        path.append(part)
+    return path
+
+
+def _fields() -> set[str]:
+    """Every field name a request can hold (union tags such as `str` are not among them)."""
+    models: list[type[BaseModel]] = [
+        ChatCompletionRequest,
+        CompletionRequest,
+        Message,
+        TextPart,
+        SteeringSpec,
+        StreamOptions,
+    ]
+    return {name for model in models for name in model.model_fields}
 
 
 def _too_deep(limits: Limits) -> ApiError:

@@ -201,7 +201,7 @@ class Soak:
 
     async def slow_headers(self) -> None:
         reader, writer = await self._raw()
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         await writer.drain()
         started = time.monotonic()
         data = await asyncio.wait_for(reader.read(), timeout=60)
@@ -214,7 +214,8 @@ class Soak:
     async def cut_upload(self) -> None:
         reader, writer = await self._raw()
         writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\n"
             b'Content-Length: 5000\r\n\r\n{"model": '
         )
         await writer.drain()

@@ -302,13 +302,14 @@ def _raw(url: str) -> socket.socket:
 def test_an_oversized_body_is_refused_while_it_is_read(url, http):
     sock = _raw(url)
     sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 200000000\r\n\r\n{"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 200000000\r\n\r\n{"
     )
     assert sock.recv(65536).startswith(b"HTTP/1.1 413")  # before any more of the body
     sock.close()
     sock = _raw(url)
     sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
@@ -375,7 +376,8 @@ def test_a_hang_up_mid_upload_logs_one_line(url, http):
         for _ in range(3):
             sock = _raw(url)
             sock.sendall(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\n"
                 b'Content-Length: 1000\r\n\r\n{"model": '
             )
             time.sleep(0.05)
@@ -394,7 +396,7 @@ def test_a_hang_up_mid_upload_logs_one_line(url, http):
 def test_unfinished_headers_and_bodies_are_timed_out(url, http):
     socks = [_raw(url) for _ in range(5)]
     for sock in socks:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never ends
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never ends
     started = time.monotonic()
     for sock in socks:
         sock.settimeout(5)
@@ -403,7 +405,10 @@ def test_unfinished_headers_and_bodies_are_timed_out(url, http):
     assert time.monotonic() - started < 5
 
     sock = _raw(url)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    )
     sock.settimeout(LIMITS.body_timeout_s + 5)
     assert sock.recv(1024).startswith(b"HTTP/1.1 408")
     sock.close()

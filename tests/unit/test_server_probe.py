@@ -7,6 +7,8 @@ which both tiers replay; what needs traffic alongside, raw sockets or a chat tem
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 from collections.abc import Iterator
 
 import httpx
@@ -83,3 +85,112 @@ def test_max_completion_tokens_is_honoured_on_completions(http):
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] <= 3
     assert response.json()["choices"][0]["finish_reason"] == "length"
+
+
+# --- 2.5: a loopback server is not a web page's server ------------------------------------
+
+
+def _raw_exchange(url: str, request: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def _head_and_body(answer: bytes) -> tuple[str, dict]:
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head.decode("latin-1"), json.loads(body)
+
+
+def test_a_cross_origin_text_plain_post_is_refused(http):
+    body = json.dumps(_chat("Hi"))
+    simple = http.post(
+        "/v1/chat/completions",
+        content=body,
+        headers={"content-type": "text/plain", "origin": "http://evil.example"},
+    )
+    assert _error(simple, 403)["code"] == "origin_not_allowed"
+    plain = http.post("/v1/chat/completions", content=body, headers={"content-type": "text/plain"})
+    assert _error(plain, 415)["code"] == "unsupported_media_type"
+    form = http.post("/v1/completions", data={"model": MODEL, "prompt": "Hi"})
+    assert _error(form, 415)["code"] == "unsupported_media_type"
+    preflight = http.options(
+        "/v1/chat/completions",
+        headers={"origin": "http://localhost:3000", "access-control-request-method": "POST"},
+    )
+    assert not any(k.startswith("access-control-") for k in preflight.headers)
+    local = http.post(
+        "/v1/chat/completions", json=_chat("Hi"), headers={"origin": "http://localhost:3000"}
+    )
+    assert local.status_code == 200, local.text
+    _ok_after(http)
+
+
+def test_a_foreign_host_header_is_refused_on_a_loopback_bind(http):
+    for host in ("attacker.example", "attacker.example:80", "127.0.0.1.nip.io", "[::2]"):
+        response = http.get("/v1/models", headers={"host": host})
+        assert _error(response, 403)["code"] == "host_not_allowed", host
+        assert _error(http.post("/v1/chat/completions", json=_chat(), headers={"host": host}), 403)
+    for host in (
+        "localhost",
+        "localhost:8000",
+        "127.0.0.1",
+        "127.0.0.2:1",
+        "[::1]:80",
+        "a.localhost",
+    ):
+        assert http.get("/v1/models", headers={"host": host}).status_code == 200, host
+
+
+def test_allowed_hosts_add_a_name(tiny_lm, start):
+    url = start(create_app(tiny_lm, {}, limits=LIMITS, allowed_hosts=["steer.example"]))
+    with httpx.Client(base_url=url, timeout=60) as c:
+        assert c.get("/v1/models", headers={"host": "steer.example"}).status_code == 200
+        assert c.get("/v1/models", headers={"host": "other.example"}).status_code == 403
+
+
+# --- 2.8: framing and protocol errors -----------------------------------------------------
+
+
+def test_transfer_encoding_with_content_length_is_refused(url, http):
+    body = json.dumps(_chat("Hi")).encode()
+    answer = _raw_exchange(
+        url,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 4\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body),
+    )
+    head, error = _head_and_body(answer)
+    assert head.startswith("HTTP/1.1 400") and "connection: close" in head.lower()
+    assert error["error"]["code"] == "invalid_request"
+    _ok_after(http)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\n\r\n",  # HTTP/1.1 without a Host
+        b"POST /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: x\r\n\r\n",
+    ],
+    ids=["request line", "header line", "no host", "content length"],
+)
+def test_protocol_errors_are_json_in_openais_shape(url, request_bytes):
+    head, error = _head_and_body(_raw_exchange(url, request_bytes))
+    assert head.startswith("HTTP/1.1 400")
+    assert "content-type: application/json" in head.lower()
+    assert set(error["error"]) == {"message", "type", "param", "code"}
+    assert error["error"]["code"] == "invalid_http"
+
+
+def test_head_on_every_get_route_and_no_slash_redirect(http):
+    for path in ("/health", "/v1/models", f"/v1/models/{MODEL}", "/v1/vectors"):
+        response = http.head(path)
+        assert response.status_code == 200 and response.content == b"", path
+    slash = http.post("/v1/chat/completions/", json=_chat())
+    assert _error(slash, 404)["code"] == "not_found"
+    assert "trailing slash" in slash.json()["error"]["message"]

@@ -34,6 +34,14 @@ def serve(
         "127.0.0.1"
     ),
     port: int = 8000,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME",
+            help="A host name loopback clients may send besides localhost (a local reverse "
+            "proxy's public name); repeatable.",
+        ),
+    ] = None,
     api_key: Annotated[
         str | None,
         typer.Option(envvar="IFSTEER_API_KEY", help="Require 'Authorization: Bearer KEY'."),
@@ -86,6 +94,7 @@ def serve(
             limits=limits,
             allow_transfer=allow_transfer,
             extract_pairs=extract_pairs,
+            allowed_hosts=allow_host or (),
         )
     else:
         engine = vllm_engine(
@@ -99,7 +108,12 @@ def serve(
             extract_pairs=extract_pairs,
         )
         application = build_app(
-            engine, named, api_key=api_key, limits=limits, allow_transfer=allow_transfer
+            engine,
+            named,
+            api_key=api_key,
+            limits=limits,
+            allow_transfer=allow_transfer,
+            allowed_hosts=allow_host or (),
         )
     if not is_loopback(host) and not api_key:
         print(

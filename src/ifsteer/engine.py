@@ -66,13 +66,14 @@ class Sampling:
 
 @dataclass(frozen=True, eq=False)
 class Job:
-    """One completion to make. `formatted` wraps the prompt in the chat template (or `Q: ...`).
+    """One completion to make. `formatted` wraps the prompt in the chat template (or `Q: ...`);
+    a prompt given as token ids is read as those ids (`chat.Prompt.ids`).
 
     `on_text` receives the answer's new text as it grows, `on_done` the finished completion;
     both run on the thread that drives the engine.
     """
 
-    prompt: str
+    prompt: str | tuple[int, ...]
     steering: Sequence[Steering] = ()
     sampling: Sampling = Sampling()
     formatted: bool = True
@@ -119,6 +120,8 @@ def drain(queue: JobQueue, progress: Callable[[int], None] | None = None) -> dic
 def job_token_ids(lm: LoadedModel, job: Job) -> list[int]:
     """The tokens a job's prompt is read as, by every backend: chat template (or `Q: ...`)
     when `formatted`, special tokens only where the template does not write them."""
+    if not isinstance(job.prompt, str):
+        return list(job.prompt)
     text = lm.format_prompt(job.prompt) if job.formatted else job.prompt
     add_special = not (job.formatted and lm.is_chat)
     return list(lm.tokenizer(text, add_special_tokens=add_special).input_ids)

@@ -336,6 +336,9 @@ EXCLUDED = {
     "unfinished headers and bodies (connection closed, 408)": "need raw sockets and a server "
     "built with sub-second timeouts; the timeouts are uvicorn's and server/guard.py's, the "
     "same code before any engine (tests/unit/test_server_hardening.py)",
+    "a request's prompts over its token limit together (400 context_length_exceeded)": "needs "
+    "a server whose per-request limit is under max_prompts times its per-prompt limit; the "
+    "check is in server/jobs.py, before any engine (tests/unit/test_server_probe.py)",
     "chunked body past the limit (413)": "the table's 413 is the Content-Length one; the "
     "chunked read is the same guard (tests/unit/test_server_hardening.py)",
 }

@@ -38,6 +38,12 @@ Decider = Callable[[str], bool]
 OnDelta = Callable[[str], None]
 # How far ahead of the queue's head a joining group may look for rows of a similar length.
 _BUCKET_WINDOW = 4
+# Cost is bounded by tokens, not rows: a step prefills at most PREFILL_TOKENS (rows × padded
+# width; the queue's head always joins), in forwards of PREFILL_CHUNK columns, since a prompt's
+# attention scores grow with the square of what one forward reads (8 rows of 2,000 tokens in
+# one forward took 1.3 GB).
+PREFILL_TOKENS = 8192
+PREFILL_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -182,9 +188,15 @@ class Engine:
         batch_size: int | None = None,
         max_tokens: int = 512,
         allow_transfer: bool = False,
+        prefill_tokens: int = PREFILL_TOKENS,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise InvalidSteering("batch_size must be at least 1")
+        if prefill_tokens < 1 or prefill_chunk < 1:
+            raise InvalidSteering("prefill_tokens and prefill_chunk must be at least 1")
+        self.prefill_tokens = prefill_tokens
+        self.prefill_chunk = prefill_chunk
         self.lm = lm
         self._cache_arg = cache_argument(lm.model)
         self.batch_size = batch_size or auto_batch_size(lm, max_tokens=max_tokens)
@@ -278,16 +290,23 @@ class Engine:
         return finished
 
     def _pick_joining(self) -> list[_Row]:
-        """The queue's head, then the waiting rows nearest its length (less padding)."""
+        """The queue's head, then the waiting rows nearest its length (less padding), while
+        the group's padded tokens stay within `prefill_tokens`."""
         with self._lock:
             free = self.batch_size - len(self._active)
             if free <= 0 or not self._waiting:
                 return []
             head, rest = self._waiting[0], self._waiting[1 : free * _BUCKET_WINDOW]
             rest = sorted(rest, key=lambda r: abs(len(r.ids) - len(head.ids)))[: free - 1]
-            chosen = {id(r) for r in (head, *rest)}
+            group, width = [head], len(head.ids)
+            for row in rest:
+                wider = max(width, len(row.ids))
+                if (len(group) + 1) * wider <= self.prefill_tokens:
+                    group.append(row)
+                    width = wider
+            chosen = {id(r) for r in group}
             self._waiting = [r for r in self._waiting if id(r) not in chosen]
-            return [head, *rest]
+            return group
 
     def _prefill(self, rows: list[_Row]) -> None:
         # Rows whose prompt is read alike (same tokens, same prompt-phase steering) share one
@@ -309,15 +328,23 @@ class Engine:
         )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        with steer(self.lm, per_row=[r.steering for r in leaders], allow_transfer=True):
-            out = self.lm.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                **{self._cache_arg: cache},
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        with steer(self.lm, per_row=[r.steering for r in leaders], allow_transfer=True) as h:
+            # Later chunks extend a filled cache, which `steer` reads as generating: they are
+            # still the prompt (a hook after steer's own says so).
+            pin = self.lm.model.register_forward_pre_hook(lambda *_: setattr(h, "phase", "prompt"))
+            try:
+                for start in range(0, width, self.prefill_chunk):
+                    end = min(width, start + self.prefill_chunk)
+                    out = self.lm.model(
+                        input_ids=ids[:, start:end],
+                        attention_mask=mask[:, :end],
+                        position_ids=positions[:, start:end],
+                        **{self._cache_arg: cache},
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
+            finally:
+                pin.remove()
         spread = torch.tensor([unique[r.prompt_key] for r in rows], device=device)
         _select(cache, spread)
         for row in rows:

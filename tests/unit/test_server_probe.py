@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerFast
 from ifsteer.chat import prompt_ids, render_chat
 from ifsteer.models import LoadedModel
 from ifsteer.prompts import BASE_QUERIES
-from ifsteer.server import create_app
+from ifsteer.server import Limits, create_app
 from tests.conftest import TINY_VOCAB, make_tiny, tiny_llama_config
 from tests.unit.live import LiveServers
 from tests.unit.test_server_hardening import LIMITS, MODEL, _chat, _error, _ok_after
@@ -278,3 +278,21 @@ def test_a_base_model_chat_reads_control_text_as_text(tiny_lm):
     assert eos in tok(prompt.text).input_ids  # reading the string ends the text early
     assert eos not in prompt_ids(tok, prompt)
     assert tok.decode(prompt_ids(tok, prompt)) == prompt.text
+
+
+# --- 2.3: cost is counted in tokens -------------------------------------------------------
+
+
+def test_a_requests_prompts_are_bounded_in_tokens_together(tiny_lm, start):
+    limits = Limits(max_prompt_tokens=400, max_tokens=8, max_request_prompt_tokens=1000)
+    url = start(create_app(tiny_lm, {}, limits=limits))
+    marks = "Z" + "\u0301" * 150  # 151 characters, a few hundred byte-level tokens
+    n = len(tiny_lm.tokenizer(marks).input_ids)
+    assert len(marks) < 200 < n <= limits.max_prompt_tokens  # the premise
+    body = {"model": MODEL, "prompt": [marks] * 16, "max_tokens": 1}
+    with httpx.Client(base_url=url, timeout=60) as c:
+        error = _error(c.post("/v1/completions", json=body), 400)
+        assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
+        assert f"{16 * n} tokens together" in error["message"] and "1000" in error["message"]
+        fits = {**body, "prompt": [marks] * (1000 // n)}
+        assert c.post("/v1/completions", json=fits).status_code == 200

@@ -50,6 +50,9 @@ def serve(
         int, typer.Option(help="hf only: most requests decoded together (continuous batch).")
     ] = 32,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted.")] = 4096,
+    max_request_prompt_tokens: Annotated[
+        int, typer.Option(help="Prompt tokens of one request, all its prompts together.")
+    ] = 8192,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens accepted.")] = 1024,
     max_queued: Annotated[
         int, typer.Option(help="Completions generating or waiting; past it, a 429.")
@@ -80,6 +83,7 @@ def serve(
     named = load_vector_dir(vectors) if vectors else {}
     limits = Limits(
         max_prompt_tokens=max_prompt_tokens,
+        max_request_prompt_tokens=max_request_prompt_tokens,
         max_tokens=max_tokens_limit,
         max_queued=max_queued,
         request_timeout_s=request_timeout,

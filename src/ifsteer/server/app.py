@@ -33,7 +33,7 @@ from ifsteer.models import LoadedModel
 from ifsteer.vectors import SteeringVector
 
 from .guard import Admission, BearerAuth, ClientGone, read_body, unless_abandoned, uvicorn_config
-from .jobs import build_job, chat_prompt
+from .jobs import build_job, chat_prompt, check_request_tokens, prompt_tokens
 from .registry import NamedVector, Resolved, VectorStore
 from .responses import Meta, chat_body, chat_chunks, completion_body, completion_chunks, sse
 from .schema import (
@@ -200,17 +200,22 @@ def build_app(
                 param="prompt",
             )
 
+        prompts = [render_text(text) for text in texts]
+        counts = [prompt_tokens(engine, prompt) for prompt in prompts]
+        check_request_tokens(counts, limits, param="prompt")
+
         async def jobs() -> tuple[list[Job], list[Resolved]]:
             built = [
                 await build_job(
                     body,
-                    render_text(text),
+                    prompt,
                     engine=engine,
                     store=store,
                     limits=limits,
                     prompt_param="prompt",
+                    n_prompt=n,
                 )
-                for text in texts
+                for prompt, n in zip(prompts, counts, strict=True)
             ]
             return [job for job, _ in built], built[-1][1]
 

@@ -81,6 +81,10 @@ class Limits:
     """What one request may ask for; anything beyond is a 400, never a crash."""
 
     max_prompt_tokens: int = 4096
+    # All of one request's prompts together (a /v1/completions list): cost is tokens, not
+    # characters ("Z" and 300 combining marks are 1,800 tokens), and the engine prefills in
+    # steps of bounded tokens (engine.PREFILL_TOKENS), so one request cannot fill many steps.
+    max_request_prompt_tokens: int = 8192
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
     default_max_tokens: int = 128
     max_steering: int = 8  # entries in one request's `steering` list

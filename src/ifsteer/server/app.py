@@ -32,6 +32,7 @@ from ifsteer.errors import IfsteerError
 from ifsteer.models import LoadedModel
 from ifsteer.vectors import SteeringVector
 
+from .body import parse_request
 from .guard import Admission, BearerAuth, ClientGone, read_body, unless_abandoned, uvicorn_config
 from .jobs import build_job, chat_prompt, check_request_tokens, prompt_tokens
 from .registry import NamedVector, Resolved, VectorStore
@@ -43,7 +44,6 @@ from .schema import (
     Limits,
     error_body,
     error_status,
-    parse_request,
 )
 from .transport import LocalOnly
 

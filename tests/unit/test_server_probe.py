@@ -296,3 +296,8 @@ def test_a_requests_prompts_are_bounded_in_tokens_together(tiny_lm, start):
         assert f"{16 * n} tokens together" in error["message"] and "1000" in error["message"]
         fits = {**body, "prompt": [marks] * (1000 // n)}
         assert c.post("/v1/completions", json=fits).status_code == 200
+    small = Limits(max_prompt_tokens=400, max_tokens=8, max_request_prompt_tokens=100)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": marks}], "max_tokens": 1}
+    with httpx.Client(base_url=start(create_app(tiny_lm, {}, limits=small)), timeout=60) as c:
+        error = _error(c.post("/v1/chat/completions", json=chat), 400)  # a chat is one request
+        assert error["code"] == "context_length_exceeded" and "limit is 100" in error["message"]

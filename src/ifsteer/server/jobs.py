@@ -51,9 +51,10 @@ async def build_job(
         n_prompt = prompt_tokens(engine, prompt)
     if n_prompt == 0:  # alone it is a 500 in the model; batched it would pass: refuse both
         raise ApiError("the prompt is empty once tokenized", param=prompt_param)
-    if n_prompt > limits.max_prompt_tokens:
+    limit = min(limits.max_prompt_tokens, limits.max_request_prompt_tokens)
+    if n_prompt > limit:
         raise ApiError(
-            f"the prompt has {n_prompt} tokens, the limit is {limits.max_prompt_tokens}",
+            f"the prompt has {n_prompt} tokens, the limit is {limit}",
             param=prompt_param,
             code="context_length_exceeded",
         )

@@ -292,6 +292,13 @@ BAD: dict[str, Bad] = {
         "invalid_value",
         "messages.0.content",
     ),
+    "a content part that is not text (the list member's error, not the string's)": Bad(
+        CHAT,
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "text": "x"}]}]),
+        400,
+        "invalid_value",
+        "messages.0.content.0.type",
+    ),
     "unknown model": Bad(CHAT, chat(model="gpt-4o"), 404, "model_not_found", "model"),
     "no messages": Bad(CHAT, chat(messages=[]), 400, "invalid_value", "messages"),
     "several choices": Bad(CHAT, chat(n=2), 400, "invalid_value", "n"),

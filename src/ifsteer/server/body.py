@@ -48,9 +48,13 @@ def parse_request(raw: bytes, schema: type[Request], limits: Limits) -> Request:
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = ".".join(str(part) for part in _field_path(data, first["loc"])) or None
-        message = first["msg"].removeprefix("Value error, ")
+        # A union field reports one error per member; the deepest is the member the input
+        # was meant for (a content list whose part is not text, not "should be a string").
+        errors = exc.errors(include_url=False)
+        paths = [_field_path(data, error["loc"]) for error in errors]
+        deepest = max(range(len(errors)), key=lambda i: len(paths[i]))  # the first of equals
+        param = ".".join(str(part) for part in paths[deepest]) or None
+        message = errors[deepest]["msg"].removeprefix("Value error, ")
         raise ApiError(
             f"{param}: {message}" if param else message, param=param, code="invalid_value"
         ) from None

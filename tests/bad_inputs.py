@@ -231,6 +231,74 @@ BAD: dict[str, Bad] = {
     "seed outside int64": Bad(
         CHAT, chat(seed=2**64, temperature=1.0), 400, "invalid_value", "seed"
     ),
+    "seed over 32 bits": Bad(CHAT, chat(seed=2**32, temperature=1.0), 400, "invalid_value", "seed"),
+    "seed negative": Bad(CHAT, chat(seed=-1, temperature=1.0), 400, "invalid_value", "seed"),
+    # issue 17 §2: values float32 cannot honour, numbers int() refuses, fields not implemented
+    **{
+        f"temperature {t!r}": Bad(
+            CHAT, chat(temperature=t, seed=1), 400, "invalid_value", "temperature"
+        )
+        for t in (1e-300, 1e-40, 5e-324)
+    },
+    "top_p 1e-46": Bad(CHAT, chat(top_p=1e-46, temperature=1.0), 400, "invalid_value", "top_p"),
+    "an integer of 5,000 digits in an ignored field": Bad(
+        CHAT,
+        lambda s: chat()(s)[:-1] + b', "user_id": ' + b"7" * 5000 + b"}",
+        400,
+        "invalid_json",
+        None,
+    ),
+    "an integer of 5,000 digits as the seed": Bad(
+        CHAT,
+        lambda s: chat()(s)[:-1] + b', "seed": -' + b"7" * 5000 + b"}",
+        400,
+        "invalid_json",
+        None,
+    ),
+    **{
+        f"unsupported {name}": Bad(CHAT, chat(**{name: value}), 400, "unsupported_parameter", name)
+        for name, value in (
+            ("functions", [{"name": "f", "parameters": {}}]),
+            ("function_call", "auto"),
+            ("tool_choice", "required"),
+            ("modalities", ["text", "audio"]),
+            ("top_k", 40),
+            ("min_p", 0.1),
+            ("repetition_penalty", 1.2),
+            ("reasoning_effort", "high"),
+            ("prediction", {"type": "content", "content": "x"}),
+        )
+    },
+    "unsupported top_k (completions)": Bad(
+        COMPLETIONS,
+        _served(lambda s: {"model": s.model, "prompt": "Hi", "top_k": 5}),
+        400,
+        "unsupported_parameter",
+        "top_k",
+    ),
+    "max_completion_tokens over limit (completions)": Bad(
+        COMPLETIONS,
+        _served(
+            lambda s: {"model": s.model, "prompt": "Hi", "max_completion_tokens": s.max_tokens + 1}
+        ),
+        400,
+        "invalid_value",
+        "max_completion_tokens",
+    ),
+    "content an object (param names the field, not a union member)": Bad(
+        CHAT,
+        chat(messages=[{"role": "user", "content": {"type": "text", "text": "hi"}}]),
+        400,
+        "invalid_value",
+        "messages.0.content",
+    ),
+    "a content part that is not text (the list member's error, not the string's)": Bad(
+        CHAT,
+        chat(messages=[{"role": "user", "content": [{"type": "image_url", "text": "x"}]}]),
+        400,
+        "invalid_value",
+        "messages.0.content.0.type",
+    ),
     "unknown model": Bad(CHAT, chat(model="gpt-4o"), 404, "model_not_found", "model"),
     "no messages": Bad(CHAT, chat(messages=[]), 400, "invalid_value", "messages"),
     "several choices": Bad(CHAT, chat(n=2), 400, "invalid_value", "n"),
@@ -275,6 +343,9 @@ EXCLUDED = {
     "unfinished headers and bodies (connection closed, 408)": "need raw sockets and a server "
     "built with sub-second timeouts; the timeouts are uvicorn's and server/guard.py's, the "
     "same code before any engine (tests/unit/test_server_hardening.py)",
+    "a request's prompts over its token limit together (400 context_length_exceeded)": "needs "
+    "a server whose per-request limit is under max_prompts times its per-prompt limit; the "
+    "check is in server/jobs.py, before any engine (tests/unit/test_server_probe.py)",
     "chunked body past the limit (413)": "the table's 413 is the Content-Length one; the "
     "chunked read is the same guard (tests/unit/test_server_hardening.py)",
 }

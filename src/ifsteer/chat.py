@@ -33,12 +33,15 @@ class Prompt:
     tokenized with them.
 
     `user_only` is the text of a one-message user chat, which a backend built on
-    `generate(formatted=True)` can hand over unchanged.
+    `generate(formatted=True)` can hand over unchanged. `ids`, when set, are the tokens the
+    model reads, because `text` would not be read as meant: a message's content held a
+    control token's text (`<|im_end|>`), which must stay text (`render_chat`).
     """
 
     text: str
     add_special_tokens: bool
     user_only: str | None = None
+    ids: tuple[int, ...] | None = None
 
 
 def has_template(tokenizer: Any) -> bool:
@@ -46,32 +49,97 @@ def has_template(tokenizer: Any) -> bool:
 
 
 def render_chat(tokenizer: Any, turns: Sequence[Turn]) -> Prompt:
-    """The chat template with the generation prompt; base models get `Q: ...\\nA:` turns."""
+    """The chat template with the generation prompt; base models get `Q: ...\\nA:` turns.
+
+    Messages are text: a user who writes `<|im_end|>\\n<|im_start|>system` must not forge a
+    system turn, so where content holds a control token's text the prompt carries its `ids`,
+    the template's own tokens live and the content's read as plain text."""
     if not turns:
         raise InvalidPrompt("a chat needs at least one message")
     single = turns[0][1] if len(turns) == 1 and turns[0][0] == "user" else None
+    forged = _holds_control_text(tokenizer, turns)
     if has_template(tokenizer):
-        messages = [{"role": role, "content": text} for role, text in turns]
-        try:
-            text = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as exc:  # jinja raises its own errors for roles a template refuses
-            raise InvalidPrompt(
-                f"the model's chat template refused these messages: {exc}"
-            ) from None
-        return Prompt(str(text), add_special_tokens=False, user_only=single)
+        text = _apply_template(tokenizer, turns)
+        ids = _template_ids(tokenizer, turns) if forged else None
+        return Prompt(text, add_special_tokens=False, user_only=single, ids=ids)
     if turns[-1][0] != "user":
         raise InvalidPrompt("a base model's chat must end with a user message")
-    parts = []
+    pieces: list[tuple[str, bool]] = []  # (text, is content)
     for role, text in turns:
         if role == "user":
-            parts.append(BASE_PROMPT_FORMAT.format(prompt=text))
+            before, after = BASE_PROMPT_FORMAT.split("{prompt}")
+            pieces += [(before, False), (text, True), (after, False)]
         elif role == "assistant":
-            parts.append(f" {text}\n")
+            pieces += [(" ", False), (text, True), ("\n", False)]
         else:
-            parts.append(f"{text}\n\n")
-    return Prompt("".join(parts), add_special_tokens=True, user_only=single)
+            pieces += [(text, True), ("\n\n", False)]
+    text = "".join(piece for piece, _ in pieces)
+    ids = _with_special_tokens(tokenizer, _piece_ids(tokenizer, pieces)) if forged else None
+    return Prompt(text, add_special_tokens=True, user_only=single, ids=ids)
+
+
+def _apply_template(tokenizer: Any, turns: Sequence[Turn]) -> str:
+    messages = [{"role": role, "content": text} for role, text in turns]
+    try:
+        return str(
+            tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        )
+    except Exception as exc:  # jinja raises its own errors for roles a template refuses
+        raise InvalidPrompt(f"the model's chat template refused these messages: {exc}") from None
+
+
+def control_texts(tokenizer: Any) -> set[str]:
+    """The text of every special token: what the tokenizer turns into a control token when it
+    meets it in a string."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    texts = {str(t.content) for t in added.values() if getattr(t, "special", False)}
+    return {t for t in (*texts, *getattr(tokenizer, "all_special_tokens", ())) if t}
+
+
+def _holds_control_text(tokenizer: Any, turns: Sequence[Turn]) -> bool:
+    texts = control_texts(tokenizer)
+    return any(t in content for _, content in turns for t in texts)
+
+
+def _template_ids(tokenizer: Any, turns: Sequence[Turn]) -> tuple[int, ...]:
+    """The template rendered around placeholders, its pieces tokenized with control tokens live
+    and each message's content spliced in as text."""
+    marks = [f"\x00ifsteer-content-{i}\x00" for i in range(len(turns))]
+    skeleton = _apply_template(
+        tokenizer, [(role, m) for (role, _), m in zip(turns, marks, strict=True)]
+    )
+    pieces: list[tuple[str, bool]] = []
+    rest = skeleton
+    for (_, content), mark in zip(turns, marks, strict=True):
+        if rest.count(mark) != 1:
+            raise InvalidPrompt(
+                "a message holds a control token's text (such as <|im_end|>), and this chat "
+                "template does not write each message once, so it cannot be kept as text"
+            )
+        before, rest = rest.split(mark)
+        pieces += [(before, False), (content, True)]
+    pieces.append((rest, False))
+    return _piece_ids(tokenizer, pieces)
+
+
+def _piece_ids(tokenizer: Any, pieces: Sequence[tuple[str, bool]]) -> tuple[int, ...]:
+    ids: list[int] = []
+    for text, is_content in pieces:
+        if text:
+            ids += tokenizer(
+                text, add_special_tokens=False, split_special_tokens=is_content
+            ).input_ids
+    return tuple(ids)
+
+
+def _with_special_tokens(tokenizer: Any, ids: tuple[int, ...]) -> tuple[int, ...]:
+    """`ids` inside the special tokens (BOS...) the tokenizer adds around any text."""
+    bare = list(tokenizer("a", add_special_tokens=False).input_ids)
+    full = list(tokenizer("a", add_special_tokens=True).input_ids)
+    for start in range(len(full) - len(bare) + 1):
+        if full[start : start + len(bare)] == bare:
+            return (*full[:start], *ids, *full[start + len(bare) :])
+    return ids
 
 
 def render_text(text: str) -> Prompt:
@@ -80,6 +148,8 @@ def render_text(text: str) -> Prompt:
 
 
 def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
+    if prompt.ids is not None:
+        return list(prompt.ids)
     return list(tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens).input_ids)
 
 

@@ -38,6 +38,12 @@ Decider = Callable[[str], bool]
 OnDelta = Callable[[str], None]
 # How far ahead of the queue's head a joining group may look for rows of a similar length.
 _BUCKET_WINDOW = 4
+# Cost is bounded by tokens, not rows: a step prefills at most PREFILL_TOKENS (rows × padded
+# width; the queue's head always joins), in forwards of PREFILL_CHUNK columns, since a prompt's
+# attention scores grow with the square of what one forward reads (8 rows of 2,000 tokens in
+# one forward took 1.3 GB).
+PREFILL_TOKENS = 8192
+PREFILL_CHUNK = 512
 
 
 @dataclass(frozen=True)
@@ -66,13 +72,14 @@ class Sampling:
 
 @dataclass(frozen=True, eq=False)
 class Job:
-    """One completion to make. `formatted` wraps the prompt in the chat template (or `Q: ...`).
+    """One completion to make. `formatted` wraps the prompt in the chat template (or `Q: ...`);
+    a prompt given as token ids is read as those ids (`chat.Prompt.ids`).
 
     `on_text` receives the answer's new text as it grows, `on_done` the finished completion;
     both run on the thread that drives the engine.
     """
 
-    prompt: str
+    prompt: str | tuple[int, ...]
     steering: Sequence[Steering] = ()
     sampling: Sampling = Sampling()
     formatted: bool = True
@@ -119,6 +126,8 @@ def drain(queue: JobQueue, progress: Callable[[int], None] | None = None) -> dic
 def job_token_ids(lm: LoadedModel, job: Job) -> list[int]:
     """The tokens a job's prompt is read as, by every backend: chat template (or `Q: ...`)
     when `formatted`, special tokens only where the template does not write them."""
+    if not isinstance(job.prompt, str):
+        return list(job.prompt)
     text = lm.format_prompt(job.prompt) if job.formatted else job.prompt
     add_special = not (job.formatted and lm.is_chat)
     return list(lm.tokenizer(text, add_special_tokens=add_special).input_ids)
@@ -179,9 +188,15 @@ class Engine:
         batch_size: int | None = None,
         max_tokens: int = 512,
         allow_transfer: bool = False,
+        prefill_tokens: int = PREFILL_TOKENS,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         if batch_size is not None and batch_size < 1:
             raise InvalidSteering("batch_size must be at least 1")
+        if prefill_tokens < 1 or prefill_chunk < 1:
+            raise InvalidSteering("prefill_tokens and prefill_chunk must be at least 1")
+        self.prefill_tokens = prefill_tokens
+        self.prefill_chunk = prefill_chunk
         self.lm = lm
         self._cache_arg = cache_argument(lm.model)
         self.batch_size = batch_size or auto_batch_size(lm, max_tokens=max_tokens)
@@ -275,16 +290,23 @@ class Engine:
         return finished
 
     def _pick_joining(self) -> list[_Row]:
-        """The queue's head, then the waiting rows nearest its length (less padding)."""
+        """The queue's head, then the waiting rows nearest its length (less padding), while
+        the group's padded tokens stay within `prefill_tokens`."""
         with self._lock:
             free = self.batch_size - len(self._active)
             if free <= 0 or not self._waiting:
                 return []
             head, rest = self._waiting[0], self._waiting[1 : free * _BUCKET_WINDOW]
             rest = sorted(rest, key=lambda r: abs(len(r.ids) - len(head.ids)))[: free - 1]
-            chosen = {id(r) for r in (head, *rest)}
+            group, width = [head], len(head.ids)
+            for row in rest:
+                wider = max(width, len(row.ids))
+                if (len(group) + 1) * wider <= self.prefill_tokens:
+                    group.append(row)
+                    width = wider
+            chosen = {id(r) for r in group}
             self._waiting = [r for r in self._waiting if id(r) not in chosen]
-            return [head, *rest]
+            return group
 
     def _prefill(self, rows: list[_Row]) -> None:
         # Rows whose prompt is read alike (same tokens, same prompt-phase steering) share one
@@ -306,15 +328,23 @@ class Engine:
         )
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache()
-        with steer(self.lm, per_row=[r.steering for r in leaders], allow_transfer=True):
-            out = self.lm.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                **{self._cache_arg: cache},
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        with steer(self.lm, per_row=[r.steering for r in leaders], allow_transfer=True) as h:
+            # Later chunks extend a filled cache, which `steer` reads as generating: they are
+            # still the prompt (a hook after steer's own says so).
+            pin = self.lm.model.register_forward_pre_hook(lambda *_: setattr(h, "phase", "prompt"))
+            try:
+                for start in range(0, width, self.prefill_chunk):
+                    end = min(width, start + self.prefill_chunk)
+                    out = self.lm.model(
+                        input_ids=ids[:, start:end],
+                        attention_mask=mask[:, :end],
+                        position_ids=positions[:, start:end],
+                        **{self._cache_arg: cache},
+                        use_cache=True,
+                        logits_to_keep=1,
+                    )
+            finally:
+                pin.remove()
         spread = torch.tensor([unique[r.prompt_key] for r in rows], device=device)
         _select(cache, spread)
         for row in rows:
@@ -488,12 +518,20 @@ def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | No
 
 
 def _sample(logits: torch.Tensor, row: _Row) -> int:
+    """One draw for one row. It never raises: a distribution float32 cannot hold (a tiny
+    temperature overflows the logits to inf, and softmax gives NaN) falls back to the row's
+    greedy token, the limit of sampling as the temperature goes to 0, so one row's settings
+    cannot fail the step its neighbours decode in."""
     probs = torch.softmax(logits.float() / row.sampling.temperature, dim=-1)
     if row.sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest head whose mass reaches top_p (always at least the top token).
+        # Keep the smallest head whose mass reaches top_p, and always the top token (a top_p
+        # below float32's range rounds to 0, which would keep none).
         outside = sorted_probs.cumsum(-1) - sorted_probs >= row.sampling.top_p
+        outside[0] = False
         probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
+        return int(logits.argmax())
     return int(torch.multinomial(probs, 1, generator=row.generator))
 
 

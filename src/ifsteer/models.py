@@ -9,13 +9,16 @@ checkpoint. Nothing here touches the network.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -327,6 +330,24 @@ def _write_atomically(path: Path, write: Callable[[str], object]) -> None:
         raise
 
 
+@contextmanager
+def conversion_bars(line: str) -> Iterator[None]:
+    """transformers draws its GGUF conversion with tqdm straight to stderr: in a log that is
+    not a terminal (the demo, CI, a server's log) each redraw is a line, about 15 of them. There
+    the bar is off (tqdm's `disable=None`: off where stderr is no terminal) and `line` is printed
+    once; a terminal keeps the bar."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=None)
+    if not sys.stderr.isatty():
+        print(line, file=sys.stderr, flush=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _convert(gguf: Path, target: Path) -> None:
     """Dequantise a GGUF once into a checkpoint directory; later loads read that directory.
 
@@ -338,10 +359,11 @@ def _convert(gguf: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
+        with conversion_bars(f"converting {gguf.name} to a checkpoint (once, cached in {target})"):
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
         save_checkpoint(model, tokenizer, tmp)
         tmp.rename(target)
     except BaseException:

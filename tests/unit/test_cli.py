@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -226,6 +227,25 @@ def test_vectors_list_shows_the_shipped_vectors_and_their_scores(monkeypatch, ca
     assert code == 0 and "detectable_format:title" in stdout
 
 
+def test_vectors_list_is_readable_in_80_columns(monkeypatch, capsys):
+    from ifsteer.cli.app import out
+
+    monkeypatch.setattr(out, "_width", 80)
+    code, stdout, _ = run(monkeypatch, capsys, "vectors", "list", "--json")
+    rows = json.loads(stdout)
+    code, stdout, _ = run(monkeypatch, capsys, "vectors", "list")
+    lines = stdout.splitlines()
+    assert code == 0 and "…" not in stdout and max(len(line) for line in lines) <= 80
+    for row in rows:  # every id whole, the score and the unsteered score on its line
+        line = next(line for line in lines if line.startswith(row["instruction_id"] + " "))
+        scores = [row["score"], row["no_steering_score"]]
+        assert line.split()[-2:] == ["–" if v is None else f"{v:.2f}" for v in scores]
+        assert ("trained" in line.split()) == (row["method"] == "trained")
+    code, stdout, _ = run(monkeypatch, capsys, "vectors", "list", "--wide")
+    assert code == 0 and "…" not in stdout and rows[0]["point"] in stdout
+    assert rows[0]["status"] in stdout and rows[0]["method"] in stdout
+
+
 def test_generate_refuses_an_instruction_that_ships_no_vector(monkeypatch, capsys):
     code, _, stderr = run(
         monkeypatch, capsys, "generate", "-p", "Hi.", "--instruction-id", "free:nothing"
@@ -275,3 +295,17 @@ def test_eval_takes_vectors_or_the_shipped_ones_not_both(monkeypatch, capsys, tm
         str(tmp_path / "r"),
     )
     assert code == 2 and "--vectors or --shipped" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "command", [("serve",), ("eval",), ("extract",), ("vectors", "list"), ("run-paper",), ()]
+)
+def test_help_shows_what_a_user_types(monkeypatch, capsys, command):
+    """Not typer's Python types (`<int>`, `<bool>`, `<list[str]>`): a flag takes nothing."""
+    code, stdout, _ = run(monkeypatch, capsys, *command, "--help")
+    assert code == 0 and "--help" in stdout
+    assert not re.search(r"<(int|str|bool|float|path|list\[\w+\])>", stdout), stdout
+    if command == ("serve",):
+        assert re.search(r"--port\s+INTEGER", stdout) and re.search(r"--vectors\s+PATH", stdout)
+        assert re.search(r"--allow-transfer\s+--no-allow-transfer\s+Apply", stdout)
+        assert "ifsteer[vllm]" in stdout  # help text markup does not eat it

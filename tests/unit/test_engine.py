@@ -263,3 +263,62 @@ def test_joining_rows_are_bucketed_by_length(tiny_lm):
     lengths = [len(r.ids) for r in first]
     left = [len(r.ids) for r in engine._waiting]
     assert min(lengths) > max(left)  # the two long prompts join together, the short ones wait
+
+
+@pytest.mark.parametrize(
+    "degenerate",
+    [
+        Sampling(max_new_tokens=6, temperature=1e-300, seed=1),
+        Sampling(max_new_tokens=6, temperature=5e-324, seed=1),
+        Sampling(max_new_tokens=6, temperature=1.0, top_p=1e-46, seed=1),
+    ],
+)
+def test_a_row_float32_cannot_sample_falls_back_to_greedy_and_spares_its_neighbours(
+    tiny_lm, degenerate
+):
+    """Issue 17 §2.2: a temperature that overflows the logits (NaN after softmax) or a top_p
+    that rounds to 0 in float32 once failed the whole step; the server refuses them, and the
+    engine, which the runners drive without the server, decodes such a row greedily."""
+    greedy = [Job(p, sampling=Sampling(max_new_tokens=6)) for p in PROMPTS[:4]]
+    expected = run_jobs(tiny_lm, greedy, 4)
+    out = run_jobs(tiny_lm, [*greedy[:2], Job(PROMPTS[0], sampling=degenerate), *greedy[2:]], 5)
+    assert [c.text for c in out[:2] + out[3:]] == [c.text for c in expected]
+    assert out[2].text == expected[0].text  # its limit as the temperature goes to 0
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_prompt_prefilled_in_chunks_reads_as_in_one_forward(arch, tiny_tokenizer, monkeypatch):
+    """Issue 17 §2.3: prompts are prefilled PREFILL_CHUNK columns at a time; prompt-only
+    steering still sees every chunk as the prompt."""
+    if arch not in CONFIGS:
+        pytest.skip(f"no {arch} config")
+    lm = with_stop_token(make_tiny(CONFIGS[arch](), tiny_tokenizer, model_id=arch), monkeypatch)
+    rows = mixed_rows(arch)
+    jobs = [
+        Job(p, steering=r, sampling=Sampling(max_new_tokens=n))
+        for p, r, n in zip(PROMPTS, rows, LENGTHS, strict=True)
+    ]
+    engine = Engine(lm, batch_size=3, prefill_chunk=5)
+    ids = [engine.submit(job) for job in jobs]
+    done = engine.run()
+    expected = [alone(lm, p, r, n) for p, r, n in zip(PROMPTS, rows, LENGTHS, strict=True)]
+    assert [done[i].text for i in ids] == [lm.tokenizer.decode(e) for e in expected]
+
+
+def test_a_step_prefills_a_bounded_number_of_tokens(tiny_lm):
+    engine = Engine(tiny_lm, batch_size=8, prefill_tokens=100)
+    for prompt in PROMPTS:
+        engine.submit(Job(prompt))
+    widths = [len(r.ids) for r in engine._waiting]
+    assert max(widths) <= 100 < sum(widths)  # the premise: all would fit the batch, not the budget
+    first = engine._pick_joining()
+    assert len(first) * max(len(r.ids) for r in first) <= 100
+    alone_too_wide = Engine(tiny_lm, batch_size=8, prefill_tokens=1)
+    alone_too_wide.submit(Job(PROMPTS[1]))
+    alone_too_wide.submit(Job(PROMPTS[0]))
+    assert len(alone_too_wide._pick_joining()) == 1  # the head joins however long it is
+    bounded = Engine(tiny_lm, batch_size=8, prefill_tokens=100)
+    jobs = [Job(p, sampling=Sampling(max_new_tokens=4)) for p in PROMPTS]
+    ids = [bounded.submit(job) for job in jobs]
+    done = bounded.run()
+    assert [done[i].text for i in ids] == [c.text for c in run_jobs(tiny_lm, jobs, 8)]

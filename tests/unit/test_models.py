@@ -225,3 +225,22 @@ def test_a_cache_in_the_old_layout_is_upgraded_on_load(tmp_path, monkeypatch, ti
     # upgraded once, then left alone
     assert [(directory / f).stat().st_mtime_ns for f in (WEIGHTS, "config.json")] == stamps
     torch.testing.assert_close(_logits(again), _logits(tied_lm))
+
+
+def test_a_gguf_conversion_prints_one_line_where_stderr_is_no_terminal(capsys):
+    """Issue 17 §3: transformers' tqdm bar redrew into non-tty logs as ~15 lines."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from ifsteer.models import conversion_bars
+
+    def convert() -> None:
+        for _ in gguf_utils.tqdm(range(200), desc="Converting and de-quantizing", mininterval=0):
+            pass
+
+    convert()
+    assert "Converting" in capsys.readouterr().err  # the premise: the bar draws into a log
+    with conversion_bars("converting x.gguf (once)"):
+        convert()
+    err = capsys.readouterr().err
+    assert err == "converting x.gguf (once)\n"
+    assert gguf_utils.tqdm is not None and "functools" not in repr(gguf_utils.tqdm)

@@ -30,13 +30,13 @@ from ifsteer.backends.vllm.worker import Entry, VectorBank, apply_plan, build_pl
 from ifsteer.generation import Sampling, generate
 from ifsteer.instructions import custom_instruction
 from ifsteer.server import Limits, create_app, load_vector_dir
+from ifsteer.server.body import parse_request
 from ifsteer.server.jobs import chat_prompt
 from ifsteer.server.schema import (
     ApiError,
     ChatCompletionRequest,
     Message,
     SteeringSpec,
-    parse_request,
 )
 from ifsteer.steering import Steering, _resolve
 from ifsteer.vectors import default_layer, extract_instruction, load_vector, save_vectors

@@ -11,27 +11,20 @@ import asyncio
 import logging
 import select
 import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
-import uvicorn
 
 from ifsteer.models import LoadedModel
-from ifsteer.server import Limits, create_app, is_loopback, uvicorn_config
+from ifsteer.server import Limits, create_app, is_loopback
 from tests.conftest import make_tiny, tiny_llama_config
+from tests.unit.live import LiveServers
 
 MODEL = "tiny-llama"
 LIMITS = Limits(max_prompt_tokens=96, max_tokens=32, default_max_tokens=4, body_timeout_s=0.5)
 SLOW_S = 0.02  # per forward of the slowed model
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 Start = Callable[..., str]
@@ -40,31 +33,9 @@ Start = Callable[..., str]
 @pytest.fixture(scope="module")
 def start() -> Iterator[Start]:
     """Start a real uvicorn server, configured as `ifsteer serve` configures it; its URL."""
-    servers = []
-
-    def run(app: object, header_timeout_s: float = 10.0) -> str:
-        port = _free_port()
-        config = uvicorn_config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            log_level="warning",
-            header_timeout_s=header_timeout_s,
-        )
-        server = uvicorn.Server(config)
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.01)
-        servers.append((server, thread))
-        return f"http://127.0.0.1:{port}"
-
-    yield run
-    for server, thread in servers:
-        server.should_exit = True
-        thread.join(timeout=30)
+    servers = LiveServers()
+    yield servers
+    servers.close()
 
 
 @pytest.fixture(scope="module")
@@ -331,13 +302,14 @@ def _raw(url: str) -> socket.socket:
 def test_an_oversized_body_is_refused_while_it_is_read(url, http):
     sock = _raw(url)
     sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 200000000\r\n\r\n{"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 200000000\r\n\r\n{"
     )
     assert sock.recv(65536).startswith(b"HTTP/1.1 413")  # before any more of the body
     sock.close()
     sock = _raw(url)
     sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
         b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
@@ -404,7 +376,8 @@ def test_a_hang_up_mid_upload_logs_one_line(url, http):
         for _ in range(3):
             sock = _raw(url)
             sock.sendall(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\n"
                 b'Content-Length: 1000\r\n\r\n{"model": '
             )
             time.sleep(0.05)
@@ -423,7 +396,7 @@ def test_a_hang_up_mid_upload_logs_one_line(url, http):
 def test_unfinished_headers_and_bodies_are_timed_out(url, http):
     socks = [_raw(url) for _ in range(5)]
     for sock in socks:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never ends
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never ends
     started = time.monotonic()
     for sock in socks:
         sock.settimeout(5)
@@ -432,7 +405,10 @@ def test_unfinished_headers_and_bodies_are_timed_out(url, http):
     assert time.monotonic() - started < 5
 
     sock = _raw(url)
-    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+    )
     sock.settimeout(LIMITS.body_timeout_s + 5)
     assert sock.recv(1024).startswith(b"HTTP/1.1 408")
     sock.close()

@@ -51,7 +51,7 @@ class _Pending:
     """A job waiting for the worker, and how to hand its result back to the event loop."""
 
     job: Job
-    text: str  # what the engine reads
+    text: str | tuple[int, ...]  # what the engine reads
     formatted: bool  # engine Job(formatted=...)
     future: asyncio.Future[Completion]
     loop: asyncio.AbstractEventLoop
@@ -199,12 +199,15 @@ class BatchingEngine:
     def stats(self) -> dict[str, Any]:
         return {**self._stats, "queued": self._queue.qsize(), "in_flight": len(self._in_flight)}
 
-    def _generate_input(self, prompt: Prompt) -> tuple[str, bool]:
-        """Text and `formatted` flag that make the engine read exactly `prompt_ids(prompt)`.
+    def _generate_input(self, prompt: Prompt) -> tuple[str | tuple[int, ...], bool]:
+        """Text (or ids) and `formatted` flag that make the engine read exactly
+        `prompt_ids(prompt)`.
 
         The engine tokenizes unformatted text with special tokens, which would put a second
         BOS before a chat template's own: strip the template's, and check the ids agree.
         """
+        if prompt.ids is not None:  # content that must stay text: the ids say how
+            return prompt.ids, False
         if prompt.add_special_tokens:
             return prompt.text, False
         tok = self.tokenizer

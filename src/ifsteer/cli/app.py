@@ -69,13 +69,56 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     try:
-        app()
+        command = typer.main.get_command(app)
+        plain_metavars(command)
+        command(prog_name="ifsteer")
     except IfsteerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+_METAVARS = {int: "INTEGER", float: "NUMBER", str: "TEXT", bool: "BOOLEAN"}
+
+
+def plain_metavars(command: Any) -> None:
+    """Help shows what a user types after each option (`--port INTEGER`, `--vectors PATH`)
+    and nothing after a flag, where typer shows Python types (`<int>`, `<bool>`, `<list[str]>`).
+    A repeatable option reads `TEXT...`."""
+    from typing import get_args
+
+    for param in getattr(command, "params", []):
+        # typer carries its own copy of click: options are known by what they have
+        desc = getattr(param, "type_descriptor", None)
+        if desc is None or not hasattr(param, "is_flag") or param.metavar is not None:
+            continue
+        if param.is_flag or getattr(param, "count", False):
+            param.metavar = ""
+            continue
+        if desc.is_choice:
+            label = "|".join(str(c) for c in desc.choices or ())
+        elif desc.is_path:
+            label = "PATH"
+        else:
+            kind = (get_args(desc.annotation) or (str,))[0] if desc.is_list else desc.annotation
+            label = _METAVARS.get(kind, getattr(kind, "__name__", "VALUE").upper())
+        param.metavar = f"{label}..." if desc.is_list else label
+    if hasattr(command, "get_help_option"):  # built per call: a flag too
+        command.get_help_option = _flag_help(command.get_help_option)
+    for sub in getattr(command, "commands", {}).values():
+        plain_metavars(sub)
+
+
+def _flag_help(make: Any) -> Any:
+    def help_option(ctx: Any) -> Any:
+        option = make(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    return help_option
 
 
 def load(model: str, dtype: str) -> Any:

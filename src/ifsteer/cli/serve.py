@@ -34,6 +34,14 @@ def serve(
         "127.0.0.1"
     ),
     port: int = 8000,
+    allow_host: Annotated[
+        list[str] | None,
+        typer.Option(
+            metavar="NAME",
+            help="A host name loopback clients may send besides localhost (a local reverse "
+            "proxy's public name); repeatable.",
+        ),
+    ] = None,
     api_key: Annotated[
         str | None,
         typer.Option(envvar="IFSTEER_API_KEY", help="Require 'Authorization: Bearer KEY'."),
@@ -42,6 +50,9 @@ def serve(
         int, typer.Option(help="hf only: most requests decoded together (continuous batch).")
     ] = 32,
     max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt accepted.")] = 4096,
+    max_request_prompt_tokens: Annotated[
+        int, typer.Option(help="Prompt tokens of one request, all its prompts together.")
+    ] = 8192,
     max_tokens_limit: Annotated[int, typer.Option(help="Largest max_tokens accepted.")] = 1024,
     max_queued: Annotated[
         int, typer.Option(help="Completions generating or waiting; past it, a 429.")
@@ -72,6 +83,7 @@ def serve(
     named = load_vector_dir(vectors) if vectors else {}
     limits = Limits(
         max_prompt_tokens=max_prompt_tokens,
+        max_request_prompt_tokens=max_request_prompt_tokens,
         max_tokens=max_tokens_limit,
         max_queued=max_queued,
         request_timeout_s=request_timeout,
@@ -86,6 +98,7 @@ def serve(
             limits=limits,
             allow_transfer=allow_transfer,
             extract_pairs=extract_pairs,
+            allowed_hosts=allow_host or (),
         )
     else:
         engine = vllm_engine(
@@ -99,7 +112,12 @@ def serve(
             extract_pairs=extract_pairs,
         )
         application = build_app(
-            engine, named, api_key=api_key, limits=limits, allow_transfer=allow_transfer
+            engine,
+            named,
+            api_key=api_key,
+            limits=limits,
+            allow_transfer=allow_transfer,
+            allowed_hosts=allow_host or (),
         )
     if not is_loopback(host) and not api_key:
         print(

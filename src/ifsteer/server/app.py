@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +33,9 @@ from ifsteer.models import LoadedModel
 from ifsteer.shipped.points import Points
 from ifsteer.vectors import SteeringVector
 
+from .body import parse_request
 from .guard import Admission, BearerAuth, ClientGone, read_body, unless_abandoned, uvicorn_config
-from .jobs import build_job, chat_prompt
+from .jobs import build_job, chat_prompt, check_request_tokens, prompt_tokens
 from .registry import NamedVector, Resolved, VectorStore
 from .responses import Meta, chat_body, chat_chunks, completion_body, completion_chunks, sse
 from .schema import (
@@ -44,8 +45,8 @@ from .schema import (
     Limits,
     error_body,
     error_status,
-    parse_request,
 )
+from .transport import LocalOnly
 
 log = logging.getLogger("ifsteer.server")
 
@@ -70,6 +71,7 @@ def create_app(
     allow_transfer: bool = False,
     extract_pairs: int = 64,
     points: Points | None = None,
+    allowed_hosts: Sequence[str] = (),
 ) -> FastAPI:
     """The server around a loaded Hugging Face model and named vectors."""
     engine = BatchingEngine(
@@ -85,6 +87,7 @@ def create_app(
         limits=limits,
         allow_transfer=allow_transfer,
         points=points,
+        allowed_hosts=allowed_hosts,
     )
 
 
@@ -96,9 +99,11 @@ def build_app(
     limits: Limits | None = None,
     allow_transfer: bool = False,
     points: Points | None = None,
+    allowed_hosts: Sequence[str] = (),
 ) -> FastAPI:
     """The HTTP face over any engine: routes, errors, auth, streaming. `points`: where the
-    served model's calibrated points are (default: those that ship for it)."""
+    served model's calibrated points are (default: those that ship for it); `allowed_hosts`:
+    host names a loopback connection may name besides localhost (`transport.LocalOnly`)."""
     named = {
         name: v if isinstance(v, NamedVector) else NamedVector.single(v)
         for name, v in vectors.items()
@@ -115,11 +120,13 @@ def build_app(
         finally:
             await engine.close()
 
-    app = FastAPI(title="ifsteer", version=_version(), lifespan=lifespan)
+    # No redirect from `/v1/completions/`: a 307 on a POST is a surprise, not a route.
+    app = FastAPI(title="ifsteer", version=_version(), lifespan=lifespan, redirect_slashes=False)
     app.state.ifsteer = state
     _add_error_handlers(app)
     if state.api_key:
         app.add_middleware(BearerAuth, api_key=state.api_key)
+    app.add_middleware(LocalOnly, allowed_hosts=allowed_hosts)  # outermost: before the key
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -141,6 +148,13 @@ def build_app(
     @app.get("/v1/vectors")
     async def list_vectors() -> dict[str, Any]:
         return {"object": "list", "data": store.listing()}
+
+    for path, endpoint in (
+        ("/v1/models", models),
+        ("/v1/models/{model_id:path}", model),
+        ("/v1/vectors", list_vectors),
+    ):  # HEAD wherever GET is (uvicorn sends no body), kept out of the API docs
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Any:
@@ -191,17 +205,22 @@ def build_app(
                 param="prompt",
             )
 
+        prompts = [render_text(text) for text in texts]
+        counts = [prompt_tokens(engine, prompt) for prompt in prompts]
+        check_request_tokens(counts, limits, param="prompt")
+
         async def jobs() -> tuple[list[Job], list[Resolved]]:
             built = [
                 await build_job(
                     body,
-                    render_text(text),
+                    prompt,
                     engine=engine,
                     store=store,
                     limits=limits,
                     prompt_param="prompt",
+                    n_prompt=n,
                 )
-                for text in texts
+                for prompt, n in zip(prompts, counts, strict=True)
             ]
             return [job for job, _ in built], built[-1][1]
 
@@ -324,9 +343,14 @@ def _add_error_handlers(app: FastAPI) -> None:
         return _error(status, str(exc), code=code, param=param, headers=retry)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return _error(exc.status_code, str(exc.detail), code=code, headers=exc.headers)
+        message = str(exc.detail)
+        if exc.status_code in (404, 405):
+            message = f"{message}: {request.method} {request.url.path}"
+            if request.url.path.endswith("/") and request.url.path != "/":
+                message += " (routes have no trailing slash)"
+        return _error(exc.status_code, message, code=code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception) -> JSONResponse:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import h11
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -157,7 +158,7 @@ class BearerAuth:
         if scope["type"] != "http" or scope["path"] in self.open_paths or self._ok(scope):
             await self.app(scope, receive, send)
             return
-        await _send_json(
+        await send_json(
             send,
             401,
             error_body(
@@ -177,7 +178,7 @@ class BearerAuth:
         return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
 
 
-async def _send_json(
+async def send_json(
     send: Any, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]
 ) -> None:
     raw = json.dumps(body).encode()
@@ -229,6 +230,27 @@ class _TimedHeaders(H11Protocol):
             self._header_timer.cancel()
             self._header_timer = None
 
+    def send_400_response(self, msg: str) -> None:
+        """h11's protocol errors (a malformed request line, oversized headers) in OpenAI's
+        error shape, as every other error is, instead of uvicorn's text/plain."""
+        body = json.dumps(
+            error_body(
+                f"malformed HTTP request: {msg}", code="invalid_http", param=None, status=400
+            )
+        ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        for event in (
+            h11.Response(status_code=400, headers=headers, reason=b"Bad Request"),
+            h11.Data(data=body),
+            h11.EndOfMessage(),
+        ):
+            self.transport.write(self.conn.send(event))
+        self.transport.close()
+
     def _too_slow(self) -> None:
         self._header_timer = None
         if not self.transport.is_closing():
@@ -276,6 +298,7 @@ __all__ = [
     "ClientGone",
     "is_loopback",
     "read_body",
+    "send_json",
     "unless_abandoned",
     "uvicorn_config",
 ]

@@ -20,6 +20,21 @@ def chat_prompt(tokenizer: Any, messages: Sequence[Message]) -> Prompt:
         raise ApiError(str(exc), param="messages") from None
 
 
+def prompt_tokens(engine: Engine, prompt: Prompt) -> int:
+    return len(prompt_ids(engine.tokenizer, prompt))
+
+
+def check_request_tokens(counts: Sequence[int], limits: Limits, param: str) -> None:
+    """All of one request's prompts together, counted in tokens (each is checked alone too)."""
+    if sum(counts) > limits.max_request_prompt_tokens:
+        raise ApiError(
+            f"the {len(counts)} prompts have {sum(counts)} tokens together, the limit per "
+            f"request is {limits.max_request_prompt_tokens}; send them in several requests",
+            param=param,
+            code="context_length_exceeded",
+        )
+
+
 async def build_job(
     request: GenerationRequest,
     prompt: Prompt,
@@ -28,23 +43,28 @@ async def build_job(
     store: VectorStore,
     limits: Limits,
     prompt_param: str,
+    n_prompt: int | None = None,
 ) -> tuple[Job, list[Resolved]]:
-    """Check a request against the limits and the model, and resolve its steering."""
-    n_prompt = len(prompt_ids(engine.tokenizer, prompt))
+    """Check a request against the limits and the model, and resolve its steering.
+    `n_prompt`: the prompt's tokens, where the caller counted them already."""
+    if n_prompt is None:
+        n_prompt = prompt_tokens(engine, prompt)
     if n_prompt == 0:  # alone it is a 500 in the model; batched it would pass: refuse both
         raise ApiError("the prompt is empty once tokenized", param=prompt_param)
-    if n_prompt > limits.max_prompt_tokens:
+    limit = min(limits.max_prompt_tokens, limits.max_request_prompt_tokens)
+    if n_prompt > limit:
         raise ApiError(
-            f"the prompt has {n_prompt} tokens, the limit is {limits.max_prompt_tokens}",
+            f"the prompt has {n_prompt} tokens, the limit is {limit}",
             param=prompt_param,
             code="context_length_exceeded",
         )
     asked = request.requested_max_tokens()
     room = None if engine.context_length is None else engine.context_length - n_prompt
+    asked_as = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     if asked is not None and asked > limits.max_tokens:
         raise ApiError(
-            f"max_tokens {asked} is over the limit {limits.max_tokens}",
-            param="max_tokens",
+            f"{asked_as} {asked} is over the limit {limits.max_tokens}",
+            param=asked_as,
             code="invalid_value",
         )
     max_tokens = asked or limits.default_max_tokens
@@ -53,7 +73,7 @@ async def build_job(
             raise ApiError(
                 f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the "
                 f"model's context of {engine.context_length} tokens",
-                param="max_tokens" if asked else prompt_param,
+                param=asked_as if asked else prompt_param,
                 code="context_length_exceeded",
             )
         max_tokens = room

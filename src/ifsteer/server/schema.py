@@ -7,11 +7,10 @@ HTTP status and the field at fault, in OpenAI's error shape.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ifsteer.chat import Turn
 from ifsteer.errors import (
@@ -80,6 +79,10 @@ class Limits:
     """What one request may ask for; anything beyond is a 400, never a crash."""
 
     max_prompt_tokens: int = 4096
+    # All of one request's prompts together (a /v1/completions list): cost is tokens, not
+    # characters ("Z" and 300 combining marks are 1,800 tokens), and the engine prefills in
+    # steps of bounded tokens (engine.PREFILL_TOKENS), so one request cannot fill many steps.
+    max_request_prompt_tokens: int = 8192
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
     default_max_tokens: int = 128
     max_steering: int = 8  # entries in one request's `steering` list
@@ -166,18 +169,44 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-# Fields OpenAI clients may send that ifsteer does not implement: refused, never ignored.
+# Fields OpenAI (and vLLM) clients may send that ifsteer does not implement: refused, never
+# ignored. A value that asks for nothing (top_k -1, repetition_penalty 1, tool_choice "none",
+# modalities ["text"]) is let through, as clients send those defaults.
 _UNSUPPORTED: dict[str, str] = {
     "stop": "generation ends at the model's end-of-turn token or at max_tokens",
     "presence_penalty": "leave it out",
     "frequency_penalty": "leave it out",
+    "repetition_penalty": "leave it out",
     "logit_bias": "leave it out",
     "logprobs": "leave it out",
     "top_logprobs": "leave it out",
+    "top_k": "use top_p",
+    "min_p": "use top_p",
     "tools": "leave them out",
+    "tool_choice": "leave it out",
+    "functions": "leave them out",
+    "function_call": "leave it out",
+    "modalities": "text is the only output",
+    "audio": "text is the only output",
+    "reasoning_effort": "leave it out",
+    "prediction": "leave it out",
     "echo": "leave it out",
     "suffix": "leave it out",
 }
+# Values that ask for nothing: these by default, or the field's own.
+_NEUTRAL: tuple[Any, ...] = (None, False, 0, "", [], {})
+_NEUTRAL_OF: dict[str, tuple[Any, ...]] = {
+    "repetition_penalty": (None, 1),
+    "top_k": (None, 0, -1),
+    "tool_choice": (None, "none"),
+    "modalities": (None, ["text"]),
+}
+# Temperatures and top_p this close to 0 are greedy in all but name, and float32 cannot honour
+# them: logits / 1e-40 overflow to inf, and top_p 1e-46 rounds to 0, which keeps no token.
+MIN_TEMPERATURE = 1e-3
+MIN_TOP_P = 1e-6
+# The generator behind `seed` takes 32 bits: seeds 1 and 2**32 + 1 would give the same text.
+MAX_SEED = 2**32 - 1
 
 
 class GenerationRequest(BaseModel):
@@ -189,11 +218,14 @@ class GenerationRequest(BaseModel):
     model: str = Field(min_length=1)
     # Numbers are strict: `true` or `"1.0"` is a mistake to name, not a value to guess at.
     max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     temperature: float | None = Field(
         default=None, ge=0.0, le=2.0, allow_inf_nan=False, strict=True
     )
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False, strict=True)
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1, strict=True)  # int64
+    top_p: float | None = Field(
+        default=None, ge=MIN_TOP_P, le=1.0, allow_inf_nan=False, strict=True
+    )
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED, strict=True)
     n: int | None = Field(default=None, strict=True)
     stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
@@ -201,8 +233,21 @@ class GenerationRequest(BaseModel):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    repetition_penalty: Any = None
+    top_k: Any = None
+    min_p: Any = None
     user: str | None = None
     steering: list[SteeringSpec] | None = None
+
+    @field_validator("temperature")
+    @classmethod
+    def _honourable_temperature(cls, value: float | None) -> float | None:
+        if value is not None and 0.0 < value < MIN_TEMPERATURE:
+            raise ValueError(
+                f"a temperature above 0 must be at least {MIN_TEMPERATURE:g}; "
+                "send 0 for greedy decoding"
+            )
+        return value
 
     @field_validator("n")
     @classmethod
@@ -215,7 +260,8 @@ class GenerationRequest(BaseModel):
     def _supported(self) -> GenerationRequest:
         # ApiError is not a ValueError, so pydantic lets it through with our param and code.
         for name, hint in _UNSUPPORTED.items():
-            if getattr(self, name, None) not in (None, False, 0, 0.0, "", [], {}):
+            value = getattr(self, name, None)
+            if not any(_same(value, v) for v in _NEUTRAL_OF.get(name, _NEUTRAL)):
                 raise ApiError(
                     f"{name} is not supported by ifsteer; {hint}",
                     param=name,
@@ -227,15 +273,30 @@ class GenerationRequest(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
     def requested_max_tokens(self) -> int | None:
-        return self.max_tokens
+        return self.max_completion_tokens or self.max_tokens
+
+
+def _same(value: Any, neutral: Any) -> bool:
+    """Equal and of the same kind: `True` is not 1 here, nor `0` the string "none"."""
+    if isinstance(value, bool) or isinstance(neutral, bool):
+        return value is neutral
+    if isinstance(neutral, (int, float)):
+        return isinstance(value, (int, float)) and value == neutral
+    return type(value) is type(neutral) and value == neutral
 
 
 class ChatCompletionRequest(GenerationRequest):
     messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    modalities: Any = None
+    audio: Any = None
+    reasoning_effort: Any = None
+    prediction: Any = None
     response_format: dict[str, Any] | None = None
 
     @field_validator("response_format")
@@ -247,9 +308,6 @@ class ChatCompletionRequest(GenerationRequest):
                 "vector (detectable_format:json_format) instead"
             )
         return value
-
-    def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens or self.max_tokens
 
 
 class CompletionRequest(GenerationRequest):
@@ -277,71 +335,3 @@ class CompletionRequest(GenerationRequest):
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
-
-
-Request = TypeVar("Request", bound=BaseModel)
-
-
-def parse_request(raw: bytes, schema: type[Request], limits: Limits) -> Request:
-    """Body bytes to a request, or an `ApiError` that names the field at fault."""
-    if len(raw) > limits.max_body_bytes:
-        raise ApiError(
-            f"request body is {len(raw)} bytes, the limit is {limits.max_body_bytes}",
-            code="request_too_large",
-            status=413,
-        )
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(f"malformed JSON body: {exc}", code="invalid_json") from None
-    except RecursionError:
-        raise _too_deep(limits) from None
-    if not isinstance(data, dict):
-        raise ApiError("the JSON body must be an object", code="invalid_json")
-    _check_tree(data, limits)
-    try:
-        return schema.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
-        message = first["msg"].removeprefix("Value error, ")
-        raise ApiError(
-            f"{param}: {message}" if param else message, param=param, code="invalid_value"
-        ) from None
-
-
-def _too_deep(limits: Limits) -> ApiError:
-    return ApiError(
-        f"the JSON body nests deeper than {limits.max_json_depth} levels", code="invalid_json"
-    )
-
-
-def _check_tree(data: Any, limits: Limits) -> None:
-    """Depth and text checks no schema can make: validators recurse (a deep body is a
-    RecursionError), and a lone surrogate (`"\\ud800"`) is valid JSON that no tokenizer reads."""
-    stack: list[tuple[Any, int, str]] = [(data, 1, "")]
-    while stack:
-        node, depth, where = stack.pop()
-        if depth > limits.max_json_depth:
-            raise _too_deep(limits)
-        if isinstance(node, dict):
-            for key, value in node.items():
-                _check_text(key, where or None)
-                stack.append((value, depth + 1, f"{where}.{key}" if where else key))
-        elif isinstance(node, list):
-            stack.extend((value, depth + 1, f"{where}.{i}") for i, value in enumerate(node))
-        elif isinstance(node, str):
-            _check_text(node, where or None)
-
-
-def _check_text(text: str, param: str | None) -> None:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        where = f"{param}: " if param else ""
-        raise ApiError(
-            f"{where}the text holds a lone UTF-16 surrogate (such as \\ud800), which is not "
-            "a character",
-            param=param,
-            code="invalid_value",
-        ) from None

@@ -244,4 +244,9 @@ def test_bad_input_gets_the_hf_servers_4xx(url, body, status, code, param):
 
 def test_the_vector_directory_is_listed(url):
     listing = httpx.get(f"{url}/v1/vectors", headers={"authorization": f"Bearer {KEY}"}).json()
-    assert [(v["id"], v["fits_model"]) for v in listing["data"]] == [("odd", True)]
+    files = [(v["id"], v["fits_model"]) for v in listing["data"] if v["source"] == "file"]
+    assert files == [("odd", True)]
+    # the embedded model's shipped points are listed beside it, with their validation scores
+    shipped = {v["instruction_id"]: v for v in listing["data"] if v["source"] == "shipped"}
+    assert shipped["detectable_format:title"]["recommended"]
+    assert shipped["detectable_format:title"]["score"] is not None

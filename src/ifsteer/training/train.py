@@ -25,7 +25,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -274,20 +274,15 @@ def _saved_vector(
     n_examples: int,
     record: dict[str, Any],
 ) -> SteeringVector:
+    """The trained value as the paper's form: unit direction, its norm as the additive weight;
+    the same vector training applied (`_raw_vector`), with what the file records."""
     norm = float(value.norm())
-    return SteeringVector(
-        direction=(value / norm).cpu(),
+    return replace(
+        _raw_vector(lm, instruction, layer, (value / norm).cpu()),
         norm=norm,
-        layer=layer,
-        target=0.0,
-        model_id=lm.model_id,
-        hidden_size=lm.hidden_size,
-        instruction=instruction.phrasings[0],
-        instruction_id=instruction.id,
+        weight=norm,
         phrasings=instruction.phrasings,
         n_pairs=n_examples,
-        mode="additive",
-        weight=norm,
         extra={"training": record},
     )
 

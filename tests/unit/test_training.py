@@ -151,6 +151,41 @@ def test_the_competition_ships_the_trained_vector_only_where_it_scores_higher(
     assert [s.effective_mode for s in written.steerings()] == ["additive"]
     assert written.vectors[0].extra["training"]["method"] == "trained"
     assert compete(lm, iid, shipped, tmp_path / "work", config()) is None  # decided: skipped
+    # A trained winner is not retrained under another configuration either.
+    assert compete(lm, iid, shipped, tmp_path / "work", config(steps=3)) is None
+
+
+def test_a_lost_competition_is_retried_only_under_another_training_configuration(
+    lm, tmp_path, monkeypatch
+):
+    """Nothing passes, so the trained vector loses and the paper's vector stays; the same
+    configuration is then skipped, another one trains again and keeps the first round."""
+    competing = sys.modules["ifsteer.training.compete"]
+    from ifsteer.generation import Sampling
+    from ifsteer.vectors import extract_instruction
+
+    paper = extract_instruction(lm, LOWERCASE, [1], n_pairs=4)
+    shipped = tmp_path / "shipped.safetensors"
+    point = Point((1,), "projection", 1.0)
+    write_calibrated(
+        shipped, steerings_for(point, paper),
+        {"status": "searched", "recommended": False, "point": point.key},
+    )  # fmt: skip
+    monkeypatch.setattr(competing, "training_examples", lambda *a, **k: examples())
+    monkeypatch.setattr("ifsteer.search.check", lambda *_a: _Verdict(False))
+    run = {"sampling": Sampling(max_new_tokens=2), "n_prompts": 2}
+    first = compete(lm, LOWERCASE.id, shipped, tmp_path / "work", config(), **run)
+    assert first is not None and first.winner == "none"
+    kept = read_calibrated(shipped)
+    assert kept.calibration.get("method", "mean_difference") == "mean_difference"
+    assert torch.equal(kept.vectors[0].direction, paper[1].direction)
+    assert compete(lm, LOWERCASE.id, shipped, tmp_path / "work", config(), **run) is None
+    second = compete(lm, LOWERCASE.id, shipped, tmp_path / "work", config(steps=3), **run)
+    assert second is not None and second.winner == "none"
+    competition = read_calibrated(shipped).calibration["competition"]
+    assert competition["config"]["steps"] == 3
+    assert [r["config"]["steps"] for r in competition["earlier"]] == [config().steps]
+    assert len(list((tmp_path / "work" / "trained").glob("*.safetensors"))) == 2
 
 
 class _Verdict:

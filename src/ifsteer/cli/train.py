@@ -45,6 +45,9 @@ def train(
     steps: Annotated[int, typer.Option(help="Optimiser steps.")] = 60,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 8,
     lr: Annotated[float, typer.Option(help="Adam learning rate.")] = 0.05,
+    max_target_tokens: Annotated[
+        int, typer.Option(help="Target tokens kept per example (its start).")
+    ] = 64,
     max_norm_ratio: Annotated[
         float, typer.Option(help="Cap on the vector's norm, as a share of the residual norm.")
     ] = 0.5,
@@ -65,8 +68,10 @@ def train(
         raise InvalidSteering("give exactly one of --instruction-id and --instruction")
     if targets not in ("rule", "distill", "auto"):
         raise InvalidSteering(f"unknown --targets {targets!r}; choose rule, distill or auto")
-    if steps < 1 or batch_size < 1 or not lr > 0 or not max_norm_ratio > 0:
-        raise InvalidSteering("--steps, --batch-size, --lr and --max-norm-ratio must be positive")
+    if min(steps, batch_size, max_target_tokens) < 1 or not lr > 0 or not max_norm_ratio > 0:
+        raise InvalidSteering(
+            "--steps, --batch-size, --lr, --max-target-tokens and --max-norm-ratio must be positive"
+        )
     spec = get_instruction(instruction_id) if instruction_id else custom_instruction(instruction)
     set_threads(threads)
     lm = load(model, dtype)
@@ -75,6 +80,7 @@ def train(
         steps=steps,
         batch_size=batch_size,
         lr=lr,
+        max_target_tokens=max_target_tokens,
         max_norm_ratio=max_norm_ratio,
         seed=seed,
     )
@@ -136,10 +142,15 @@ def vectors_build(
     layers_only: Annotated[bool, typer.Option(help="Stage 1 of the search only.")] = False,
     trained: Annotated[
         bool,
-        typer.Option(help="Then train a vector per instruction; the better method ships."),
+        typer.Option(
+            help="Then train a vector per instruction; the better method ships. A rerun with "
+            "other --train-* settings retries the instructions the trained vector lost."
+        ),
     ] = False,
     train_layers: LayersOption = "18",
     train_steps: int = 60,
+    train_lr: float = 0.05,
+    train_max_target_tokens: int = 64,
     threads: ThreadsOption = None,
 ) -> None:
     """Rebuild calibrated vectors (seeded, resumable: rerun the same command to continue)."""
@@ -185,5 +196,14 @@ def vectors_build(
     ids = [i for i in only.split(",") if i]
     builder.run(chosen, ids, quick=quick, pending_only=pending_only)
     if trained:
-        config = TrainConfig(layers=tuple(csv_ints(train_layers) or ()), steps=train_steps)
+        if min(train_steps, train_max_target_tokens) < 1 or not train_lr > 0:
+            raise InvalidSteering(
+                "--train-steps, --train-lr and --train-max-target-tokens must be positive"
+            )
+        config = TrainConfig(
+            layers=tuple(csv_ints(train_layers) or ()),
+            steps=train_steps,
+            lr=train_lr,
+            max_target_tokens=train_max_target_tokens,
+        )
         builder.trained(chosen, ids, config)

@@ -10,14 +10,18 @@ fine) never ships. The file records both contenders (`extra.calibration.competit
 user sees what the loser scored.
 
 Resumable: the trained vector is written to the work folder before it is validated, every
-validation answer is logged, and an instruction whose file already records a competition is
-skipped.
+validation answer is logged, and an instruction is skipped where its file records a trained
+winner or a competition held with the same training configuration. A rerun with another
+configuration (more steps, longer targets) therefore retries exactly the instructions the
+trained vector lost, and keeps the earlier rounds in the record (`competition.earlier`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +46,12 @@ from ifsteer.vectors import load_vectors, save_vectors
 __all__ = ["Contest", "compete", "training_examples"]
 
 FLUENCY = Fluency()
-ANSWER_TOKENS = 160
+ANSWER_TOKENS = 160  # the unsteered answers the rules rewrite (targets are cut at training)
 # A trained vector is validated at its trained size and at half of it: where the full vector
 # breaks answers, half of it may still steer. No point that newly breaks more than MAX_BROKEN
 # of the answers (degenerate where the unsteered answer reads fine) ships, however it scores.
 TRAINED_SCALES = (1.0, 0.5)
-MAX_BROKEN = 0.2  # unsteered answers the rules rewrite; targets use their first 64 tokens
+MAX_BROKEN = 0.2
 
 
 @dataclass
@@ -103,11 +107,15 @@ def compete(
     progress: Progress | None = None,
 ) -> Contest | None:
     """Train, validate and keep the winner in `shipped`; None where the file already records
-    a competition."""
+    a trained winner or a competition under this `config`."""
     current = read_calibrated(shipped)
-    if "competition" in current.calibration:
+    earlier = current.calibration.get("competition")
+    settings = _settings(config)
+    if earlier is not None and (
+        earlier.get("winner") == METHOD or earlier.get("config") == settings
+    ):
         return None
-    name = file_name(instruction_id).removesuffix(".safetensors")
+    name = f"{file_name(instruction_id).removesuffix('.safetensors')}.{_tag(settings)}"
     trained_path = work / "trained" / f"{name}.safetensors"
     if trained_path.is_file():
         vectors, _ = load_vectors(trained_path)
@@ -143,7 +151,12 @@ def compete(
     paper_score = paper.get("score") if current.recommended else None
     winner = _winner(best if eligible else None, baseline, paper_score)
     record = _competition(tried, baseline, current.calibration, paper_score, winner)
-    record |= {"n_prompts": n_prompts, "max_new_tokens": sampling.max_new_tokens}
+    record |= {
+        "n_prompts": n_prompts,
+        "max_new_tokens": sampling.max_new_tokens,
+        "config": settings,
+        "earlier": _rounds(earlier),
+    }
     if winner == METHOD:
         write_calibrated(
             shipped,
@@ -155,6 +168,23 @@ def compete(
             shipped, current.steerings(), {**current.calibration, "competition": record}
         )
     return Contest(instruction_id, best, baseline, paper_score, winner)
+
+
+def _settings(config: TrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(config)))  # as a file's metadata reads it back
+
+
+def _tag(settings: Mapping[str, Any]) -> str:
+    """A short name for a training configuration: its vectors and logs never mix with another's."""
+    text = json.dumps(settings, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _rounds(earlier: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+    """Earlier competitions, oldest first, each without its own history."""
+    if earlier is None:
+        return []
+    return [*earlier.get("earlier", []), {k: v for k, v in earlier.items() if k != "earlier"}]
 
 
 def _winner(best: PointResult | None, baseline: PointResult, paper_score: float | None) -> str:

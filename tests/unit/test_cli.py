@@ -215,6 +215,28 @@ def test_threads_and_batch_size_must_be_positive(monkeypatch, capsys, tmp_path):
         assert code == 2 and option in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("train", "--out", "v.safetensors", "--instruction-id", "punctuation:no_comma",
+         "--loss", "hinge"),
+        ("vectors", "build", "--trained", "--train-loss", "hinge"),
+        ("vectors", "build", "--trained", "--train-lr", "0"),
+        ("train", "--out", "v.safetensors", "--instruction-id", "punctuation:no_comma",
+         "--max-target-tokens", "0"),
+    ],
+)  # fmt: skip
+def test_training_options_are_checked_before_any_model_loads(monkeypatch, capsys, args):
+    monkeypatch.setattr("ifsteer.cli.train.load", _no_model_may_load)
+    code, _, err = run(monkeypatch, capsys, *args)
+    assert code == 2 and "Traceback" not in err
+    assert ("unknown loss 'hinge'" in err) or ("must be positive" in err)
+
+
+def _no_model_may_load(*_args: object) -> None:
+    raise AssertionError("a model loaded before the options were checked")
+
+
 def test_vectors_list_shows_the_shipped_vectors_and_their_scores(monkeypatch, capsys):
     code, stdout, _ = run(monkeypatch, capsys, "vectors", "list", "--json")
     assert code == 0

@@ -3,6 +3,7 @@ a seed fixes the result, and the competition ships the better method."""
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import replace
 
@@ -14,7 +15,7 @@ from ifsteer.instructions import get_instruction
 from ifsteer.search import Point, steerings_for
 from ifsteer.shipped import read_calibrated, write_calibrated
 from ifsteer.steering import Steering
-from ifsteer.training import Example, TrainConfig, compete, train_vectors
+from ifsteer.training import Example, TrainConfig, compete, objective, train_vectors
 from ifsteer.training import train as training
 from ifsteer.vectors import load_vectors, save_vectors
 from tests.conftest import make_tiny, tiny_llama_config
@@ -61,15 +62,15 @@ def test_a_saved_vector_steers_through_steer_exactly_as_in_training(lm, tmp_path
     trained = train_vectors(lm, LOWERCASE, examples(), config(layers=(1, 2)))
     path = save_vectors(tmp_path / "v.safetensors", list(trained.vectors.values()))
     loaded, _ = load_vectors(path)
-    batch = training._batch(lm, [training._tokens(lm, e, 64) for e in examples()[:4]])
+    batch = objective.batch(lm, [objective.tokens_of(lm, e, 64) for e in examples()[:4]])
     raw = [
         Steering(training._raw_vector(lm, LOWERCASE, layer, v.direction * v.norm))
         for layer, v in trained.vectors.items()
     ]
     with torch.no_grad():
-        during = training.target_loss(lm, raw, batch)
-        after = training.target_loss(lm, [Steering(v) for v in loaded.values()], batch)
-        unsteered = training.target_loss(lm, [], batch)
+        during = objective.target_loss(lm, raw, batch)
+        after = objective.target_loss(lm, [Steering(v) for v in loaded.values()], batch)
+        unsteered = objective.target_loss(lm, [], batch)
     torch.testing.assert_close(after, during, rtol=1e-5, atol=1e-5)
     assert float(after) < float(unsteered)
 
@@ -90,11 +91,62 @@ def test_training_leaves_the_model_frozen_as_it_was(lm):
     assert all(torch.equal(a, b) for a, b in zip(before, lm.model.parameters(), strict=True))
 
 
+def paired() -> list[Example]:
+    """Rule targets with the answers they rewrote (the capitalised original)."""
+    return [
+        replace(e, rejected="The Answer Is Small And Plain.", rejected_finished=True)
+        for e in examples()
+    ]
+
+
+def test_the_preference_loss_raises_the_target_over_the_answer_it_rewrote(lm):
+    trained = train_vectors(lm, LOWERCASE, paired(), config(loss="preference"))
+    assert trained.record["loss"]["held_out_best"] < trained.record["loss"]["held_out_unsteered"]
+    rows = [objective.tokens_of(lm, e, 64) for e in paired()[:4]]
+    steered = [Steering(v) for v in trained.vectors.values()]
+    pairs = objective.pairs(lm, rows)
+    with torch.no_grad():
+        before, _ = objective.pair_log_probs(lm, [], pairs)
+        after, _ = objective.pair_log_probs(lm, steered, pairs)
+    gain = after - before
+    assert bool((gain[:4] > gain[4:]).all())  # the target gained more than the rejected answer
+
+
+def test_the_preference_term_is_log_2_at_no_steering_and_skips_rows_without_a_rejection():
+    log_probs = torch.tensor([-3.0, -5.0, -4.0, -5.0])
+    nll = torch.tensor(0.5)
+    both = torch.tensor([True, True])
+    at_rest = objective.preference_loss(log_probs, nll, log_probs, both, beta=0.1)
+    torch.testing.assert_close(at_rest, torch.tensor(0.5 + math.log(2)))
+    gained = log_probs + torch.tensor([1.0, 0.0, 0.0, 0.0])  # only row 0's target gains
+    only_second = torch.tensor([False, True])
+    torch.testing.assert_close(
+        objective.preference_loss(gained, nll, log_probs, only_second, beta=0.1), at_rest
+    )
+    assert objective.preference_loss(gained, nll, log_probs, both, beta=0.1) < at_rest
+
+
+def test_a_rows_reference_does_not_depend_on_the_batch_it_was_computed_in(lm):
+    """References are cached per row: padding to a longer neighbour must not change them."""
+    short = objective.tokens_of(lm, paired()[0], 64)
+    long = objective.tokens_of(
+        lm, replace(paired()[1], target="the answer is small and plain. " * 8), 64
+    )
+    with torch.no_grad():
+        alone, _ = objective.pair_log_probs(lm, [], objective.pairs(lm, [short]))
+        padded, _ = objective.pair_log_probs(lm, [], objective.pairs(lm, [short, long]))
+    torch.testing.assert_close(padded[[0, 2]], alone, rtol=1e-5, atol=1e-4)
+
+
 def test_bad_requests_are_refused_with_one_line(lm):
     with pytest.raises(InvalidSteering, match="out of range"):
         train_vectors(lm, LOWERCASE, examples(), config(layers=(9,)))
     with pytest.raises(InvalidSteering, match="at least 4"):
         train_vectors(lm, LOWERCASE, examples()[:2], config())
+    with pytest.raises(InvalidSteering, match="unknown loss"):
+        train_vectors(lm, LOWERCASE, examples(), config(loss="hinge"))
+    with pytest.raises(InvalidSteering, match="rejected answer"):
+        train_vectors(lm, LOWERCASE, examples(), config(loss="preference"))
 
 
 def test_the_competition_ships_the_trained_vector_only_where_it_scores_higher(

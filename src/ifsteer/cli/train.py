@@ -27,6 +27,22 @@ LayersOption = Annotated[
     str, typer.Option(help="Comma-separated layers trained jointly, e.g. 18 or 14,18.")
 ]
 
+LossOption = Annotated[
+    str,
+    typer.Option(
+        help="likelihood (of the targets) | preference (the targets over the answers a rule "
+        "rewrote; rule targets only)."
+    ),
+]
+
+
+def check_loss(loss: str) -> None:
+    """Before the model loads: a typo costs a second, not a minute."""
+    from ifsteer.training.objective import LOSSES
+
+    if loss not in LOSSES:
+        raise InvalidSteering(f"unknown loss {loss!r}; choose {' or '.join(LOSSES)}")
+
 
 @app.command()
 def train(
@@ -51,6 +67,7 @@ def train(
     max_norm_ratio: Annotated[
         float, typer.Option(help="Cap on the vector's norm, as a share of the residual norm.")
     ] = 0.5,
+    loss: LossOption = "likelihood",
     seed: int = 0,
     threads: ThreadsOption = None,
     dtype: DtypeOption = "float32",
@@ -66,6 +83,7 @@ def train(
 
     if (instruction is None) == (instruction_id is None):
         raise InvalidSteering("give exactly one of --instruction-id and --instruction")
+    check_loss(loss)
     if targets not in ("rule", "distill", "auto"):
         raise InvalidSteering(f"unknown --targets {targets!r}; choose rule, distill or auto")
     if min(steps, batch_size, max_target_tokens) < 1 or not lr > 0 or not max_norm_ratio > 0:
@@ -82,6 +100,7 @@ def train(
         lr=lr,
         max_target_tokens=max_target_tokens,
         max_norm_ratio=max_norm_ratio,
+        loss=loss,
         seed=seed,
     )
     if not config.layers:
@@ -102,11 +121,11 @@ def train(
     with progress_bar(f"training {spec.id}", config.steps) as advance:
         trained = train_vectors(lm, spec, examples, config, progress=advance)
     save_vectors(out_path, list(trained.vectors.values()))
-    loss = trained.record["loss"]
+    curve = trained.record["loss"]
     out.print(
         f"wrote {out_path}: layers {list(trained.vectors)}, {len(examples)} examples "
-        f"({trained.record['targets']}), held-out loss {loss['held_out_unsteered']:.3f} -> "
-        f"{loss['held_out_best']:.3f} (step {trained.record['best_step']}), "
+        f"({trained.record['targets']}), held-out loss {curve['held_out_unsteered']:.3f} -> "
+        f"{curve['held_out_best']:.3f} (step {trained.record['best_step']}), "
         f"{(time.perf_counter() - started) / 60:.1f} min"
     )
 
@@ -151,6 +170,7 @@ def vectors_build(
     train_steps: int = 60,
     train_lr: float = 0.05,
     train_max_target_tokens: int = 64,
+    train_loss: LossOption = "likelihood",
     threads: ThreadsOption = None,
 ) -> None:
     """Rebuild calibrated vectors (seeded, resumable: rerun the same command to continue)."""
@@ -161,6 +181,11 @@ def vectors_build(
     from ifsteer.shipped.build import GROUPS, Builder
     from ifsteer.training import TrainConfig
 
+    check_loss(train_loss)
+    if min(train_steps, train_max_target_tokens) < 1 or not train_lr > 0:
+        raise InvalidSteering(
+            "--train-steps, --train-lr and --train-max-target-tokens must be positive"
+        )
     chosen = [g for g in groups.split(",") if g]
     unknown = [g for g in chosen if g not in GROUPS]
     if unknown:
@@ -196,14 +221,11 @@ def vectors_build(
     ids = [i for i in only.split(",") if i]
     builder.run(chosen, ids, quick=quick, pending_only=pending_only)
     if trained:
-        if min(train_steps, train_max_target_tokens) < 1 or not train_lr > 0:
-            raise InvalidSteering(
-                "--train-steps, --train-lr and --train-max-target-tokens must be positive"
-            )
         config = TrainConfig(
             layers=tuple(csv_ints(train_layers) or ()),
             steps=train_steps,
             lr=train_lr,
             max_target_tokens=train_max_target_tokens,
+            loss=train_loss,
         )
         builder.trained(chosen, ids, config)

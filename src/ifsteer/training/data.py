@@ -83,7 +83,16 @@ def rule_examples(instruction_id: str, answers: Sequence[Answer]) -> list[Exampl
         target = rewrite(instruction_id, answer.text, answer.finished)
         if target is None or not check(check_id, kwargs, answer.query, target.text).strict:
             continue
-        examples.append(Example(answer.query, target.text, target.finished, "rule"))
+        examples.append(
+            Example(
+                answer.query,
+                target.text,
+                target.finished,
+                "rule",
+                rejected=answer.text,
+                rejected_finished=answer.finished,
+            )
+        )
     return examples
 
 

@@ -12,10 +12,11 @@ Training steers through `steering.steer` itself, with the raw parameter as the v
 saved vector (unit direction × its norm as the additive weight) is applied exactly as it was
 trained.
 
-Fluency is guarded two ways, both cheap on a CPU: the vector's norm is capped at a fraction of
-the layer's mean residual norm (`TrainConfig.max_norm_ratio`: a vector as large as the stream
-itself replaces what the model computed), and the vector kept is the one with the lowest loss
-on held-out examples (checked every `eval_every` steps), not the last.
+The loss, the targets' likelihood or that plus a preference over the rewritten answers, is
+`objective`'s. Fluency is guarded two ways, both cheap on a CPU: the vector's norm is capped at
+a fraction of the layer's mean residual norm (`TrainConfig.max_norm_ratio`: a vector as large
+as the stream itself replaces what the model computed), and the vector kept is the one with the
+lowest loss on held-out examples (checked every `eval_every` steps), not the last.
 """
 
 from __future__ import annotations
@@ -30,27 +31,17 @@ from typing import Any
 
 import torch
 
-from ifsteer.chat import prompt_ids, render_chat
 from ifsteer.errors import InvalidSteering
 from ifsteer.instructions import Instruction
 from ifsteer.models import LoadedModel
-from ifsteer.steering import Steering, steer
+from ifsteer.steering import Steering
+from ifsteer.training.objective import LOSSES, Example, Objective, batch, tokens_of
 from ifsteer.vectors import SteeringVector
 
 __all__ = ["Example", "TrainConfig", "Trained", "train_vectors"]
 
 Progress = Callable[[int], None]
 METHOD = "trained"
-
-
-@dataclass(frozen=True)
-class Example:
-    """One prompt without the instruction and an answer that follows it."""
-
-    prompt: str
-    target: str
-    finished: bool  # the turn ends after the target: its end-of-turn token is a target too
-    source: str  # "rule" or "distill"
 
 
 @dataclass(frozen=True)
@@ -64,6 +55,8 @@ class TrainConfig:
     eval_every: int = 10
     held_out: float = 0.1
     seed: int = 0
+    loss: str = "likelihood"  # or "preference" (see the module docstring)
+    beta: float = 0.1  # the preference term's temperature on summed log-probabilities
 
 
 @dataclass
@@ -72,46 +65,6 @@ class Trained:
 
     vectors: dict[int, SteeringVector]
     record: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class _Tokens:
-    ids: list[int]
-    n_prompt: int
-
-
-def _tokens(lm: LoadedModel, example: Example, max_target: int) -> _Tokens:
-    prompt = prompt_ids(lm.tokenizer, render_chat(lm.tokenizer, [("user", example.prompt)]))
-    target = list(lm.tokenizer(example.target, add_special_tokens=False).input_ids)[:max_target]
-    if example.finished and len(target) < max_target:
-        target.append(_end_of_turn(lm))
-    return _Tokens(prompt + target, len(prompt))
-
-
-def _end_of_turn(lm: LoadedModel) -> int:
-    """The token a chat turn ends with (the template's), or EOS for base models."""
-    vocab = lm.tokenizer.get_vocab()
-    if lm.is_chat and "<|im_end|>" in vocab:
-        return int(vocab["<|im_end|>"])
-    eos = lm.tokenizer.eos_token_id
-    if eos is None:
-        raise InvalidSteering("the tokenizer has no end-of-turn token to train towards")
-    return int(eos)
-
-
-def _batch(lm: LoadedModel, rows: Sequence[_Tokens]) -> tuple[torch.Tensor, ...]:
-    """Right-padded ids, mask and labels (-100 on prompt and padding)."""
-    width = max(len(r.ids) for r in rows)
-    pad = int(lm.tokenizer.pad_token_id or 0)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, r in enumerate(rows):
-        n = len(r.ids)
-        ids[i, :n] = torch.tensor(r.ids)
-        mask[i, :n] = 1
-        labels[i, r.n_prompt : n] = torch.tensor(r.ids[r.n_prompt :])
-    return ids.to(lm.device), mask.to(lm.device), labels.to(lm.device)
 
 
 def _raw_vector(lm: LoadedModel, instruction: Instruction, layer: int, value: torch.Tensor):
@@ -127,20 +80,6 @@ def _raw_vector(lm: LoadedModel, instruction: Instruction, layer: int, value: to
         instruction_id=instruction.id,
         mode="additive",
         weight=1.0,
-    )
-
-
-def target_loss(
-    lm: LoadedModel,
-    steerings: Sequence[Steering],
-    batch: tuple[torch.Tensor, ...],
-) -> torch.Tensor:
-    """Mean negative log-likelihood of the target tokens, steered by `steerings`."""
-    ids, mask, labels = batch
-    with steer(lm, steerings):
-        logits = lm.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
     )
 
 
@@ -178,14 +117,20 @@ def train_vectors(
             )
     if len(examples) < 4:
         raise InvalidSteering(f"{len(examples)} training examples: need at least 4")
+    if config.loss not in LOSSES:
+        raise InvalidSteering(f"unknown loss {config.loss!r}; choose {' or '.join(LOSSES)}")
+    if config.loss == "preference" and not any(e.rejected is not None for e in examples):
+        raise InvalidSteering(
+            "the preference loss needs examples with a rejected answer (rule targets)"
+        )
     started = time.perf_counter()
     rng = random.Random(config.seed)
     order = list(range(len(examples)))
     rng.shuffle(order)
     n_held = max(2, round(len(examples) * config.held_out))
-    tokens = [_tokens(lm, examples[i], config.max_target_tokens) for i in order]
+    tokens = [tokens_of(lm, examples[i], config.max_target_tokens) for i in order]
     held, train = tokens[:n_held], tokens[n_held:]
-    held_batch = _batch(lm, held)
+    held_batch = batch(lm, held)
     torch.manual_seed(config.seed)
     values = {
         layer: torch.nn.Parameter(torch.randn(lm.hidden_size, device=lm.device) * 1e-3)
@@ -202,19 +147,20 @@ def train_vectors(
             for layer, value in values.items()
         ]
 
+    objective = Objective(lm, config.loss, config.beta)
     optimizer = torch.optim.Adam(list(values.values()), lr=config.lr)
     losses: list[float] = []
     held_losses: dict[int, float] = {}
     best: tuple[float, int, dict[int, torch.Tensor]] = (math.inf, 0, {})
     with _frozen(lm), torch.enable_grad():
         with torch.no_grad():
-            best = (float(target_loss(lm, [], held_batch)), 0, {})
+            best = (float(objective(held, [])), 0, {})
         held_losses[0] = best[0]
         cursor = 0
         for step in range(1, config.steps + 1):
             rows = [train[(cursor + k) % len(train)] for k in range(config.batch_size)]
             cursor += config.batch_size
-            loss = target_loss(lm, steerings(), _batch(lm, rows))
+            loss = objective(rows, steerings())
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -226,7 +172,7 @@ def train_vectors(
             losses.append(float(loss.detach()))
             if step % config.eval_every == 0 or step == config.steps:
                 with torch.no_grad():
-                    held_loss = float(target_loss(lm, steerings(), held_batch))
+                    held_loss = float(objective(held, steerings()))
                 held_losses[step] = held_loss
                 if held_loss < best[0]:
                     best = (held_loss, step, {k: v.detach().clone() for k, v in values.items()})

@@ -52,7 +52,7 @@ def apply_choice(
     best steered point. When "no steering" wins, the default layer stays as it was.
     """
     paths = [_path(f) for f in (files.values() if isinstance(files, Mapping) else files)]
-    best = best_steered(result.grid)
+    best = best_steered(result.grid) if any(p.steered for p in result.grid) else None
     baseline = next((p for p in result.grid if p.layer is None), None)
     record = {
         "layer": result.chosen.layer,

@@ -3,9 +3,10 @@
 All points of all prompts (of all the sweeps run together, `sweeps`) are jobs of one
 continuous-batching `Engine`, each row steered at its own layer by per-row steering; a row
 whose check has failed for good stops early (`deciders.row_failure`). Each response is
-checked with IFEval's *loose* checkers and scored for fluency: a response that repeats itself
-(more than half of its word trigrams seen before), or optionally that the unsteered model finds
-implausibly predictable (perplexity < 2.5), is *degenerate*. Only rows every one of whose
+checked with IFEval's *loose* checkers and scored for fluency by the paper's rule
+(`quality.PAPER_FLUENCY`): a response that repeats itself (more than half of its word trigrams
+seen before), or optionally that the unsteered model finds implausibly predictable
+(perplexity < 2.5), is *degenerate*. Only rows every one of whose
 instructions a vector steers can calibrate (`Row.fully_served`).
 """
 
@@ -21,10 +22,8 @@ from typing import Any
 from ifsteer import quality
 from ifsteer.calibration.answers import AnswerLog
 from ifsteer.calibration.grid import (
-    MAX_DEGENERATE,
-    MAX_REPETITION,
-    MIN_PERPLEXITY,
-    Fluency,
+    Choice,
+    FluencyStats,
     GridPoint,
     SweepResult,
     choose,
@@ -35,6 +34,7 @@ from ifsteer.deciders import row_failure
 from ifsteer.engine import Completion, Engine, EngineFactory, Job, Sampling
 from ifsteer.errors import IfsteerError, InvalidSteering, VectorMismatch
 from ifsteer.models import LoadedModel
+from ifsteer.quality import PAPER_FLUENCY, Fluency
 from ifsteer.rows import Row, group_of
 from ifsteer.steering import Steering
 from ifsteer.vectors import (
@@ -187,7 +187,7 @@ def sweeps(
     sampling: Sampling = DEFAULT_SAMPLING,
     batch_size: int | None = None,
     perplexity: bool = False,
-    max_degenerate: float = MAX_DEGENERATE,
+    fluency: Fluency = PAPER_FLUENCY,
     early_stop: bool = True,
     progress: Progress | None = None,
     engine: EngineFactory = Engine,
@@ -254,7 +254,7 @@ def sweeps(
             [slot if isinstance(slot, Completion) else done[slot] for slot in plan_slots],
             sampling,
             perplexity,
-            max_degenerate,
+            fluency,
         )
         for plan, plan_slots in zip(planned, slots, strict=True)
     ]
@@ -284,7 +284,7 @@ def _score(
     completions: Sequence[Completion],
     sampling: Sampling,
     perplexity: bool,
-    max_degenerate: float,
+    fluency: Fluency,
 ) -> SweepResult:
     request, usable = plan.request, plan.usable
     texts = [c.text for c in completions]
@@ -311,16 +311,14 @@ def _score(
                 "decided": completion.finish_reason == "decided",
                 "repetition": quality.repetition_rate(text),
                 "perplexity": x,
-                "degenerate": quality.is_degenerate(
-                    text, x, max_repetition=MAX_REPETITION, min_perplexity=MIN_PERPLEXITY
-                ),
+                "degenerate": fluency.degenerate(text, x),
             }
         )
     points = request.points
     by_point: list[list[dict[str, Any]]] = [[] for _ in points]
     for (p, *_), record in zip(plan.jobs, records, strict=True):
         by_point[p].append(record)
-    grid = [_grid_point(points[p], by_point[p], max_degenerate) for p in range(len(points))]
+    grid = [_grid_point(points[p], by_point[p], fluency) for p in range(len(points))]
     first = next(iter(plan.files[plan.needed[0]].values()))
     return SweepResult(
         instruction_id=request.instruction_id or group_of(usable[0][0]),
@@ -328,29 +326,30 @@ def _score(
         with_instruction=request.with_instruction,
         mode=request.mode or first.mode,
         grid=grid,
-        chosen=choose(grid),
+        chosen=Choice.of(choose(grid)),
         rows=[str(row.key) for row, _ in usable],
         vector_ids=plan.needed,
         max_new_tokens=sampling.max_new_tokens,
         responses=records,
+        fluency=fluency,
     )
 
 
 def _grid_point(
-    point: tuple[int | None, float | None], records: Sequence[dict[str, Any]], max_degenerate: float
+    point: tuple[int | None, float | None], records: Sequence[dict[str, Any]], fluency: Fluency
 ) -> GridPoint:
     passed = [all(r["loose"]) for r in records]
     degenerate = [bool(r["degenerate"]) for r in records]
-    accuracy, score = score_point(passed, degenerate, max_degenerate=max_degenerate)
+    accuracy, score = score_point(passed, degenerate, max_degenerate=fluency.max_degenerate)
     # Fluency as read on the answers generated to the end (a decided failure is cut short).
     full = [r for r in records if not r.get("decided")] or list(records)
     measured = [r["perplexity"] for r in full if r["perplexity"] is not None]
-    fluency = Fluency(
+    stats = FluencyStats(
         repetition=statistics.fmean(r["repetition"] for r in full) if full else 0.0,
         perplexity=statistics.median(measured) if measured else None,
         degenerate=sum(bool(r["degenerate"]) for r in full) / len(full) if full else 0.0,
     )
-    return GridPoint(point[0], point[1], accuracy, fluency, score, len(records))
+    return GridPoint(point[0], point[1], accuracy, stats, score, len(records))
 
 
 _REQUEST_OPTIONS = ("instruction_id", "with_instruction", "mode")

@@ -19,49 +19,48 @@ at layers where c̄ itself is negative (scaling c̄ there would push away from i
 scale* `s` adds `s·‖u‖·û`; at several layers at once the scale is split evenly between them,
 while projection sets the same target scale at each.
 
-A response passes when IFEval's loose check passes and it is fluent (`Fluency`): few repeated
-trigrams and a perplexity under a *different* model (the judge, Gemma 3 270M base here) inside
-a band measured on unsteered answers. A point's score is `calibration.score_point` of those.
-`choose` keeps "no steering" unless a steered point scores strictly higher; among steered
-points ties go to the simpler one (one layer, all positions, the lower layer, the scale
-closest to the paper's).
+A response passes when IFEval's loose check passes and it is fluent (`quality.SEARCH_FLUENCY`,
+the search's policy: no loop at its end, few repeated trigrams, and a perplexity under a
+*different* model, the judge, Gemma 3 270M base here, inside a band measured on unsteered
+answers). The unsteered model itself loops in about half of its 256-token answers, so an
+answer counts against a point only when steering *broke* it: degenerate where the unsteered
+answer to the same prompt is not, or both loop and the steered one loops harder (its tail
+compresses further). A point's score is `score_point` of the passes and broken answers;
+`choose`, the calibration's one choice rule, keeps "no steering" unless a steered point scores
+strictly higher; among steered points ties go to the higher accuracy, then the simpler point
+(one layer, all positions, the lower layer, the scale closest to the paper's).
 
-Every response is appended to a JSONL log as it is scored, so a search that is stopped resumes
-where it was and a rerun with other fluency thresholds needs no generation.
+Every response is appended to a JSONL log as it is scored (`AnswerLog`), so a search that is
+stopped resumes where it was and a rerun with other fluency thresholds needs no generation.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
-import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ifsteer.calibration import score_point
+from ifsteer.calibration.answers import AnswerLog, search_key
+from ifsteer.calibration.grid import Point, PointResult, best_steered, choose, score_point
 from ifsteer.checks import check
 from ifsteer.errors import InvalidSteering
 from ifsteer.generation import Sampling, generate
 from ifsteer.models import LoadedModel
-from ifsteer.quality import perplexities, repetition_rate
-from ifsteer.steering import Positions, Steering
+from ifsteer.quality import SEARCH_FLUENCY, Fluency, perplexities, repetition_rate, tail_compression
+from ifsteer.steering import Steering
 from ifsteer.validation import ValidationPrompt
-from ifsteer.vectors import Mode, SteeringVector
+from ifsteer.vectors import SteeringVector
 
 __all__ = [
-    "Fluency",
-    "Point",
-    "PointResult",
-    "ResponseLog",
+    "FORMAT_SAMPLING",
     "SearchResult",
     "SearchSpace",
-    "choose",
-    "compression_ratio",
-    "tail_compression",
+    "projection_target",
     "run_search",
+    "search_log",
     "steerings_for",
     "verify_point",
 ]
@@ -73,70 +72,9 @@ FORMAT_SAMPLING = Sampling(max_new_tokens=256)  # long enough for a format check
 Progress = Callable[[int], None]
 
 
-@dataclass(frozen=True)
-class Fluency:
-    """When an answer counts as degenerate, and how a point's share of them counts.
-
-    Word-trigram repetition misses loops inside one "word" (a script without spaces, or
-    "صيريوريوريوريو..."), and a judge that knows the script finds such loops plausible, so the
-    main signal is how well the *end* of the answer compresses (`tail_compression`, the last
-    300 characters, so answers of any length compare): a loop compresses to a fraction of its
-    size. Measured on the first searches (docs/shipped.md): unsteered answers that read fine
-    have tail ratios 0.46–0.69, looping ones (steered, and the model's own greedy loops at 256
-    tokens) 0.05–0.35; trigram repetition of fine answers stays ≤ 0.55; their perplexity
-    under Gemma 3 270M base is 3.7–16. Thresholds sit outside the fine range.
-
-    Trigram repetition grows with length: fine 256-token answers reach 0.55, loops 0.75–0.96.
-
-    The unsteered model itself loops in about half of its 256-token answers, so zeroing a point
-    for a share of degenerate answers would zero "no steering" too. Instead an answer counts as
-    *broken* when it is degenerate and the unsteered answer to the same prompt is not, or both
-    loop and the steered one loops harder (its tail compresses further): steering must not make
-    the text worse, the model's own loops are not its doing. A point's score is
-    the share of answers that pass and are not broken (`max_degenerate` = 1 for
-    `calibration.score_point`); its `degenerate` is the share of broken answers.
-    """
-
-    max_repetition: float = 0.7
-    min_perplexity: float = 1.8
-    max_perplexity: float = 80.0
-    min_tail_compression: float = 0.4
-    max_degenerate: float = 1.0
-
-    def degenerate(self, repetition: float, perplexity: float, tail: float = 1.0) -> bool:
-        if repetition > self.max_repetition or tail < self.min_tail_compression:
-            return True
-        if not math.isfinite(perplexity):
-            return False  # an empty answer fails its check instead
-        return not self.min_perplexity <= perplexity <= self.max_perplexity
-
-
-@dataclass(frozen=True)
-class Point:
-    """One way to steer: the layers (none: no steering), mode, scale and positions."""
-
-    layers: tuple[int, ...] = ()
-    mode: Mode = "projection"
-    scale: float = 1.0
-    positions: Positions = "all"
-
-    @property
-    def key(self) -> str:
-        if not self.layers:
-            return "none"
-        layers = "+".join(map(str, self.layers))
-        return f"L{layers}:{self.mode}:{self.scale:g}:{self.positions}"
-
-    def rank(self) -> tuple[Any, ...]:
-        """Simplicity, for ties: fewer layers, all positions, lower layer, paper-like scale."""
-        paper_scale = 1.0 if self.mode == "projection" else 0.0
-        return (
-            len(self.layers),
-            self.positions != "all",
-            self.layers,
-            self.mode != "projection",
-            abs(self.scale - paper_scale),
-        )
+def search_log(path: str | Path | None) -> AnswerLog:
+    """A search's scored responses, keyed by (point, prompt index)."""
+    return AnswerLog(path, key=search_key)
 
 
 def projection_target(vector: SteeringVector, scale: float) -> float:
@@ -159,70 +97,6 @@ def steerings_for(point: Point, vectors: Mapping[int, SteeringVector]) -> list[S
             weight = point.scale * v.norm / len(point.layers)
             steerings.append(Steering(v, mode="additive", weight=weight, positions=point.positions))
     return steerings
-
-
-@dataclass(frozen=True)
-class PointResult:
-    point: Point
-    accuracy: float
-    score: float
-    degenerate: float
-    repetition: float
-    perplexity: float | None
-    n: int
-    # Degenerate where the unsteered answer to the same prompt reads fine: what steering broke
-    # outright, not counting a looping answer that loops a little harder (in `degenerate`).
-    newly_broken: float = 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "point": {**asdict(self.point), "key": self.point.key}}
-
-
-def choose(results: Sequence[PointResult]) -> PointResult:
-    """ "No steering" unless a steered point scores strictly higher; then the simplest best."""
-    if not results:
-        raise InvalidSteering("an empty search has nothing to choose from")
-    steered = [r for r in results if r.point.layers]
-    baseline = max((r for r in results if not r.point.layers), key=lambda r: r.score, default=None)
-    if not steered:
-        assert baseline is not None
-        return baseline
-    best = best_steered(steered)
-    if baseline is None or round(best.score, 9) > round(baseline.score, 9):
-        return best
-    return baseline
-
-
-def best_steered(results: Sequence[PointResult]) -> PointResult:
-    steered = [r for r in results if r.point.layers]
-    if not steered:
-        raise InvalidSteering("no steered point to choose from")
-    return min(steered, key=lambda r: (-round(r.score, 9), -round(r.accuracy, 9), r.point.rank()))
-
-
-# --- the log --------------------------------------------------------------------------------
-
-
-class ResponseLog:
-    """Scored responses of one search, one JSON line each, keyed by (point, prompt index)."""
-
-    def __init__(self, path: str | Path | None) -> None:
-        self.path = None if path is None else Path(path)
-        self.records: dict[tuple[str, int], dict[str, Any]] = {}
-        if self.path is not None and self.path.is_file():
-            for line in self.path.read_text("utf-8").splitlines():
-                if line.strip():
-                    record = json.loads(line)
-                    self.records[(record["point"], int(record["prompt"]))] = record
-
-    def add(self, records: Sequence[dict[str, Any]]) -> None:
-        for record in records:
-            self.records[(record["point"], int(record["prompt"]))] = record
-        if self.path is not None and records:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as f:
-                for record in records:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 # --- running --------------------------------------------------------------------------------
@@ -292,22 +166,8 @@ class SearchResult:
         }
 
 
-def compression_ratio(text: str) -> float:
-    """zlib-compressed size over UTF-8 size: ordinary prose is near 0.5, loops far lower.
-    An empty text scores 1 (nothing repeats)."""
-    data = text.encode("utf-8")
-    return len(zlib.compress(data, 9)) / len(data) if data else 1.0
-
-
-def tail_compression(text: str, chars: int = 300) -> float:
-    """`compression_ratio` of the last `chars` characters: loops take over the end."""
-    return compression_ratio(text[-chars:])
-
-
 def _degenerate(record: dict[str, Any], fluency: Fluency) -> bool:
-    return fluency.degenerate(
-        record["repetition"], record["perplexity"], tail_compression(record["response"])
-    )
+    return fluency.degenerate(record["response"], record["perplexity"])
 
 
 def _broken(record: dict[str, Any], baseline: dict[str, Any], fluency: Fluency) -> bool:
@@ -355,7 +215,7 @@ class _Runner:
         judge: LoadedModel | None,
         prompts: Sequence[ValidationPrompt],
         vectors: PromptVectors,
-        log: ResponseLog,
+        log: AnswerLog,
         sampling: Sampling,
         with_instruction: bool,
         batch_size: int,
@@ -433,14 +293,14 @@ def verify_point(
     point: Point,
     *,
     judge: LoadedModel | None = None,
-    fluency: Fluency = Fluency(),
+    fluency: Fluency = SEARCH_FLUENCY,
     sampling: Sampling = FORMAT_SAMPLING,
     log_path: str | Path | None = None,
     batch_size: int = 32,
 ) -> SearchResult:
     """Score one point found for another instruction against "no steering" on this one's
     prompts: a cheap calibration for instructions of a group (the languages) that share one."""
-    log = ResponseLog(log_path)
+    log = search_log(log_path)
     runner = _Runner(lm, judge, prompts, vectors, log, sampling, False, batch_size, None)
     points = [Point(), point]
     runner.run(points)
@@ -467,7 +327,7 @@ def run_search(
     space: SearchSpace,
     *,
     judge: LoadedModel | None = None,
-    fluency: Fluency = Fluency(),
+    fluency: Fluency = SEARCH_FLUENCY,
     sampling: Sampling = FORMAT_SAMPLING,
     with_instruction: bool = False,
     log_path: str | Path | None = None,
@@ -480,7 +340,7 @@ def run_search(
     """
     if not prompts:
         raise InvalidSteering(f"no validation prompts for {instruction_id!r}")
-    log = ResponseLog(log_path)
+    log = search_log(log_path)
     runner = _Runner(
         lm, judge, prompts, vectors, log, sampling, with_instruction, batch_size, progress
     )

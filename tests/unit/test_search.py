@@ -6,15 +6,10 @@ import math
 
 import pytest
 
-from ifsteer.calibration import search as search_module
 from ifsteer.calibration.grid import Point, PointResult, choose
-from ifsteer.calibration.search import (
-    SearchSpace,
-    projection_target,
-    run_search,
-    search_log,
-    steerings_for,
-)
+from ifsteer.calibration.scoring import projection_target, search_log, steerings_for
+from ifsteer.calibration.search import SearchSpace, run_search
+from ifsteer.engine import Engine
 from ifsteer.generation import Sampling, generate
 from ifsteer.instructions import get_instruction
 from ifsteer.prompts import build_pairs
@@ -97,9 +92,7 @@ def test_no_steering_wins_unless_beaten_strictly():
         choose([])
 
 
-def test_run_search_chooses_the_best_valid_point_and_resumes(
-    tiny_lm, lower_vectors, tmp_path, monkeypatch
-):
+def test_run_search_chooses_the_best_valid_point_and_resumes(tiny_lm, lower_vectors, tmp_path):
     _, vectors = lower_vectors
     prompts = validation_prompts(LOWER, 3)
     space = SearchSpace(layers=(1, 2, 3), projection_scales=(2.0,), additive_scales=(1.0,))
@@ -117,20 +110,53 @@ def test_run_search_chooses_the_best_valid_point_and_resumes(
     assert len(multi) == 1 and len(multi[0].point.layers) == 3
     assert len(search_log(log).records) == len(found.results) * 3
 
-    calls = []
-    real = search_module.generate
-    monkeypatch.setattr(search_module, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    submitted = []
+
+    def counting(*args, **kw):  # the job queue the search is given makes every answer
+        engine = Engine(*args, **kw)
+        submit = engine.submit
+        engine.submit = lambda job: submitted.append(job) or submit(job)
+        return engine
+
+    kwargs["engine"] = counting
     again = run_search(tiny_lm, LOWER, prompts, [vectors] * 3, space, **kwargs)
-    assert calls == []  # everything came from the log
+    assert submitted == []  # everything came from the log
     assert again.to_json() == found.to_json()
 
     # A kill cut the last line short: that answer is made again, the rest read from the log.
     lines = log.read_text("utf-8").splitlines(keepends=True)
     log.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2], "utf-8")
     resumed = run_search(tiny_lm, LOWER, prompts, [vectors] * 3, space, **kwargs)
-    assert len(calls) == 1  # one generate call, for the one lost answer
+    assert len(submitted) == 1  # the one lost answer
     assert resumed.to_json() == found.to_json()
     assert log.read_text("utf-8").count("\n") == len(lines)  # the half line is gone
+
+
+def test_early_stopping_gives_steered_answers_a_decider_and_no_steering_none(
+    tiny_lm, lower_vectors, tmp_path
+):
+    # Whether the tiny model's answers are decided early is chance; the embedded model's are
+    # (tests/integration/test_sweep_embedded.py). Here: who gets a decider, and every score.
+    _, vectors = lower_vectors
+    prompts = validation_prompts(LOWER, 2)
+    space = SearchSpace(layers=(1, 2), projection_scales=(), additive_scales=(2.0,))
+    options = dict(sampling=Sampling(max_new_tokens=6), batch_size=8)
+    jobs = []
+
+    def recording(*args, **kw):
+        engine = Engine(*args, **kw)
+        submit = engine.submit
+        engine.submit = lambda job: jobs.append(job) or submit(job)
+        return engine
+
+    full = run_search(tiny_lm, LOWER, prompts, [vectors] * 2, space, **options)
+    early = run_search(
+        tiny_lm, LOWER, prompts, [vectors] * 2, space, early_stop=True, engine=recording, **options
+    )
+    assert jobs and all((job.decided is None) == (not job.steering) for job in jobs)
+    assert any(not job.steering for job in jobs)
+    scores = [(r.point, r.score, r.accuracy) for r in early.results]
+    assert scores == [(r.point, r.score, r.accuracy) for r in full.results]
 
 
 def test_degenerate_points_are_zeroed_by_the_judge_band(tiny_lm, lower_vectors, tmp_path):

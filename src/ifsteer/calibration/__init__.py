@@ -18,11 +18,14 @@ higher accuracy and the simpler point.
 
 - `grid`: points, their scores and the choice (pure, torch-free);
 - `answers`: every answer on disk as it is made, so a killed calibration resumes;
+- `requests`: what a sweep runs (rows, vector files, the paper's grids);
 - `sweep`: running the paper's sweeps on a model;
 - `record`: writing a sweep's choice into the vector files, saving the sweep; `calibrate`
   does a whole group, `calibrate_groups` several groups in one job queue;
+- `runner`: the one way both plans make answers (`answer_jobs`: a job queue, the log);
 - `search`: the staged search (`run_search`) and `verify_point`, one point tried on another
-  instruction.
+  instruction; `scoring`: how a search point steers (`steerings_for`) and how its answers
+  are checked, judged and scored.
 
 Validation rows are the caller's (`ifsteer.rows.split_rows` sets some aside). Only rows every
 one of whose instructions a vector steers can calibrate (`Row.fully_served`). Figures of a
@@ -50,23 +53,15 @@ from ifsteer.calibration.record import (
     group_vector_files,
     save_sweep,
 )
-from ifsteer.calibration.search import (
-    SearchResult,
-    SearchSpace,
-    run_search,
-    steerings_for,
-    verify_point,
-)
-from ifsteer.calibration.sweep import (
+from ifsteer.calibration.requests import (
     SweepRequest,
     layer_request,
-    sweep,
-    sweep_layers,
-    sweep_weights,
-    sweeps,
     validation_groups,
     weight_request,
 )
+from ifsteer.calibration.scoring import steerings_for
+from ifsteer.calibration.search import SearchResult, SearchSpace, run_search, verify_point
+from ifsteer.calibration.sweep import sweep, sweep_layers, sweep_weights, sweeps
 
 __all__ = [
     "AnswerLog",

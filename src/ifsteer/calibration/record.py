@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from ifsteer.calibration.grid import SweepResult, best_steered, sweep_filename
-from ifsteer.calibration.sweep import layer_request, sweeps, weight_request
+from ifsteer.calibration.requests import layer_request, weight_request
+from ifsteer.calibration.sweep import sweeps
 from ifsteer.models import LoadedModel
 from ifsteer.rows import Row
 from ifsteer.rundir import sweep_path, write_json

@@ -36,70 +36,34 @@ stopped resumes where it was and a rerun with other fluency thresholds needs no 
 
 from __future__ import annotations
 
-import math
-import statistics
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from ifsteer.calibration.answers import AnswerLog, search_key
-from ifsteer.calibration.grid import Point, PointResult, best_steered, choose, score_point
-from ifsteer.checks import check
+from ifsteer.calibration.grid import Point, PointResult, best_steered, choose
+from ifsteer.calibration.scoring import (
+    Answering,
+    PromptVectors,
+    SearchRunner,
+    search_log,
+)
+from ifsteer.engine import Engine, EngineFactory, Sampling
 from ifsteer.errors import InvalidSteering
-from ifsteer.generation import Sampling, generate
 from ifsteer.models import LoadedModel
-from ifsteer.quality import SEARCH_FLUENCY, Fluency, perplexities, repetition_rate, tail_compression
-from ifsteer.steering import Steering
+from ifsteer.quality import SEARCH_FLUENCY, Fluency
 from ifsteer.validation import ValidationPrompt
-from ifsteer.vectors import SteeringVector
 
 __all__ = [
     "FORMAT_SAMPLING",
     "SearchResult",
     "SearchSpace",
-    "projection_target",
     "run_search",
-    "search_log",
-    "steerings_for",
     "verify_point",
 ]
 
-# Vectors per validation prompt: {layer: vector}. One instruction repeats one mapping; the
-# keyword class gives each prompt the vector of its own word.
-PromptVectors = Sequence[Mapping[int, SteeringVector]]
 FORMAT_SAMPLING = Sampling(max_new_tokens=256)  # long enough for a format check to be decidable
 Progress = Callable[[int], None]
-
-
-def search_log(path: str | Path | None) -> AnswerLog:
-    """A search's scored responses, keyed by (point, prompt index)."""
-    return AnswerLog(path, key=search_key)
-
-
-def projection_target(vector: SteeringVector, scale: float) -> float:
-    """c̄ + (scale − 1)·‖u‖: scale 1 is the paper's target, larger is more of the instruction."""
-    return vector.target + (scale - 1.0) * vector.norm
-
-
-def steerings_for(point: Point, vectors: Mapping[int, SteeringVector]) -> list[Steering]:
-    """The steerings that apply `point` with one prompt's vectors (none for "no steering")."""
-    missing = [layer for layer in point.layers if layer not in vectors]
-    if missing:
-        raise InvalidSteering(f"no vector at layer(s) {missing} for point {point.key}")
-    steerings = []
-    for layer in point.layers:
-        v = vectors[layer]
-        if point.mode == "projection":
-            v = replace(v, target=projection_target(v, point.scale))
-            steerings.append(Steering(v, mode="projection", weight=1.0, positions=point.positions))
-        else:
-            weight = point.scale * v.norm / len(point.layers)
-            steerings.append(Steering(v, mode="additive", weight=weight, positions=point.positions))
-    return steerings
-
-
-# --- running --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -166,125 +130,6 @@ class SearchResult:
         }
 
 
-def _degenerate(record: dict[str, Any], fluency: Fluency) -> bool:
-    return fluency.degenerate(record["response"], record["perplexity"])
-
-
-def _broken(record: dict[str, Any], baseline: dict[str, Any], fluency: Fluency) -> bool:
-    """Degenerate where the unsteered answer is not, or loops harder than it does."""
-    if not _degenerate(record, fluency):
-        return False
-    if not _degenerate(baseline, fluency):
-        return True
-    return tail_compression(record["response"]) < tail_compression(baseline["response"])
-
-
-def _summarize(
-    point: Point,
-    records: Sequence[dict[str, Any]],
-    baseline: Sequence[dict[str, Any]],
-    fluency: Fluency,
-) -> PointResult:
-    """`baseline[i]` is the unsteered answer to the prompt of `records[i]`."""
-    degenerate = [_broken(r, b, fluency) for r, b in zip(records, baseline, strict=True)]
-    passed = [bool(r["passed"]) for r in records]
-    accuracy, score = score_point(passed, degenerate, max_degenerate=fluency.max_degenerate)
-    finite = [r["perplexity"] for r in records if math.isfinite(r["perplexity"])]
-    return PointResult(
-        point=point,
-        accuracy=accuracy,
-        score=score,
-        degenerate=sum(degenerate) / len(records),
-        repetition=statistics.fmean(r["repetition"] for r in records),
-        perplexity=statistics.median(finite) if finite else None,
-        n=len(records),
-        newly_broken=sum(
-            _degenerate(r, fluency) and not _degenerate(b, fluency)
-            for r, b in zip(records, baseline, strict=True)
-        )
-        / len(records),
-    )
-
-
-class _Runner:
-    """Generates, checks and judges the responses of a batch of points, skipping logged ones."""
-
-    def __init__(
-        self,
-        lm: LoadedModel,
-        judge: LoadedModel | None,
-        prompts: Sequence[ValidationPrompt],
-        vectors: PromptVectors,
-        log: AnswerLog,
-        sampling: Sampling,
-        with_instruction: bool,
-        batch_size: int,
-        progress: Progress | None,
-    ) -> None:
-        if len(vectors) != len(prompts):
-            raise InvalidSteering(f"{len(vectors)} vector maps for {len(prompts)} prompts")
-        self.lm, self.judge, self.prompts, self.vectors = lm, judge, prompts, vectors
-        self.log, self.sampling, self.batch_size = log, sampling, batch_size
-        self.with_instruction, self.progress = with_instruction, progress
-
-    def text(self, i: int) -> str:
-        p = self.prompts[i]
-        return p.with_instruction if self.with_instruction else p.query
-
-    def run(self, points: Sequence[Point]) -> None:
-        todo = [
-            (point, i)
-            for point in points
-            for i in range(len(self.prompts))
-            if (point.key, i) not in self.log.records
-        ]
-        if not todo:
-            return
-        texts = [self.text(i) for _, i in todo]
-        per_row = [steerings_for(point, self.vectors[i]) for point, i in todo]
-        completions = generate(
-            self.lm,
-            texts,
-            per_row=per_row,
-            sampling=self.sampling,
-            batch_size=self.batch_size,
-            progress=self.progress,
-        )
-        responses = [c.text for c in completions]
-        if self.judge is not None:
-            ppl = perplexities(self.judge, [self.prompts[i].query for _, i in todo], responses)
-        else:
-            ppl = [math.nan] * len(todo)
-        records = []
-        for (point, i), completion, perplexity in zip(todo, completions, ppl, strict=True):
-            p = self.prompts[i]
-            verdict = check(p.check_id, p.kwargs, self.text(i), completion.text)
-            records.append(
-                {
-                    "point": point.key,
-                    "prompt": i,
-                    "query": p.query,
-                    "response": completion.text,
-                    "finish": completion.finish_reason,
-                    "passed": verdict.loose,
-                    "strict": verdict.strict,
-                    "repetition": repetition_rate(completion.text),
-                    "perplexity": perplexity,
-                    "max_new_tokens": self.sampling.max_new_tokens,
-                    "with_instruction": self.with_instruction,
-                }
-            )
-        self.log.add(records)
-
-    def results(self, points: Sequence[Point], fluency: Fluency) -> list[PointResult]:
-        n = len(self.prompts)
-        baseline = [self.log.records[(Point().key, i)] for i in range(n)]
-        return [
-            _summarize(p, [self.log.records[(p.key, i)] for i in range(n)], baseline, fluency)
-            for p in points
-        ]
-
-
 def verify_point(
     lm: LoadedModel,
     instruction_id: str,
@@ -296,12 +141,16 @@ def verify_point(
     fluency: Fluency = SEARCH_FLUENCY,
     sampling: Sampling = FORMAT_SAMPLING,
     log_path: str | Path | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
+    engine: EngineFactory = Engine,
+    early_stop: bool = False,
 ) -> SearchResult:
     """Score one point found for another instruction against "no steering" on this one's
-    prompts: a cheap calibration for instructions of a group (the languages) that share one."""
+    prompts: a cheap calibration for instructions of a group (the languages) that share one.
+    Options as for `run_search`."""
     log = search_log(log_path)
-    runner = _Runner(lm, judge, prompts, vectors, log, sampling, False, batch_size, None)
+    answering = Answering(engine, batch_size, early_stop)
+    runner = SearchRunner(lm, judge, prompts, vectors, log, sampling, False, answering)
     points = [Point(), point]
     runner.run(points)
     baseline, steered = runner.results(points, fluency)
@@ -331,19 +180,27 @@ def run_search(
     sampling: Sampling = FORMAT_SAMPLING,
     with_instruction: bool = False,
     log_path: str | Path | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = 32,
+    engine: EngineFactory = Engine,
+    early_stop: bool = False,
     progress: Progress | None = None,
 ) -> SearchResult:
     """Run the three stages for one instruction and choose; see the module docstring.
 
-    Without a judge model only repetition flags degenerate text.
+    Without a judge model only the text itself flags degenerate answers. Answers are made on
+    `engine`'s job queue (`Engine`, or `OfflineVLLM.queue` for vLLM), as the paper's sweep
+    makes them (`runner.answer_jobs`). With `early_stop`, a steered answer stops as soon as
+    its check has failed for good (`deciders.row_failure`): a failed answer scores nothing,
+    so no score, accuracy or choice changes, while its fluency figures (`degenerate`,
+    `newly_broken`) are read on the part generated. "No steering" always runs to the end, as
+    every steered answer's fluency is measured against it. Off by default: the shipped vectors
+    were searched without it, and a log holds the answers of one setting.
     """
     if not prompts:
         raise InvalidSteering(f"no validation prompts for {instruction_id!r}")
     log = search_log(log_path)
-    runner = _Runner(
-        lm, judge, prompts, vectors, log, sampling, with_instruction, batch_size, progress
-    )
+    answering = Answering(engine, batch_size, early_stop, progress)
+    runner = SearchRunner(lm, judge, prompts, vectors, log, sampling, with_instruction, answering)
     tried: list[Point] = []
 
     def stage(points: Sequence[Point]) -> list[PointResult]:

@@ -24,14 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ifsteer.calibration.grid import Point
-from ifsteer.calibration.search import (
-    SearchResult,
-    SearchSpace,
-    run_search,
-    search_log,
-    steerings_for,
-    verify_point,
-)
+from ifsteer.calibration.scoring import search_log, steerings_for
+from ifsteer.calibration.search import SearchResult, SearchSpace, run_search, verify_point
 from ifsteer.checks import check
 from ifsteer.datasets import data_path
 from ifsteer.generation import Sampling

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from ifsteer.calibration.grid import Point, PointResult, best_steered
-from ifsteer.calibration.search import FORMAT_SAMPLING, steerings_for, verify_point
+from ifsteer.calibration.scoring import steerings_for
+from ifsteer.calibration.search import FORMAT_SAMPLING, verify_point
 from ifsteer.generation import Sampling
 from ifsteer.instructions import get_instruction
 from ifsteer.models import LoadedModel

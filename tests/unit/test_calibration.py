@@ -21,6 +21,7 @@ from ifsteer.calibration import (
     score_point,
     sweep_filename,
     sweep_layers,
+    sweep_recommends,
     sweep_weights,
     validation_groups,
 )
@@ -36,6 +37,7 @@ from ifsteer.vectors import (
     default_layers,
     extract_instruction,
     load_vectors,
+    read_vector_file,
     save_vectors,
 )
 from tests.conftest import make_tiny, tiny_llama_config
@@ -280,11 +282,14 @@ def test_apply_choice_keeps_the_default_when_no_steering_wins(lower_file):
     assert default == 3
     assert vectors[default].extra["sweep"]["recommended"] is False
     assert vectors[default].extra["sweep"]["no_steering_score"] == 0.25
+    assert not sweep_recommends(read_vector_file(lower_file))  # what run-paper reads back
+    assert sweep_recommends(read_vector_file(lower_file), with_instruction=True)  # not swept
 
     apply_choice(_result(2, 7.5), [lower_file])
     vectors, default = load_vectors(lower_file)
     assert default == 2 and vectors[2].weight == 7.5
     assert vectors[2].extra["sweep"]["recommended"] is True
+    assert sweep_recommends(read_vector_file(lower_file))
 
     with_instruction = _result(4)
     with_instruction = SweepResult(**{**with_instruction.__dict__, "with_instruction": True})

@@ -20,8 +20,9 @@ higher accuracy and the simpler point.
 - `answers`: every answer on disk as it is made, so a killed calibration resumes;
 - `requests`: what a sweep runs (rows, vector files, the paper's grids);
 - `sweep`: running the paper's sweeps on a model;
-- `record`: writing a sweep's choice into the vector files, saving the sweep; `calibrate`
-  does a whole group, `calibrate_groups` several groups in one job queue;
+- `record`: writing a sweep's choice into the vector files (`extra["sweep"]`, read back by
+  `sweep_recommends`), saving the sweep; `calibrate` does a whole group, `calibrate_groups`
+  several groups in one job queue;
 - `runner`: the one way both plans make answers (`answer_jobs`: a job queue, the log);
 - `search`: the staged search (`run_search`) and `verify_point`, one point tried on another
   instruction; `scoring`: how a search point steers (`steerings_for`) and how its answers
@@ -52,6 +53,7 @@ from ifsteer.calibration.record import (
     calibrate_groups,
     group_vector_files,
     save_sweep,
+    sweep_recommends,
 )
 from ifsteer.calibration.requests import (
     SweepRequest,
@@ -89,6 +91,7 @@ __all__ = [
     "sweep",
     "sweep_filename",
     "sweep_layers",
+    "sweep_recommends",
     "sweep_weights",
     "sweeps",
     "validation_groups",

@@ -20,7 +20,14 @@ from ifsteer.rows import Row
 from ifsteer.rundir import sweep_path, write_json
 from ifsteer.vectors import Mode, VectorFile, update_defaults
 
-__all__ = ["apply_choice", "calibrate", "calibrate_groups", "group_vector_files", "save_sweep"]
+__all__ = [
+    "apply_choice",
+    "calibrate",
+    "calibrate_groups",
+    "group_vector_files",
+    "save_sweep",
+    "sweep_recommends",
+]
 
 
 def group_vector_files(
@@ -37,6 +44,17 @@ def group_vector_files(
 
 def _path(file: str | Path | VectorFile) -> Path:
     return file.path if isinstance(file, VectorFile) else Path(file)
+
+
+def _sweep_key(with_instruction: bool) -> str:
+    return "sweep_with_instruction" if with_instruction else "sweep"
+
+
+def sweep_recommends(file: VectorFile, with_instruction: bool = False) -> bool:
+    """Whether a file may steer after its sweep: False only where a sweep (of the same
+    setting) recorded that "no steering" won; a file no sweep wrote into may steer."""
+    record = file.default.extra.get(_sweep_key(with_instruction))
+    return not (isinstance(record, Mapping) and record.get("recommended") is False)
 
 
 def apply_choice(
@@ -69,7 +87,7 @@ def apply_choice(
         "n_prompts": len(result.rows),
         "max_new_tokens": result.max_new_tokens,
     }
-    key = "sweep_with_instruction" if result.with_instruction else "sweep"
+    key = _sweep_key(result.with_instruction)
     write = set_default and result.chosen.recommended
     written = []
     for path in paths:

@@ -2,12 +2,15 @@
 
 Steering can buy instruction-following with fluency, so every evaluated response also gets an
 offline fluency score: the share of repeated word n-grams, and its perplexity under the model
-itself, unsteered. A response the model finds implausibly predictable (perplexity < 2.5, the
-paper's threshold) or that keeps repeating itself is *degenerate*: calibration zeroes such
-layers, evaluation reports their share. The optional LLM judge follows the paper
-(docs/method.md §5): the judge writes up to five yes/no quality questions for a request, then
-answers them for a response; the score is the share of "yes". It talks to any OpenAI-compatible
-endpoint and never stops a run: a failing endpoint gives `None` and a warning.
+itself, unsteered. `Fluency` is the one rule for when a response is *degenerate*, with two
+policies: the paper's (`PAPER_FLUENCY`: repeating itself, or a perplexity under 2.5, the paper's
+threshold), which evaluation reports and the paper's sweep zeroes; and the staged search's
+(`SEARCH_FLUENCY`: loops found by compression, perplexity under a judge model inside a band).
+
+The optional LLM judge follows the paper (docs/method.md §5): the judge writes up to five
+yes/no quality questions for a request, then answers them for a response; the score is the
+share of "yes". It talks to any OpenAI-compatible endpoint and never stops a run: a failing
+endpoint gives `None` and a warning.
 """
 
 from __future__ import annotations
@@ -16,22 +19,26 @@ import logging
 import math
 import re
 import threading
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from ifsteer.models import LoadedModel
+if TYPE_CHECKING:
+    from ifsteer.models import LoadedModel
 
 __all__ = [
+    "PAPER_FLUENCY",
+    "SEARCH_FLUENCY",
+    "Fluency",
     "Judge",
     "chat_completions_url",
-    "is_degenerate",
+    "compression_ratio",
     "judge",
     "judge_questions",
     "perplexities",
     "repetition_rate",
+    "tail_compression",
 ]
 
 log = logging.getLogger(__name__)
@@ -61,7 +68,6 @@ def repetition_rate(text: str, n: int = 3) -> float:
     return repeats / len(grams)
 
 
-@torch.no_grad()
 def perplexities(
     lm: LoadedModel,
     prompts: Sequence[str],
@@ -75,6 +81,8 @@ def perplexities(
     Call it outside any `steer` block: it measures how plausible the *unsteered* model finds
     the text. Batched with right padding; an empty response gives nan.
     """
+    import torch  # here, so reading the fluency rules does not load a model stack
+
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
     if batch_size < 1:
@@ -100,36 +108,81 @@ def perplexities(
             input_ids[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
             labels[row, n_prompt : len(ids)] = torch.tensor(ids[n_prompt:])
-        logits = lm.model(
-            input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device), use_cache=False
-        ).logits
-        targets = labels[:, 1:].to(lm.device)
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
-        )
+        with torch.no_grad():
+            logits = lm.model(
+                input_ids=input_ids.to(lm.device),
+                attention_mask=mask.to(lm.device),
+                use_cache=False,
+            ).logits
+            targets = labels[:, 1:].to(lm.device)
+            losses = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="none"
+            )
         counts = (targets != -100).sum(dim=1)
         for row, i in enumerate(chunk):
             result[i] = math.exp(float(losses[row].sum() / counts[row]))
     return result
 
 
-def is_degenerate(
-    text: str,
-    perplexity: float | None = None,
-    *,
-    max_repetition: float = 0.5,
-    min_perplexity: float = 2.5,
-) -> bool:
-    """Whether a response has collapsed into repetition.
+def compression_ratio(text: str) -> float:
+    """zlib-compressed size over UTF-8 size: ordinary prose is near 0.5, loops far lower.
+    An empty text scores 1 (nothing repeats)."""
+    data = text.encode("utf-8")
+    return len(zlib.compress(data, 9)) / len(data) if data else 1.0
 
-    True when more than `max_repetition` of its word trigrams repeat, or when its perplexity
-    (if known and finite) is below `min_perplexity`: the paper flags text whose GPT-2
-    perplexity is under 2.5 as repetitive. An empty response is not degenerate (it fails its
-    checks instead).
+
+def tail_compression(text: str, chars: int = 300) -> float:
+    """`compression_ratio` of the last `chars` characters: loops take over the end."""
+    return compression_ratio(text[-chars:])
+
+
+@dataclass(frozen=True)
+class Fluency:
+    """When an answer counts as degenerate, and how a point's share of them counts.
+
+    The defaults are the staged search's (measured in docs/shipped.md). Word-trigram repetition
+    misses loops inside one "word" (a script without spaces, or "صيريوريوريوريو..."), and a
+    judge that knows the script finds such loops plausible, so the main signal is how well the
+    *end* of the answer compresses (`tail_compression`, the last 300 characters, so answers of
+    any length compare): a loop compresses to a fraction of its size. Unsteered answers that
+    read fine have tail ratios 0.46–0.69, looping ones 0.05–0.35; trigram repetition of fine
+    256-token answers stays ≤ 0.55 (loops 0.75–0.96); their perplexity under Gemma 3 270M base
+    is 3.7–16. Thresholds sit outside the fine range.
+
+    The unsteered model itself loops in about half of its 256-token answers, so the search
+    counts an answer against a point only where steering broke it (`calibration.search`), and
+    `max_degenerate` = 1 leaves the score alone; the paper's sweep zeroes a point where more
+    than `max_degenerate` of the answers pass only by degenerating (`calibration.score_point`).
     """
-    if repetition_rate(text) > max_repetition:
-        return True
-    return perplexity is not None and math.isfinite(perplexity) and perplexity < min_perplexity
+
+    max_repetition: float = 0.7
+    min_perplexity: float = 1.8
+    max_perplexity: float = 80.0
+    min_tail_compression: float = 0.4
+    max_degenerate: float = 1.0
+
+    def degenerate(self, text: str, perplexity: float | None = None) -> bool:
+        """Whether `text` has collapsed; a perplexity that is None or nan was not measured.
+        An empty answer is not degenerate (it fails its checks instead)."""
+        if repetition_rate(text) > self.max_repetition:
+            return True
+        if tail_compression(text) < self.min_tail_compression:
+            return True
+        if perplexity is None or not math.isfinite(perplexity):
+            return False
+        return not self.min_perplexity <= perplexity <= self.max_perplexity
+
+
+SEARCH_FLUENCY = Fluency()
+# The paper's rule: trigrams repeating, or text the unsteered model (GPT-2 in the paper) finds
+# implausibly predictable; a point where most passes degenerate scores zero.
+PAPER_FLUENCY = Fluency(
+    max_repetition=0.5,
+    min_perplexity=2.5,
+    max_perplexity=math.inf,
+    min_tail_compression=0.0,
+    max_degenerate=0.5,
+)
 
 
 # --- LLM judge ------------------------------------------------------------------------------

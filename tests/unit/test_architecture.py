@@ -48,7 +48,6 @@ LAYERS = {
     "ifsteer.quality": "runners",
     "ifsteer.evaluation": "runners",
     "ifsteer.calibration": "runners",
-    "ifsteer.search": "runners",
     "ifsteer.shipped.build": "runners",
     "ifsteer.training": "runners",
     "ifsteer.backends": "adapters",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ifsteer.search import SearchSpace
+from ifsteer.calibration import SearchSpace
 from ifsteer.shipped import build, file_name, read_calibrated, shipped_ids
 from ifsteer.shipped.build import Builder
 

@@ -10,7 +10,7 @@ import pytest
 
 from ifsteer.calibration import (
     Choice,
-    Fluency,
+    FluencyStats,
     GridPoint,
     SweepResult,
     apply_choice,
@@ -21,6 +21,7 @@ from ifsteer.calibration import (
     score_point,
     sweep_filename,
     sweep_layers,
+    sweep_recommends,
     sweep_weights,
     validation_groups,
 )
@@ -36,17 +37,18 @@ from ifsteer.vectors import (
     default_layers,
     extract_instruction,
     load_vectors,
+    read_vector_file,
     save_vectors,
 )
 from tests.conftest import make_tiny, tiny_llama_config
 
 LOWER = "change_case:english_lowercase"
 NO_COMMA = "punctuation:no_comma"
-OK = Fluency(repetition=0.0, perplexity=None, degenerate=0.0)
+OK = FluencyStats(repetition=0.0, perplexity=None, degenerate=0.0)
 
 
 def point(layer, score, weight=None, accuracy=None, degenerate=0.0):
-    fluency = Fluency(repetition=0.0, perplexity=None, degenerate=degenerate)
+    fluency = FluencyStats(repetition=0.0, perplexity=None, degenerate=degenerate)
     return GridPoint(layer, weight, score if accuracy is None else accuracy, fluency, score, 4)
 
 
@@ -62,7 +64,7 @@ def shuffled(grid, seed=0):
 def test_choose_picks_the_best_layer():
     grid = [point(None, 0.25), point(6, 0.5), point(8, 0.75), point(10, 0.5), point(12, 0.0)]
     for seed in range(3):
-        assert choose(shuffled(grid, seed)) == Choice(8, None, 0.75)
+        assert Choice.of(choose(shuffled(grid, seed))) == Choice(8, None, 0.75)
 
 
 def test_choose_takes_the_lowest_layer_on_ties():
@@ -73,8 +75,8 @@ def test_choose_takes_the_lowest_layer_on_ties():
 
 def test_no_steering_wins_when_no_layer_beats_it():
     tie = [point(None, 0.5), point(6, 0.5), point(8, 0.25)]
-    assert choose(tie) == Choice(None, None, 0.5)
-    assert not choose(tie).recommended
+    assert Choice.of(choose(tie)) == Choice(None, None, 0.5)
+    assert not Choice.of(choose(tie)).recommended
     better = [point(None, 0.75), point(6, 0.5), point(8, 0.25)]
     assert choose(shuffled(better)).layer is None
     # but a strictly better layer beats it
@@ -120,7 +122,14 @@ def test_weight_grid_ties_go_to_the_lowest_layer_then_smallest_weight():
         point(4, 0.5, weight=20.0),
         point(8, 0.75, weight=20.0),
     ]
-    assert choose(shuffled(grid)) == Choice(6, 40.0, 0.75)
+    assert Choice.of(choose(shuffled(grid))) == Choice(6, 40.0, 0.75)
+
+
+def test_ties_go_to_the_higher_accuracy_before_the_lower_layer():
+    # the search's rule, now the sweep's too: equal scores, but layer 10's extra passes show
+    # it steers (they degenerated, so they do not count in the score)
+    grid = [point(None, 0.0), point(6, 0.5), point(10, 0.5, accuracy=0.75)]
+    assert choose(shuffled(grid)).layer == 10
 
 
 def test_choose_without_a_baseline_and_empty():
@@ -170,7 +179,7 @@ def test_sweep_covers_the_paper_grid_and_records_the_choice(tiny10, lower_file, 
     assert [p.layer for p in result.grid] == [None, *range(10 // 5, 10, 2)]
     assert all(p.n == 2 and 0.0 <= p.score <= p.accuracy <= 1.0 for p in result.grid)
     assert sum(advanced) == 2 * 5 and len(result.responses) == 10
-    assert result.chosen == choose(result.grid)
+    assert result.chosen == Choice.of(choose(result.grid))
     assert result.rows == ["1", "2"] and result.vector_ids == [LOWER]
 
     # each row really was steered at its point's layer (batch 1: no padding, exact match)
@@ -273,11 +282,14 @@ def test_apply_choice_keeps_the_default_when_no_steering_wins(lower_file):
     assert default == 3
     assert vectors[default].extra["sweep"]["recommended"] is False
     assert vectors[default].extra["sweep"]["no_steering_score"] == 0.25
+    assert not sweep_recommends(read_vector_file(lower_file))  # what run-paper reads back
+    assert sweep_recommends(read_vector_file(lower_file), with_instruction=True)  # not swept
 
     apply_choice(_result(2, 7.5), [lower_file])
     vectors, default = load_vectors(lower_file)
     assert default == 2 and vectors[2].weight == 7.5
     assert vectors[2].extra["sweep"]["recommended"] is True
+    assert sweep_recommends(read_vector_file(lower_file))
 
     with_instruction = _result(4)
     with_instruction = SweepResult(**{**with_instruction.__dict__, "with_instruction": True})

@@ -6,18 +6,23 @@ import math
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
 
 from ifsteer.quality import (
+    PAPER_FLUENCY,
+    SEARCH_FLUENCY,
+    Fluency,
     Judge,
     chat_completions_url,
-    is_degenerate,
+    compression_ratio,
     judge,
     perplexities,
     repetition_rate,
+    tail_compression,
 )
 
 # --- repetition and degeneracy --------------------------------------------------------------
@@ -36,17 +41,40 @@ def test_repetition_rate_of_short_text_is_zero():
     assert repetition_rate("two words", n=2) == 0.0  # one bigram, nothing before it
 
 
-def test_is_degenerate():
+def test_the_papers_fluency_rule():
     loop = "I like it. " * 20
     prose = "Tides follow the moon, which pulls the oceans toward it as Earth turns."
-    assert is_degenerate(loop)
-    assert not is_degenerate(prose)
-    assert not is_degenerate(prose, 12.0)
-    assert is_degenerate(prose, 1.8)  # the paper's threshold: perplexity below 2.5
-    assert not is_degenerate(prose, math.nan)
-    assert not is_degenerate(prose, 1.8, min_perplexity=1.5)
-    assert not is_degenerate(loop, max_repetition=0.99)
-    assert not is_degenerate("")
+    assert PAPER_FLUENCY.degenerate(loop)
+    assert not PAPER_FLUENCY.degenerate(prose)
+    assert not PAPER_FLUENCY.degenerate(prose, 12.0)
+    assert not PAPER_FLUENCY.degenerate(prose, 1e6)  # no ceiling in the paper's rule
+    assert PAPER_FLUENCY.degenerate(prose, 1.8)  # the paper's threshold: perplexity below 2.5
+    assert not PAPER_FLUENCY.degenerate(prose, math.nan)
+    assert not replace(PAPER_FLUENCY, min_perplexity=1.5).degenerate(prose, 1.8)
+    assert not replace(PAPER_FLUENCY, max_repetition=0.99).degenerate(loop)
+    assert not PAPER_FLUENCY.degenerate("")
+
+
+def test_the_search_fluency_band():
+    fluency = Fluency(max_repetition=0.5, min_perplexity=2.0, max_perplexity=50.0)
+    prose = "Tides follow the moon, which pulls the oceans toward it as Earth turns."
+    assert not fluency.degenerate(prose, 10.0)
+    assert fluency.degenerate("I like it. " * 20, 10.0)
+    assert fluency.degenerate(prose, 1.2)  # looping
+    assert fluency.degenerate(prose, 400.0)  # broken
+    assert not fluency.degenerate("", math.nan)  # empty answers fail their check instead
+    assert fluency.degenerate("صيريوريوريوريو" + "ريو" * 80, 10.0)  # a loop inside one "word"
+    assert not SEARCH_FLUENCY.degenerate(prose, None)
+
+
+def test_compression_ratio_separates_loops_from_prose():
+    prose = (
+        "Bees dance to tell the hive where flowers are; the angle and length of the dance matter."
+    )
+    assert compression_ratio("صيريوريوريوريو" + "ريو" * 80) < 0.2 < compression_ratio(prose)
+    assert compression_ratio("") == 1.0
+    # Only the end counts: a fine opening does not hide a loop that took over.
+    assert tail_compression(prose * 3 + "a cup of tea, " * 40) < 0.2
 
 
 # --- perplexity -----------------------------------------------------------------------------

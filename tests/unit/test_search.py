@@ -6,23 +6,14 @@ import math
 
 import pytest
 
-from ifsteer import search as search_module
+from ifsteer.calibration.grid import Point, PointResult, choose
+from ifsteer.calibration.scoring import projection_target, search_log, steerings_for
+from ifsteer.calibration.search import SearchSpace, run_search
+from ifsteer.engine import Engine
 from ifsteer.generation import Sampling, generate
 from ifsteer.instructions import get_instruction
 from ifsteer.prompts import build_pairs
-from ifsteer.search import (
-    Fluency,
-    Point,
-    PointResult,
-    ResponseLog,
-    SearchSpace,
-    choose,
-    compression_ratio,
-    projection_target,
-    run_search,
-    steerings_for,
-    tail_compression,
-)
+from ifsteer.quality import Fluency
 from ifsteer.steering import Steering
 from ifsteer.validation import validation_prompts
 from ifsteer.vectors import extract_vectors, last_token_activations
@@ -101,29 +92,7 @@ def test_no_steering_wins_unless_beaten_strictly():
         choose([])
 
 
-def test_fluency_band():
-    fluency = Fluency(max_repetition=0.5, min_perplexity=2.0, max_perplexity=50.0)
-    assert not fluency.degenerate(0.1, 10.0)
-    assert fluency.degenerate(0.6, 10.0)
-    assert fluency.degenerate(0.1, 1.2)  # looping
-    assert fluency.degenerate(0.1, 400.0)  # broken
-    assert not fluency.degenerate(0.0, math.nan)  # empty answers fail their check instead
-    assert fluency.degenerate(0.0, 10.0, tail=0.1)  # a loop inside one long "word"
-
-
-def test_compression_ratio_separates_loops_from_prose():
-    prose = (
-        "Bees dance to tell the hive where flowers are; the angle and length of the dance matter."
-    )
-    assert compression_ratio("صيريوريوريوريو" + "ريو" * 80) < 0.2 < compression_ratio(prose)
-    assert compression_ratio("") == 1.0
-    # Only the end counts: a fine opening does not hide a loop that took over.
-    assert tail_compression(prose * 3 + "a cup of tea, " * 40) < 0.2
-
-
-def test_run_search_chooses_the_best_valid_point_and_resumes(
-    tiny_lm, lower_vectors, tmp_path, monkeypatch
-):
+def test_run_search_chooses_the_best_valid_point_and_resumes(tiny_lm, lower_vectors, tmp_path):
     _, vectors = lower_vectors
     prompts = validation_prompts(LOWER, 3)
     space = SearchSpace(layers=(1, 2, 3), projection_scales=(2.0,), additive_scales=(1.0,))
@@ -139,14 +108,55 @@ def test_run_search_chooses_the_best_valid_point_and_resumes(
     assert found.best.point.layers
     multi = [r for r in found.results if len(r.point.layers) > 1]
     assert len(multi) == 1 and len(multi[0].point.layers) == 3
-    assert len(ResponseLog(log).records) == len(found.results) * 3
+    assert len(search_log(log).records) == len(found.results) * 3
 
-    calls = []
-    real = search_module.generate
-    monkeypatch.setattr(search_module, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    submitted = []
+
+    def counting(*args, **kw):  # the job queue the search is given makes every answer
+        engine = Engine(*args, **kw)
+        submit = engine.submit
+        engine.submit = lambda job: submitted.append(job) or submit(job)
+        return engine
+
+    kwargs["engine"] = counting
     again = run_search(tiny_lm, LOWER, prompts, [vectors] * 3, space, **kwargs)
-    assert calls == []  # everything came from the log
+    assert submitted == []  # everything came from the log
     assert again.to_json() == found.to_json()
+
+    # A kill cut the last line short: that answer is made again, the rest read from the log.
+    lines = log.read_text("utf-8").splitlines(keepends=True)
+    log.write_text("".join(lines[:-1]) + lines[-1][: len(lines[-1]) // 2], "utf-8")
+    resumed = run_search(tiny_lm, LOWER, prompts, [vectors] * 3, space, **kwargs)
+    assert len(submitted) == 1  # the one lost answer
+    assert resumed.to_json() == found.to_json()
+    assert log.read_text("utf-8").count("\n") == len(lines)  # the half line is gone
+
+
+def test_early_stopping_gives_steered_answers_a_decider_and_no_steering_none(
+    tiny_lm, lower_vectors, tmp_path
+):
+    # Whether the tiny model's answers are decided early is chance; the embedded model's are
+    # (tests/integration/test_sweep_embedded.py). Here: who gets a decider, and every score.
+    _, vectors = lower_vectors
+    prompts = validation_prompts(LOWER, 2)
+    space = SearchSpace(layers=(1, 2), projection_scales=(), additive_scales=(2.0,))
+    options = dict(sampling=Sampling(max_new_tokens=6), batch_size=8)
+    jobs = []
+
+    def recording(*args, **kw):
+        engine = Engine(*args, **kw)
+        submit = engine.submit
+        engine.submit = lambda job: jobs.append(job) or submit(job)
+        return engine
+
+    full = run_search(tiny_lm, LOWER, prompts, [vectors] * 2, space, **options)
+    early = run_search(
+        tiny_lm, LOWER, prompts, [vectors] * 2, space, early_stop=True, engine=recording, **options
+    )
+    assert jobs and all((job.decided is None) == (not job.steering) for job in jobs)
+    assert any(not job.steering for job in jobs)
+    scores = [(r.point, r.score, r.accuracy) for r in early.results]
+    assert scores == [(r.point, r.score, r.accuracy) for r in full.results]
 
 
 def test_degenerate_points_are_zeroed_by_the_judge_band(tiny_lm, lower_vectors, tmp_path):
@@ -170,5 +180,5 @@ def test_degenerate_points_are_zeroed_by_the_judge_band(tiny_lm, lower_vectors, 
     )
     assert all(r.score == 0.0 for r in found.results)
     assert not found.recommended and found.chosen.point == Point()
-    records = ResponseLog(tmp_path / "l.jsonl").records.values()
+    records = search_log(tmp_path / "l.jsonl").records.values()
     assert all(math.isfinite(r["perplexity"]) or not r["response"] for r in records)

@@ -24,13 +24,13 @@ import uvicorn
 
 from ifsteer.backends import Job
 from ifsteer.backends.vllm.engine import steering_args
+from ifsteer.calibration import Point, steerings_for
 from ifsteer.cli import main
 from ifsteer.evaluation import plan_vectors
 from ifsteer.generation import Completion, Sampling, generate
 from ifsteer.instructions import get_instruction
 from ifsteer.prompts import build_pairs
 from ifsteer.rows import Row
-from ifsteer.search import Point, steerings_for
 from ifsteer.server import Limits, build_app, create_app, load_vector_dir
 from ifsteer.shipped import (
     ShippedVector,

@@ -6,9 +6,9 @@ from dataclasses import replace
 
 import pytest
 
+from ifsteer.calibration import Point, steerings_for
 from ifsteer.instructions import get_instruction
 from ifsteer.prompts import build_pairs
-from ifsteer.search import Point, steerings_for
 from ifsteer.shipped import (
     NotShipped,
     file_name,

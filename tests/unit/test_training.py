@@ -10,9 +10,9 @@ from dataclasses import replace
 import pytest
 import torch
 
+from ifsteer.calibration import Point, steerings_for
 from ifsteer.errors import InvalidSteering
 from ifsteer.instructions import get_instruction
-from ifsteer.search import Point, steerings_for
 from ifsteer.shipped import read_calibrated, write_calibrated
 from ifsteer.steering import Steering
 from ifsteer.training import Example, TrainConfig, compete, objective, train_vectors
@@ -154,7 +154,7 @@ def test_the_competition_ships_the_trained_vector_only_where_it_scores_higher(
 ):
     """The paper's file holds a steered point; the validation verdicts are forced so that the
     trained vector wins, then a rerun skips the decided instruction."""
-    from ifsteer import search
+    from ifsteer.calibration import scoring
     from ifsteer.generation import Sampling
     from ifsteer.vectors import extract_instruction
 
@@ -173,19 +173,19 @@ def test_the_competition_ships_the_trained_vector_only_where_it_scores_higher(
     monkeypatch.setattr(competing, "training_examples", lambda *a, **k: examples())
     # Every trained answer passes, every unsteered one fails.
     monkeypatch.setattr(
-        "ifsteer.search.check",
+        "ifsteer.calibration.scoring.check",
         lambda _id, _kw, _prompt, response: _Verdict(response != "UNSTEERED"),
     )
-    real_generate = search.generate
+    real_answer_jobs = scoring.answer_jobs
 
-    def generate(lm_, texts, *, per_row, **kwargs):
-        done = real_generate(lm_, texts, per_row=per_row, **kwargs)
+    def answer_jobs(lm_, jobs, **kwargs):
+        done = real_answer_jobs(lm_, jobs, **kwargs)
         return [
-            c if steering else replace(c, text="UNSTEERED")
-            for c, steering in zip(done, per_row, strict=True)
+            c if job.steering else replace(c, text="UNSTEERED")
+            for c, job in zip(done, jobs, strict=True)
         ]
 
-    monkeypatch.setattr(search, "generate", generate)
+    monkeypatch.setattr(scoring, "answer_jobs", answer_jobs)
 
     contest = compete(
         lm, iid, shipped, tmp_path / "work", config(), sampling=Sampling(max_new_tokens=4),
@@ -224,7 +224,7 @@ def test_a_lost_competition_is_retried_only_under_another_training_configuration
         {"status": "searched", "recommended": False, "point": point.key},
     )  # fmt: skip
     monkeypatch.setattr(competing, "training_examples", lambda *a, **k: examples())
-    monkeypatch.setattr("ifsteer.search.check", lambda *_a: _Verdict(False))
+    monkeypatch.setattr("ifsteer.calibration.scoring.check", lambda *_a: _Verdict(False))
     run = {"sampling": Sampling(max_new_tokens=2), "n_prompts": 2}
     first = compete(lm, LOWERCASE.id, shipped, tmp_path / "work", config(), **run)
     assert first is not None and first.winner == "none"

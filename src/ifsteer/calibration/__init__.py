@@ -1,33 +1,45 @@
-"""Choosing where (layer) and how hard (weight) to steer, on validation prompts.
+"""Calibration: where (layer), how hard (weight) and how to steer, on validation prompts.
 
-The paper's sweep (docs/method.md §3) answers a few validation prompts once per grid point:
-"no steering", then every layer of `range(L//5, L, 2)` (and, for additive vectors, every
-weight). All points of all prompts go
-through one batched `generate` call, each row steered at its own layer by per-row steering.
-Each response is checked with IFEval's *loose* checkers and scored for fluency: a response
-that repeats itself (more than half of its word trigrams seen before), or optionally that the
-unsteered model finds implausibly predictable (perplexity < 2.5), is *degenerate*. A point's
-score is the share of responses that pass without degenerating, and zero when most of them
-degenerate. `choose` keeps "no steering" when nothing beats it, else the best point, lowest
-layer (then smallest weight) on ties. The choice is written into the vector files, so it
-travels with them; a sweep where no steering wins records `recommended: false` and keeps the
-file's default layer.
+Two plans share one point contract, one choice rule, one fluency rule and one answer log:
 
-- `grid`: grid points, scores and the choice (pure, torch-free);
-- `sweep`: running a sweep on a model;
-- `record`: writing the choice into the vector files, saving the sweep; `calibrate` does a
-  whole group, `calibrate_groups` several groups in one job queue.
+- the paper's sweep (docs/method.md §3): "no steering", then every layer of
+  `range(L//5, L, 2)` (and, for additive vectors, every weight), all points of all prompts in
+  one job queue (`Engine`, or vLLM's), a row stopping as soon as its check has failed for
+  good. Fluency is the paper's (`quality.PAPER_FLUENCY`): a point where most passes degenerate
+  scores zero. The choice is written into the vector files (`extra["sweep"]`), so it travels
+  with them; a sweep where no steering wins records `recommended: false` and keeps the file's
+  default layer;
+- the staged search behind the shipped vectors (docs/shipped.md): layers, then target scales
+  and additive weights, then generated-only and several layers at once, judged by the search's
+  fluency policy (`quality.Fluency()`); `shipped.write_calibrated` writes its point.
+
+`choose` keeps "no steering" unless a steered point scores strictly higher, then prefers the
+higher accuracy and the simpler point.
+
+- `grid`: points, their scores and the choice (pure, torch-free);
+- `answers`: every answer on disk as it is made, so a killed calibration resumes;
+- `requests`: what a sweep runs (rows, vector files, the paper's grids);
+- `sweep`: running the paper's sweeps on a model;
+- `record`: writing a sweep's choice into the vector files (`extra["sweep"]`, read back by
+  `sweep_recommends`), saving the sweep; `calibrate` does a whole group, `calibrate_groups`
+  several groups in one job queue;
+- `runner`: the one way both plans make answers (`answer_jobs`: a job queue, the log);
+- `search`: the staged search (`run_search`) and `verify_point`, one point tried on another
+  instruction; `scoring`: how a search point steers (`steerings_for`) and how its answers
+  are checked, judged and scored.
 
 Validation rows are the caller's (`ifsteer.rows.split_rows` sets some aside). Only rows every
-one of whose instructions a vector steers can calibrate (`Row.fully_served`); `calibrate` runs
-one group's sweep and records it, for the CLI and the paper pipeline alike. Figures of a sweep
-are the report's (`ifsteer.report.plot_sweep`).
+one of whose instructions a vector steers can calibrate (`Row.fully_served`). Figures of a
+sweep are the report's (`ifsteer.report.plot_sweep`).
 """
 
+from ifsteer.calibration.answers import AnswerLog
 from ifsteer.calibration.grid import (
     Choice,
-    Fluency,
+    FluencyStats,
     GridPoint,
+    Point,
+    PointResult,
     SweepResult,
     best_steered,
     choose,
@@ -41,22 +53,27 @@ from ifsteer.calibration.record import (
     calibrate_groups,
     group_vector_files,
     save_sweep,
+    sweep_recommends,
 )
-from ifsteer.calibration.sweep import (
+from ifsteer.calibration.requests import (
     SweepRequest,
     layer_request,
-    sweep,
-    sweep_layers,
-    sweep_weights,
-    sweeps,
     validation_groups,
     weight_request,
 )
+from ifsteer.calibration.scoring import steerings_for
+from ifsteer.calibration.search import SearchResult, SearchSpace, run_search, verify_point
+from ifsteer.calibration.sweep import sweep, sweep_layers, sweep_weights, sweeps
 
 __all__ = [
+    "AnswerLog",
     "Choice",
-    "Fluency",
+    "FluencyStats",
     "GridPoint",
+    "Point",
+    "PointResult",
+    "SearchResult",
+    "SearchSpace",
     "SweepRequest",
     "SweepResult",
     "apply_choice",
@@ -67,13 +84,17 @@ __all__ = [
     "group_vector_files",
     "layer_request",
     "load_sweep",
+    "run_search",
     "save_sweep",
     "score_point",
+    "steerings_for",
     "sweep",
     "sweep_filename",
     "sweep_layers",
+    "sweep_recommends",
     "sweep_weights",
     "sweeps",
     "validation_groups",
+    "verify_point",
     "weight_request",
 ]

@@ -1,54 +1,78 @@
-"""The answers a sweep has generated, on disk as they finish, so a killed run resumes.
+"""The answers a calibration has generated, on disk as they finish, so a killed run resumes.
 
-A sweep's cost is its answers; its scoring is cheap and deterministic. So each answer is
-appended to a JSONL file the moment the engine finishes it, keyed by everything that decides
-its text (the sweep, the point, the prompt, the decoding settings), and a rerun submits only
-the answers the file lacks. The vectors are not in the key: a log belongs to one run
-directory, whose vector files are extracted once and then only read. A line cut short by a
-kill is ignored (that answer is generated again).
+A calibration's cost is its answers; its scoring is cheap and deterministic. So each answer is
+appended to a JSONL file the moment it is made, under a key of everything that decides its
+text, and a rerun makes only the answers the file lacks. The paper's sweep keys an answer by
+its sweep, point, prompt and decoding settings and stores the completion (`get`, `recorder`);
+the staged search keys a scored record by (point, prompt index), so a rerun with other fluency
+thresholds needs no generation either. The vectors are not in the key: a log belongs to one run
+(or build) directory, whose vector files are extracted once and then only read.
+
+A line cut short by a kill is dropped from the file when it is opened (`evaluation.store`'s
+`repair_log`, shared with evaluation's responses): that answer is made again.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ifsteer.engine import Completion
+from ifsteer.evaluation.store import repair_log
 
-__all__ = ["AnswerLog"]
+__all__ = ["AnswerLog", "search_key"]
+
+Record = dict[str, Any]
+
+
+def _sweep_key(record: Record) -> Hashable:
+    return record["key"]
+
+
+def search_key(record: Record) -> Hashable:
+    """A search record's key: its point and the index of its validation prompt."""
+    return (record["point"], int(record["prompt"]))
 
 
 class AnswerLog:
-    """Answers by key, read from `path` once and appended to as new ones finish."""
+    """Records by key, read from `path` once and appended to as new ones come; with no path,
+    in memory only."""
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self._known: dict[str, Completion] = {}
-        if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
-                try:
-                    record = json.loads(line)
-                    self._known[record["key"]] = Completion(**record["completion"])
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # the line a kill cut short
+    def __init__(
+        self, path: str | Path | None, key: Callable[[Record], Hashable] = _sweep_key
+    ) -> None:
+        self.path = None if path is None else Path(path)
+        self.key_of = key
+        self.records: dict[Hashable, Record] = {}
+        if self.path is not None and self.path.is_file():
+            for record in repair_log(self.path):
+                self.records[key(record)] = record
+
+    def add(self, records: Sequence[Record]) -> None:
+        for record in records:
+            self.records[self.key_of(record)] = record
+        if self.path is not None and records:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a", encoding="utf-8") as f:
+                for record in records:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    # --- the sweep's answers: a completion under a key of its settings --------------------------
 
     @staticmethod
     def key(*parts: Any) -> str:
         return json.dumps(parts, sort_keys=True, default=str)
 
     def get(self, key: str) -> Completion | None:
-        return self._known.get(key)
+        record = self.records.get(key)
+        return None if record is None else Completion(**record["completion"])
 
     def recorder(self, key: str) -> Callable[[Completion], None]:
         """An `on_done` that appends the finished answer under `key`."""
 
         def record(completion: Completion) -> None:
-            self._known[key] = completion
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            line = json.dumps({"key": key, "completion": completion.__dict__}, ensure_ascii=False)
-            with self.path.open("a", encoding="utf-8") as f:
-                f.write(line + "\n")
+            self.add([{"key": key, "completion": completion.__dict__}])
 
         return record

@@ -1,8 +1,9 @@
-"""A sweep's grid and its choice: pure data and selection, no model (torch-free).
+"""Measured points and the one choice rule: pure data and selection, no model (torch-free).
 
 A point's score is the share of responses that pass without degenerating, and zero when most
-of them pass only by degenerating; `choose` keeps "no steering" when nothing beats it, else the
-best point, lowest layer (then smallest weight) on ties.
+of them pass only by degenerating. `choose` is the one choice rule of the paper's sweep and the
+staged search alike: "no steering" when nothing beats it, else the best point; ties go to the
+higher accuracy, then the simpler point (lowest layer, then smallest weight).
 """
 
 from __future__ import annotations
@@ -11,19 +12,22 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ifsteer.errors import IfsteerError, InvalidSteering
 from ifsteer.instructions import Mode
+from ifsteer.quality import PAPER_FLUENCY, Fluency
 from ifsteer.rundir import file_stem
 
+if TYPE_CHECKING:
+    from ifsteer.steering import Positions
+
 __all__ = [
-    "MAX_DEGENERATE",
-    "MAX_REPETITION",
-    "MIN_PERPLEXITY",
     "Choice",
-    "Fluency",
+    "FluencyStats",
     "GridPoint",
+    "Point",
+    "PointResult",
     "SweepResult",
     "best_steered",
     "choose",
@@ -32,16 +36,64 @@ __all__ = [
     "sweep_filename",
 ]
 
-# A response whose trigrams repeat more than this, or whose perplexity under the unsteered
-# model is below MIN_PERPLEXITY (when measured), is degenerate (ifsteer.quality).
-MAX_REPETITION = 0.5
-MIN_PERPLEXITY = 2.5
-# A grid point where more than this share of responses pass only by degenerating scores zero.
-MAX_DEGENERATE = 0.5
+
+@dataclass(frozen=True)
+class Point:
+    """One way to steer, as the staged search varies it: the layers (none: no steering), mode,
+    scale (`calibration.search`) and positions."""
+
+    layers: tuple[int, ...] = ()
+    mode: Mode = "projection"
+    scale: float = 1.0
+    positions: Positions = "all"
+
+    @property
+    def key(self) -> str:
+        if not self.layers:
+            return "none"
+        layers = "+".join(map(str, self.layers))
+        return f"L{layers}:{self.mode}:{self.scale:g}:{self.positions}"
+
+    def rank(self) -> tuple[Any, ...]:
+        """Simplicity, for ties: fewer layers, all positions, lower layer, paper-like scale."""
+        paper_scale = 1.0 if self.mode == "projection" else 0.0
+        return (
+            len(self.layers),
+            self.positions != "all",
+            self.layers,
+            self.mode != "projection",
+            abs(self.scale - paper_scale),
+        )
 
 
 @dataclass(frozen=True)
-class Fluency:
+class PointResult:
+    """A search point measured on validation prompts."""
+
+    point: Point
+    accuracy: float
+    score: float
+    degenerate: float
+    repetition: float
+    perplexity: float | None
+    n: int
+    # Degenerate where the unsteered answer to the same prompt reads fine: what steering broke
+    # outright, not counting a looping answer that loops a little harder (in `degenerate`).
+    newly_broken: float = 0.0
+
+    @property
+    def steered(self) -> bool:
+        return bool(self.point.layers)
+
+    def rank(self) -> tuple[Any, ...]:
+        return self.point.rank()
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "point": {**asdict(self.point), "key": self.point.key}}
+
+
+@dataclass(frozen=True)
+class FluencyStats:
     """How a grid point's responses read: mean trigram repetition, median perplexity under the
     unsteered model (None when not measured), and the share of degenerate responses."""
 
@@ -57,9 +109,17 @@ class GridPoint:
     layer: int | None
     weight: float | None
     accuracy: float
-    fluency: Fluency
+    fluency: FluencyStats
     score: float
     n: int
+
+    @property
+    def steered(self) -> bool:
+        return self.layer is not None
+
+    def rank(self) -> tuple[Any, ...]:
+        """Simplicity, for ties: the lower layer, then the smaller |weight|."""
+        return (self.layer, abs(self.weight or 0.0))
 
 
 @dataclass(frozen=True)
@@ -72,6 +132,10 @@ class Choice:
     def recommended(self) -> bool:
         """Whether steering beat "no steering" on the validation prompts."""
         return self.layer is not None
+
+    @classmethod
+    def of(cls, point: GridPoint) -> Choice:
+        return cls(point.layer, point.weight, point.score)
 
 
 @dataclass(frozen=True)
@@ -88,6 +152,7 @@ class SweepResult:
     vector_ids: list[str] = field(default_factory=list)
     max_new_tokens: int = 0
     responses: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    fluency: Fluency = PAPER_FLUENCY  # the rule its responses were judged by
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -102,11 +167,11 @@ class SweepResult:
             "max_new_tokens": self.max_new_tokens,
             "rule": {
                 "score": "loose pass and not degenerate; 0 when more than "
-                f"{MAX_DEGENERATE:g} of the responses pass only by degenerating",
-                "max_repetition": MAX_REPETITION,
-                "min_perplexity": MIN_PERPLEXITY,
-                "ties": "no steering if it scores at least as well, else lowest layer, "
-                "then smallest |weight|",
+                f"{self.fluency.max_degenerate:g} of the responses pass only by degenerating",
+                "max_repetition": self.fluency.max_repetition,
+                "min_perplexity": self.fluency.min_perplexity,
+                "ties": "no steering if it scores at least as well, else higher accuracy, "
+                "then lowest layer, then smallest |weight|",
             },
         }
 
@@ -120,7 +185,10 @@ def sweep_filename(instruction_id: str) -> str:
 
 
 def score_point(
-    passed: Sequence[bool], degenerate: Sequence[bool], *, max_degenerate: float = MAX_DEGENERATE
+    passed: Sequence[bool],
+    degenerate: Sequence[bool],
+    *,
+    max_degenerate: float = PAPER_FLUENCY.max_degenerate,
 ) -> tuple[float, float]:
     """(accuracy, score) of one grid point's responses.
 
@@ -142,34 +210,50 @@ def score_point(
     return accuracy, sum(p and not d for p, d in zip(passed, degenerate, strict=True)) / n
 
 
-def choose(grid: Sequence[GridPoint]) -> Choice:
-    """The best point of a sweep.
+class Scored(Protocol):
+    """What the one choice rule reads of a measured point: a sweep's `GridPoint` or a search's
+    `PointResult`. `steered` is False for "no steering"; `rank()` orders steered points by
+    simplicity, for ties."""
 
-    "No steering" (layer None) wins when its score is at least every steered point's: steering
-    must earn its place. Otherwise the highest score wins, the lowest layer on ties, then the
-    smallest |weight|. A grid without a "no steering" point picks among its layers.
+    @property
+    def score(self) -> float: ...
+    @property
+    def accuracy(self) -> float: ...
+    @property
+    def steered(self) -> bool: ...
+    def rank(self) -> tuple[Any, ...]: ...
+
+
+S = TypeVar("S", bound=Scored)
+
+
+def choose(results: Sequence[S]) -> S:
+    """The point a sweep or a search settles on.
+
+    "No steering" wins when its score is at least every steered point's: steering must earn
+    its place. Otherwise the best steered point (`best_steered`). Without a "no steering"
+    point, the best steered one.
     """
-    if not grid:
+    if not results:
         raise InvalidSteering("an empty sweep has nothing to choose from")
-    baseline = [p for p in grid if p.layer is None]
-    steered = [p for p in grid if p.layer is not None]
-    if steered:
-        best = min(
-            steered,
-            key=lambda p: (-round(p.score, 9), p.layer, abs(p.weight or 0.0)),
-        )
-        if not baseline or round(best.score, 9) > round(max(p.score for p in baseline), 9):
-            return Choice(best.layer, best.weight, best.score)
-    top = max(baseline, key=lambda p: p.score)
-    return Choice(None, None, top.score)
+    baseline = max((r for r in results if not r.steered), key=lambda r: r.score, default=None)
+    if not any(r.steered for r in results):
+        assert baseline is not None
+        return baseline
+    best = best_steered(results)
+    if baseline is None or round(best.score, 9) > round(baseline.score, 9):
+        return best
+    return baseline
 
 
-def best_steered(grid: Sequence[GridPoint]) -> GridPoint | None:
-    """The best steered point (what `choose` would pick if "no steering" were not allowed)."""
-    steered = [p for p in grid if p.layer is not None]
+def best_steered(results: Sequence[S]) -> S:
+    """The best steered point (what `choose` picks when "no steering" may not win): the highest
+    score, then the higher accuracy (its extra passes degenerated, but it did steer), then the
+    simplest (`rank`)."""
+    steered = [r for r in results if r.steered]
     if not steered:
-        return None
-    return min(steered, key=lambda p: (-round(p.score, 9), p.layer, abs(p.weight or 0.0)))
+        raise InvalidSteering("no steered point to choose from")
+    return min(steered, key=lambda r: (-round(r.score, 9), -round(r.accuracy, 9), r.rank()))
 
 
 def load_sweep(path: str | Path) -> dict[str, Any]:

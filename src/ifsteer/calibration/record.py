@@ -13,13 +13,21 @@ from pathlib import Path
 from typing import Any
 
 from ifsteer.calibration.grid import SweepResult, best_steered, sweep_filename
-from ifsteer.calibration.sweep import layer_request, sweeps, weight_request
+from ifsteer.calibration.requests import layer_request, weight_request
+from ifsteer.calibration.sweep import sweeps
 from ifsteer.models import LoadedModel
 from ifsteer.rows import Row
 from ifsteer.rundir import sweep_path, write_json
 from ifsteer.vectors import Mode, VectorFile, update_defaults
 
-__all__ = ["apply_choice", "calibrate", "calibrate_groups", "group_vector_files", "save_sweep"]
+__all__ = [
+    "apply_choice",
+    "calibrate",
+    "calibrate_groups",
+    "group_vector_files",
+    "save_sweep",
+    "sweep_recommends",
+]
 
 
 def group_vector_files(
@@ -38,6 +46,17 @@ def _path(file: str | Path | VectorFile) -> Path:
     return file.path if isinstance(file, VectorFile) else Path(file)
 
 
+def _sweep_key(with_instruction: bool) -> str:
+    return "sweep_with_instruction" if with_instruction else "sweep"
+
+
+def sweep_recommends(file: VectorFile, with_instruction: bool = False) -> bool:
+    """Whether a file may steer after its sweep: False only where a sweep (of the same
+    setting) recorded that "no steering" won; a file no sweep wrote into may steer."""
+    record = file.default.extra.get(_sweep_key(with_instruction))
+    return not (isinstance(record, Mapping) and record.get("recommended") is False)
+
+
 def apply_choice(
     result: SweepResult,
     files: Sequence[str | Path | VectorFile] | Mapping[str, str | Path | VectorFile],
@@ -52,7 +71,7 @@ def apply_choice(
     best steered point. When "no steering" wins, the default layer stays as it was.
     """
     paths = [_path(f) for f in (files.values() if isinstance(files, Mapping) else files)]
-    best = best_steered(result.grid)
+    best = best_steered(result.grid) if any(p.steered for p in result.grid) else None
     baseline = next((p for p in result.grid if p.layer is None), None)
     record = {
         "layer": result.chosen.layer,
@@ -68,7 +87,7 @@ def apply_choice(
         "n_prompts": len(result.rows),
         "max_new_tokens": result.max_new_tokens,
     }
-    key = "sweep_with_instruction" if result.with_instruction else "sweep"
+    key = _sweep_key(result.with_instruction)
     write = set_default and result.chosen.recommended
     written = []
     for path in paths:

@@ -327,7 +327,7 @@ def _answer(
                 "fluency": {
                     "repetition": quality.repetition_rate(completion.text),
                     "perplexity": p,
-                    "degenerate": quality.is_degenerate(
+                    "degenerate": quality.PAPER_FLUENCY.degenerate(
                         completion.text, p if independent else None
                     ),
                 },

@@ -20,7 +20,7 @@ from typing import IO, Any
 from ifsteer.errors import EvaluationError
 from ifsteer.rows import STEERED
 
-__all__ = ["check_resume", "done_key", "open_for_append", "read_responses"]
+__all__ = ["check_resume", "done_key", "open_for_append", "read_responses", "repair_log"]
 
 log = logging.getLogger("ifsteer.evaluation")
 
@@ -64,6 +64,23 @@ def _scan(path: Path) -> tuple[list[dict[str, Any]], int]:
     return records, offset
 
 
+def repair_log(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSONL log about to be appended to, its torn tail cut first: a line a
+    kill cut short is dropped from the file, and a whole last record whose newline never made
+    it gets one, so the next record starts a line of its own. Evaluation's responses and the
+    calibration answer logs (`calibration.answers`) are such logs."""
+    records, intact = _scan(path)
+    size = path.stat().st_size if path.is_file() else 0
+    if intact < size:
+        os.truncate(path, intact)
+    elif size:
+        with path.open("rb+") as handle:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                handle.write(b"\n")
+    return records
+
+
 @contextlib.contextmanager
 def open_for_append(path: Path) -> Iterator[tuple[IO[bytes], list[dict[str, Any]]]]:
     """Lock the file against a second writer, cut a torn tail, and give what is there."""
@@ -79,13 +96,7 @@ def open_for_append(path: Path) -> Iterator[tuple[IO[bytes], list[dict[str, Any]
             ) from None
         except ImportError:  # not POSIX: no lock, resume still works
             pass
-        records, intact = _scan(path)
-        size = path.stat().st_size
-        if intact < size:
-            os.ftruncate(handle.fileno(), intact)
-        elif size and not path.read_bytes().endswith(b"\n"):
-            handle.write(b"\n")  # a whole last record whose newline never made it
-        yield handle, records
+        yield handle, repair_log(path)
 
 
 def check_resume(

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ifsteer.calibration import calibrate_groups
+from ifsteer.calibration import calibrate_groups, sweep_recommends
 from ifsteer.evaluation import count_pending, run_evaluation
 from ifsteer.generation import Sampling
 from ifsteer.instructions import get_instruction
@@ -58,7 +58,6 @@ from ifsteer.rundir import (
     write_json,
 )
 from ifsteer.vectors import (
-    VectorFile,
     default_layer,
     default_layers,
     extract_instruction,
@@ -108,12 +107,6 @@ def _previous_run(path: Path) -> dict[str, Any]:
     except (OSError, json.JSONDecodeError):
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _recommended(file: VectorFile, with_instruction: bool) -> bool:
-    key = "sweep_with_instruction" if with_instruction else "sweep"
-    record = file.default.extra.get(key)
-    return not (isinstance(record, Mapping) and record.get("recommended") is False)
 
 
 def run_paper(
@@ -213,7 +206,7 @@ def run_paper(
     steer_with = {
         vector_id: file
         for vector_id, file in files.items()
-        if _recommended(file, config.with_instruction)
+        if sweep_recommends(file, config.with_instruction)
     }
     run_record["not_steered"] = sorted(set(files) - set(steer_with))
     if run_record["not_steered"]:

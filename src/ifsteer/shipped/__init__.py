@@ -9,8 +9,9 @@ those of "no steering". A file is shipped also when "no steering" won its search
 finding no file.
 
 The search's projection *target scale* is stored as the target itself (`c̄ + (s−1)·‖u‖`, see
-`ifsteer.search`), with the paper's c̄ per layer kept in `paper_targets`; so any code that loads
-the file with `ifsteer.vectors.load_vector` and steers with it applies the calibrated point.
+`ifsteer.calibration.search`), with the paper's c̄ per layer kept in `paper_targets`; so any
+code that loads the file with `ifsteer.vectors.load_vector` and steers with it applies the
+calibrated point.
 Several chosen layers keep their per-layer weights in `weights`.
 
 `ifsteer vectors build` rebuilds the files (`shipped/build.py`).

@@ -23,6 +23,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ifsteer.calibration.grid import Point
+from ifsteer.calibration.scoring import search_log, steerings_for
+from ifsteer.calibration.search import SearchResult, SearchSpace, run_search, verify_point
 from ifsteer.checks import check
 from ifsteer.datasets import data_path
 from ifsteer.generation import Sampling
@@ -34,16 +37,7 @@ from ifsteer.instructions import (
     keyword_instruction,
 )
 from ifsteer.models import LoadedModel
-from ifsteer.search import (
-    Fluency,
-    Point,
-    ResponseLog,
-    SearchResult,
-    SearchSpace,
-    run_search,
-    steerings_for,
-    verify_point,
-)
+from ifsteer.quality import Fluency
 from ifsteer.shipped import file_name, read_calibrated, write_calibrated
 from ifsteer.training import TrainConfig, compete
 from ifsteer.validation import (
@@ -222,10 +216,10 @@ class Builder:
         """Unsteered answers depend on the query, not on the instruction checked: reuse those
         any earlier search logged for the same query and length, checked anew."""
         name = file_name(instruction_id).removesuffix(".safetensors")
-        log = ResponseLog(self.work / f"{name}.jsonl")
+        log = search_log(self.work / f"{name}.jsonl")
         known: dict[str, dict[str, Any]] = {}
         for other in self.work.glob("*.jsonl"):
-            for record in ResponseLog(other).records.values():
+            for record in search_log(other).records.values():
                 same = record.get("max_new_tokens") == TOKENS[group]
                 if record["point"] == "none" and same and not record.get("with_instruction"):
                     known.setdefault(record["query"], record)

@@ -25,18 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ifsteer.calibration.grid import Point, PointResult, best_steered
+from ifsteer.calibration.scoring import steerings_for
+from ifsteer.calibration.search import FORMAT_SAMPLING, verify_point
 from ifsteer.generation import Sampling
 from ifsteer.instructions import get_instruction
 from ifsteer.models import LoadedModel
-from ifsteer.search import (
-    FORMAT_SAMPLING,
-    Fluency,
-    Point,
-    PointResult,
-    best_steered,
-    steerings_for,
-    verify_point,
-)
+from ifsteer.quality import Fluency
 from ifsteer.shipped import file_name, read_calibrated, write_calibrated
 from ifsteer.training.data import distilled_examples, rule_examples, unsteered_answers
 from ifsteer.training.train import METHOD, Progress, TrainConfig, train_vectors

@@ -1,13 +1,13 @@
 """The paper's vector against a trained one, per instruction, on the same validation prompts.
 
-Calibration chooses the method the way it chooses a point (`search.choose`): a trained vector
-ships only where it scores strictly higher than both "no steering" and the paper's calibrated
-point already in the file, under the same fluency rule (`search.Fluency`, answers broken by
-steering count against it) on the instruction's validation prompts. A tie keeps the paper's
-vector. The trained vector is tried at its trained size and at half of it, and a point that
-newly breaks more than a fifth of the answers (degenerate where the unsteered answer reads
-fine) never ships. The file records both contenders (`extra.calibration.competition`), so a
-user sees what the loser scored.
+Calibration chooses the method the way it chooses a point (`calibration.grid.choose`): a
+trained vector ships only where it scores strictly higher than both "no steering" and the
+paper's calibrated point already in the file, under the same fluency rule (`quality.Fluency`,
+answers broken by steering count against it) on the instruction's validation prompts. A tie
+keeps the paper's vector. The trained vector is tried at its trained size and at half of it,
+and a point that newly breaks more than a fifth of the answers (degenerate where the
+unsteered answer reads fine) never ships. The file records both contenders
+(`extra.calibration.competition`), so a user sees what the loser scored.
 
 Resumable: the trained vector is written to the work folder before it is validated, every
 validation answer is logged, and an instruction is skipped where its file records a trained

@@ -145,13 +145,13 @@ def main() -> None:
 
         engine = VLLMEngine(source, model_id=lm.model_id, **SETTINGS)
         await engine.start()
-        stock = {
-            eager: AsyncLLM.from_engine_args(
+        stock = [
+            AsyncLLM.from_engine_args(
                 AsyncEngineArgs(model=source, enable_prefix_caching=True, **SETTINGS, **eager)
             )
             for eager in ({}, {"enforce_eager": True})
-        }
-        compiled, eager = stock.values()
+        ]
+        compiled, eager = stock
         try:
             (info,) = await engine.worker_info()
             print(
@@ -167,7 +167,7 @@ def main() -> None:
             return await _measure(bursts, [8, 32], args.tokens, args.repeats)
         finally:
             await engine.close()
-            for llm in stock.values():
+            for llm in stock:
                 llm.shutdown()
 
     results: dict[str, Any] = asyncio.run(run())

@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 VLLM_WORKER_MULTIPROC_METHOD=spawn
 python -c 'import torch, vllm; assert torch.cuda.is_available(), "no CUDA device"; print("vllm", vllm.__version__, "on", torch.cuda.get_device_name())'
 status=0
-timeout 170 python -m pytest -q -p no:cacheprovider -rs tests/gpu/test_vllm.py || status=$?
-timeout 110 python benchmarks/vllm_overhead.py --repeats 2 --json "${OUT:-/tmp}/vllm_overhead.json" \
+timeout 150 python -m pytest -q -p no:cacheprovider -rs tests/gpu/test_vllm.py || status=$?
+timeout 140 python benchmarks/vllm_overhead.py --repeats 1 --json "${OUT:-/tmp}/vllm_overhead.json" \
     || status=$?
 exit "$status"

@@ -32,6 +32,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
@@ -47,7 +49,12 @@ from ifsteer.prompts import BASE_QUERIES  # noqa: E402
 from ifsteer.steering import Steering  # noqa: E402
 from ifsteer.vectors import default_layer, extract_instruction  # noqa: E402
 
-SETTINGS = dict(dtype="float32", max_model_len=1024, kv_cache_memory_bytes=1 << 30, max_num_seqs=32)
+SETTINGS: dict[str, Any] = {
+    "dtype": "float32",
+    "max_model_len": 1024,
+    "kv_cache_memory_bytes": 1 << 30,
+    "max_num_seqs": 32,
+}
 Burst = Callable[[list[str], int], Awaitable[int]]
 
 
@@ -138,16 +145,19 @@ def main() -> None:
     )[layer]
     steering = (Steering(vector),)
     source = os.environ.get("IFSTEER_VLLM_MODEL") or str(cache_dir(DEFAULT_MODEL))
+    settings = dict(SETTINGS)
+    if torch.cuda.is_available():  # three engines on one GPU: each claims a quarter at start
+        settings["gpu_memory_utilization"] = 0.25
 
     async def run() -> dict[str, float]:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        engine = VLLMEngine(source, model_id=lm.model_id, **SETTINGS)
+        engine = VLLMEngine(source, model_id=lm.model_id, **settings)
         await engine.start()
         stock = [
             AsyncLLM.from_engine_args(
-                AsyncEngineArgs(model=source, enable_prefix_caching=True, **SETTINGS, **eager)
+                AsyncEngineArgs(model=source, enable_prefix_caching=True, **settings, **eager)
             )
             for eager in ({}, {"enforce_eager": True})
         ]

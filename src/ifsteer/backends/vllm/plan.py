@@ -183,6 +183,8 @@ class PlanBuffers:
         self.planned: frozenset[int] = frozenset()
         self.depth = 0  # slots in use this step
         self._written = 0  # tokens the last plan wrote, in every planned layer
+        # The last plan's tensors on the device: decode steps reuse one plan, copied once.
+        self._on_device: tuple[Plan, dict[int, tuple[torch.Tensor, ...]]] | None = None
 
     def load(self, plan: Plan | None, positions: torch.Tensor | None) -> None:
         """Make `plan` (None: nothing steered) the one the op applies, for tokens at
@@ -202,8 +204,11 @@ class PlanBuffers:
                 positions = positions[0]
             lengths = plan.prompt_lengths.to(self.bank.device, non_blocking=True)
             generated = positions[:n].to(self.bank.device) >= lengths
-        for layer, host in plan.layers.items():
-            rows, weights, projection, codes = (t.to(self.bank.device) for t in host)
+        if self._on_device is None or self._on_device[0] is not plan:
+            device = self.bank.device
+            layers = {k: tuple(t.to(device) for t in host) for k, host in plan.layers.items()}
+            self._on_device = (plan, layers)
+        for layer, (rows, weights, projection, codes) in self._on_device[1].items():
             active = (rows >= 0) & (
                 (codes == POSITION_CODES["all"])
                 | torch.where(

@@ -1,7 +1,10 @@
 """The vLLM adapter end to end on a GPU: the same HTTP face, served by vLLM's CUDA build.
 
 tests/vllm runs the same checks (and more) with vLLM's CPU build on CI; this module keeps what
-only a GPU shows: vLLM's CUDA kernels and memory settings against the HF reference.
+only a GPU shows: vLLM's CUDA kernels, memory settings, and its defaults (torch.compile and CUDA
+graphs, which the steering op must be captured in) against the HF reference and against an
+eager engine. The overhead is measured by `benchmarks/vllm_overhead.py` (see
+`benchmarks/gpu_check.sh`), never asserted here.
 
 Skipped, loudly (a warning in the summary, plus the skip reason), without CUDA or without vLLM
 (`pip install 'ifsteer[vllm]'`, vllm==0.32.0). Uses the embedded SmolLM2-135M (its converted
@@ -43,7 +46,9 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 import uvicorn  # noqa: E402
 
+from ifsteer.backends import Job  # noqa: E402
 from ifsteer.backends.vllm import VLLMEngine  # noqa: E402
+from ifsteer.chat import render_chat  # noqa: E402
 from ifsteer.generation import Sampling, generate  # noqa: E402
 from ifsteer.instructions import get_instruction  # noqa: E402
 from ifsteer.models import DEFAULT_MODEL, cache_dir, load_model  # noqa: E402
@@ -101,6 +106,26 @@ def served(hf):
     thread.join(timeout=120)
 
 
+@pytest.fixture(scope="module")
+def eager(hf):
+    """The same engine with `enforce_eager=True`: the op run as plain calls, no graph."""
+    lm, vectors = hf
+    source = os.environ.get("IFSTEER_VLLM_MODEL") or str(cache_dir(DEFAULT_MODEL))
+    engine = VLLMEngine(
+        source,
+        model_id=lm.model_id,
+        dtype="float32",
+        gpu_memory_utilization=0.3,
+        max_model_len=2048,
+        enforce_eager=True,
+    )
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(engine.start())
+    yield loop, engine
+    loop.run_until_complete(engine.close())
+    loop.close()
+
+
 def _chat(url: str, model: str, prompt: str, steering=None) -> str:
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
     extra = {"steering": steering} if steering else None
@@ -118,6 +143,12 @@ def _hf(lm, prompt: str, steering=()) -> str:
     return generate(
         lm, [prompt], steering=list(steering), sampling=Sampling(max_new_tokens=TOKENS)
     )[0].text
+
+
+def test_the_engine_runs_compiled_with_cuda_graphs(served):
+    url, _ = served
+    stats = httpx.get(f"{url}/health").json()["engine"]
+    assert stats["compilation_mode"] > 0 and stats["cudagraph_mode"] != "NONE", stats
 
 
 def test_unsteered_and_steered_answers_match_the_hf_backend(served, hf):
@@ -190,3 +221,44 @@ def test_bad_steering_is_refused_by_the_shared_parser(served):
     )
     assert response.status_code == 404
     assert response.json()["error"]["param"] == "steering.0.vector"
+
+
+def test_graph_replayed_steering_agrees_with_the_eager_engine(served, hf, eager):
+    """One captured graph serves every plan: a concurrent burst mixing two steerings and none,
+    replayed through CUDA graphs, gives the eager engine's answers (the op's calls without a
+    graph). Compiled kernels round differently from eager ones, so a near-tie may flip one."""
+    url, model = served
+    _, vectors = hf
+    loop, reference = eager
+    requests = [(PROMPTS[i % 4], ["lower", "louder", None][i % 3]) for i in range(12)]
+
+    async def alone(prompt: str, name: str | None) -> str:
+        steering = (Steering(vectors[name]),) if name else ()
+        rendered = render_chat(reference.tokenizer, [("user", prompt)])
+        job = Job(rendered, steering, Sampling(max_new_tokens=TOKENS))
+        return (await reference.generate(job)).text
+
+    async def burst() -> list[str]:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as c:
+            responses = await asyncio.gather(
+                *(
+                    c.post(
+                        "/v1/chat/completions",
+                        json={
+                            "model": model,
+                            "messages": [{"role": "user", "content": p}],
+                            "max_tokens": TOKENS,
+                            "temperature": 0,
+                            **({"steering": [{"vector": n}]} if n else {}),
+                        },
+                    )
+                    for p, n in requests
+                )
+            )
+        return [r.json()["choices"][0]["message"]["content"] for r in responses]
+
+    expected = [loop.run_until_complete(alone(p, n)) for p, n in requests]
+    graphed = asyncio.run(burst())
+    agree = sum(a == b for a, b in zip(graphed, expected, strict=True))
+    assert agree >= 10, list(zip(graphed, expected, strict=True))
+    assert len(set(expected)) >= 8  # the steerings really differ

@@ -69,6 +69,10 @@ def test_an_embedded_model_is_served_from_its_cache_under_the_hf_backends_id(mon
     assert engine.context_length == LIMITS.max_prompt_tokens + LIMITS.max_tokens
     assert built[-1]["kv_cache_memory_bytes"] == int(backend_cli.CPU_KV_CACHE_GIB * (1 << 30))
     assert (built[-1]["extract_pairs"], built[-1]["tensor_parallel_size"]) == (16, 1)
+    # vLLM's own default (compiled; CUDA graphs on GPUs) unless --enforce-eager asks otherwise
+    assert "enforce_eager" not in built[-1] and "enforce_eager" not in engine.setup.args
+    assert engine.setup.args["worker_cls"] == adapter.WORKER_CLASS
+    assert _engine(enforce_eager=True).setup.args["enforce_eager"] is True
 
 
 def test_a_kv_cache_too_small_for_one_request_is_refused_before_vllm_starts(monkeypatch, built):

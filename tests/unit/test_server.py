@@ -26,7 +26,6 @@ from transformers import PreTrainedTokenizerFast
 import ifsteer.backends.vllm as adapter
 from ifsteer.backends import Job
 from ifsteer.backends.hf import BatchingEngine
-from ifsteer.backends.vllm.worker import Entry, VectorBank, apply_plan, build_plan
 from ifsteer.generation import Sampling, generate
 from ifsteer.instructions import custom_instruction
 from ifsteer.server import Limits, create_app, load_vector_dir
@@ -38,7 +37,7 @@ from ifsteer.server.schema import (
     Message,
     SteeringSpec,
 )
-from ifsteer.steering import Steering, _resolve
+from ifsteer.steering import Steering
 from ifsteer.vectors import default_layer, extract_instruction, load_vector, save_vectors
 from tests.bad_inputs import BAD, Served, replay
 from tests.conftest import make_tiny, tiny_llama_config
@@ -600,43 +599,3 @@ def test_vllm_request_args_and_cache_salt():
     ]
     entry = adapter.bank_entry(a)
     assert entry["layer"] == 1 and len(entry["direction"]) == 64
-
-
-def test_vllm_worker_hook_steers_flattened_rows_like_the_hf_hook():
-    """Three requests flattened into one [tokens, hidden] batch plus CUDA-graph padding, as
-    vLLM lays them out: each span must get exactly what `ifsteer.steering` does to its row."""
-    add1 = make_vector(layer=1, mode="additive", weight=4.0)
-    proj1 = make_vector(layer=1, target=2.0, direction=_unit(3), weight=1.5)
-    proj2 = make_vector(layer=2, target=-1.0, direction=_unit(4))
-    rows = [[Steering(add1), Steering(proj1)], [], [Steering(proj2), Steering(add1, weight=-2)]]
-    bank = VectorBank(64)
-    bank.register([adapter.bank_entry(v) for v in (add1, proj1, proj2)])
-    counts = [3, 1, 4]
-    requests = [
-        (n, [Entry.parse(e) for e in adapter.steering_args(r)])
-        for n, r in zip(counts, rows, strict=True)
-    ]
-    plan = build_plan(requests, bank, num_tokens=10)  # 2 padding tokens
-    torch.manual_seed(0)
-    hidden, residual = torch.randn(10, 64), torch.randn(10, 64)
-    for layer in (1, 2):
-        h, r = apply_plan((hidden, residual), plan.slots[layer], bank)
-        assert torch.equal(h, hidden)  # the delta goes into the residual
-        stream = hidden + residual
-        starts = [0, 3, 4, 8]
-        for i, row in enumerate(rows):
-            span = slice(starts[i], starts[i + 1])
-            expected = stream[span]
-            for s in row:
-                if s.vector.layer == layer:
-                    expected = _resolve(s, torch.device("cpu")).apply(expected)
-            torch.testing.assert_close((h + r)[span], expected, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close((h + r)[8:], stream[8:])  # padding untouched
-        single = apply_plan(stream, plan.slots[layer], bank)  # one-tensor layers (GPT-2)
-        torch.testing.assert_close(single, h + r, atol=1e-5, rtol=1e-5)
-
-
-def test_vllm_worker_refuses_an_unregistered_vector():
-    bank = VectorBank(64)
-    with pytest.raises(KeyError, match="not registered"):
-        build_plan([(2, [Entry("missing", "additive", 1.0)])], bank, num_tokens=2)

@@ -1,4 +1,5 @@
 """`ifsteer eval --backend vllm` as users run it (`python -m ifsteer.cli`, a subprocess, one vLLM
+engine, `--enforce-eager`: the user's way back to an uncompiled model, and the tier's one eager
 engine): the run directory holds the files `--backend hf` writes, with the same unsteered
 answers and verdicts."""
 
@@ -64,6 +65,7 @@ def test_eval_with_backend_vllm_writes_the_hf_backends_run_directory(tmp_path):
         "0.25",
         "--max-model-len",
         "1024",
+        "--enforce-eager",
     )
     assert ours.returncode == 0, ours.stderr[-3000:]
     assert "6 new responses" in ours.stdout

@@ -135,9 +135,11 @@ def _chat(client, steering=None, tokens: int = TOKENS, prompt: str = PROMPT) -> 
     return out.choices[0].message.content or ""
 
 
-def test_the_model_is_served_under_the_hf_backends_id(url, client):
+def test_the_model_is_served_under_the_hf_backends_id_and_compiled(url, client):
     assert [m.id for m in client.models.list().data] == [DEFAULT_MODEL]
-    assert httpx.get(f"{url}/health").json()["model"] == DEFAULT_MODEL
+    health = httpx.get(f"{url}/health").json()
+    assert health["model"] == DEFAULT_MODEL
+    assert health["engine"]["compilation_mode"] > 0  # vLLM's default, not forced eager
 
 
 def test_plain_and_steered_answers(client):

@@ -1,7 +1,7 @@
 """The vLLM engine steers as the Hugging Face backend does, per request, in shared batches.
 
-One engine for the module (float32, eager, small context); the HF model in this process is the
-reference every check compares against, with vectors it extracted.
+One engine for the module (float32, small context, compiled as vLLM compiles by default); the HF
+model in this process is the reference every check compares against, with vectors it extracted.
 """
 
 from __future__ import annotations
@@ -138,10 +138,10 @@ def test_unsteered_request_never_reuses_steered_kv(hf, engine, loop):
     assert plain.text == fresh.text != steered.text
 
 
-def test_settings_the_hooks_cannot_follow_are_refused(monkeypatch):
+def test_settings_the_op_cannot_follow_are_refused(monkeypatch):
     source = str(vllm_model_dir())
-    with pytest.raises(InvalidSteering, match="enforce_eager"):
-        VLLMEngine(source, enforce_eager=False)
+    with pytest.raises(InvalidSteering, match="worker_cls"):
+        VLLMEngine(source, worker_cls="vllm.v1.worker.cpu_worker.CPUWorker")
     with pytest.raises(InvalidSteering, match="speculative"):
         VLLMEngine(source, speculative_config={"method": "ngram", "num_speculative_tokens": 2})
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
@@ -149,8 +149,9 @@ def test_settings_the_hooks_cannot_follow_are_refused(monkeypatch):
         VLLMEngine(source)
 
 
-def test_workers_report_the_v1_runner_and_steered_steps(engine, loop):
+def test_workers_report_the_v1_runner_a_compiled_model_and_steered_steps(engine, loop):
     (info,) = loop(engine.worker_info())
     assert info["runner"].endswith("CPUModelRunner") or info["runner"].endswith("GPUModelRunner")
     assert info["runner"].startswith("vllm.v1.worker.")  # not vllm.v1.worker.gpu (V2)
     assert info["steered_steps"] > 0 and info["vectors"] >= 2
+    assert info["compilation_mode"] > 0  # vLLM's default: compiled (CPU: DYNAMO_TRACE_ONCE)

@@ -1,7 +1,7 @@
 """`run_evaluation` and the sweeps on vLLM (`OfflineVLLM.queue`): the same code, the same
 records, the HF engine's answers and verdicts.
 
-One offline engine for the module (float32, eager, small context). The HF reference runs the
+One offline engine for the module (float32, compiled, small context). The HF reference runs the
 same rows through the same functions with the default `Engine`; both use vectors the HF model
 extracted, written to files as `ifsteer extract` writes them.
 """

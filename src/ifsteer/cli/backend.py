@@ -43,6 +43,14 @@ KvCacheOption = Annotated[
     ),
 ]
 
+EnforceEagerOption = Annotated[
+    bool,
+    typer.Option(
+        help="vLLM only: run the model eagerly (no torch.compile, no CUDA graphs): slower, "
+        "for debugging."
+    ),
+]
+
 
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
@@ -56,6 +64,7 @@ def vllm_settings(
     context: int | None,
     max_model_len: int | None,
     kv_cache_gib: float | None,
+    enforce_eager: bool = False,
     **engine_kwargs: Any,
 ) -> dict[str, Any]:
     """Keyword arguments for `VLLMEngine` or `OfflineVLLM` (`model` among them).
@@ -112,6 +121,7 @@ def vllm_settings(
         "model_id": model_id,
         "dtype": dtype,
         "max_model_len": max_model_len,
+        **({"enforce_eager": True} if enforce_eager else {}),  # else vLLM's default
         **engine_kwargs,
     }
 
@@ -125,6 +135,7 @@ def runner_backend(
     tensor_parallel_size: int = 1,
     max_model_len: int | None = None,
     kv_cache_gib: float | None = None,
+    enforce_eager: bool = False,
 ) -> Iterator[tuple[LoadedModel, EngineFactory]]:
     """The model and job-queue factory `eval` and `sweep` run on: the HF model and its
     `Engine`, or a started `OfflineVLLM` (stopped on exit) with the HF model on the side
@@ -141,6 +152,7 @@ def runner_backend(
         context=None,
         max_model_len=max_model_len,
         kv_cache_gib=kv_cache_gib,
+        enforce_eager=enforce_eager,
         tensor_parallel_size=tensor_parallel_size,
         pipeline_parallel_size=1,
     )

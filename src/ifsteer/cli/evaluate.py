@@ -30,6 +30,7 @@ from ifsteer.cli.app import (
 )
 from ifsteer.cli.backend import (
     BackendOption,
+    EnforceEagerOption,
     KvCacheOption,
     MaxModelLenOption,
     TensorParallelOption,
@@ -154,6 +155,7 @@ def eval_command(
     tensor_parallel_size: TensorParallelOption = 1,
     max_model_len: MaxModelLenOption = None,
     kv_cache_gib: KvCacheOption = None,
+    enforce_eager: EnforceEagerOption = False,
 ) -> None:
     """Evaluate the four settings (no instruction, steer, instruction, instruction + steer).
 
@@ -200,6 +202,7 @@ def eval_command(
             tensor_parallel_size=tensor_parallel_size,
             max_model_len=max_model_len,
             kv_cache_gib=kv_cache_gib,
+            enforce_eager=enforce_eager,
         ) as (lm, engine),
         progress_bar(f"eval {experiment}", pending) as advance,
     ):
@@ -283,6 +286,7 @@ def sweep_command(
     tensor_parallel_size: TensorParallelOption = 1,
     max_model_len: MaxModelLenOption = None,
     kv_cache_gib: KvCacheOption = None,
+    enforce_eager: EnforceEagerOption = False,
 ) -> None:
     """Choose each vector's layer (and weight) on validation prompts; write it into the file.
 
@@ -325,6 +329,7 @@ def sweep_command(
         tensor_parallel_size=tensor_parallel_size,
         max_model_len=max_model_len,
         kv_cache_gib=kv_cache_gib,
+        enforce_eager=enforce_eager,
     ) as (lm, engine):
         n_points = 1 + len(grid_layers or default_layers(lm.n_layers)) * len(grid_weights or [None])
         total = sum(len(rows) for rows in groups.values()) * n_points

@@ -12,6 +12,7 @@ from ifsteer.cli.app import DtypeOption, ModelOption, app, model_id_of, out
 from ifsteer.cli.app import load as _load
 from ifsteer.cli.backend import (
     BackendOption,
+    EnforceEagerOption,
     KvCacheOption,
     MaxModelLenOption,
     TensorParallelOption,
@@ -71,6 +72,7 @@ def serve(
     pipeline_parallel_size: Annotated[int, typer.Option(help="vLLM only: pipeline stages.")] = 1,
     max_model_len: MaxModelLenOption = None,
     kv_cache_gib: KvCacheOption = None,
+    enforce_eager: EnforceEagerOption = False,
     dtype: DtypeOption = "float32",
 ) -> None:
     """Serve an OpenAI-compatible API whose requests can carry a `steering` field.
@@ -107,6 +109,7 @@ def serve(
             limits=limits,
             max_model_len=max_model_len,
             kv_cache_gib=kv_cache_gib,
+            enforce_eager=enforce_eager,
             tensor_parallel_size=tensor_parallel_size,
             pipeline_parallel_size=pipeline_parallel_size,
             extract_pairs=extract_pairs,

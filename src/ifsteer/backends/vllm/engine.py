@@ -38,10 +38,13 @@ from ifsteer.models import LoadedModel
 from ifsteer.steering import Steering
 from ifsteer.vectors import SteeringVector
 
-from .worker import EXTRA_ARGS_KEY
+from .op import SCHEMA
+from .plan import EXTRA_ARGS_KEY, check_slots
 
 VLLM_VERSION = "0.32.0"
-WORKER_EXTENSION = "ifsteer.backends.vllm.worker.SteeringWorkerExtension"
+# The worker class steered engines run: the platform's own, with the steering op installed
+# between loading the model and compiling it.
+WORKER_CLASS = "ifsteer.backends.vllm.vllm_worker.SteeringWorker"
 
 
 def vector_key(vector: SteeringVector) -> str:
@@ -107,9 +110,10 @@ class VLLMEngine:
     `ifsteer.models.load_model` names it, so vectors extracted with the HF backend fit.
     Other keyword arguments go to `vllm.AsyncEngineArgs` (e.g. `max_model_len`,
     `gpu_memory_utilization`, `distributed_executor_backend="ray"` for several nodes).
-    Settings the steering hooks cannot follow are refused here, before vLLM starts: CUDA graphs
-    or torch.compile (`enforce_eager` stays True), speculative decoding, Model Runner V2 (this
-    engine selects V1 through `VLLM_USE_V2_MODEL_RUNNER=0`, which its engine process inherits).
+    vLLM's compilation and CUDA graphs stay as vLLM sets them (`enforce_eager=True` turns both
+    off); settings steering cannot follow are refused here, before vLLM starts: speculative
+    decoding, Model Runner V2 (this engine selects V1 through `VLLM_USE_V2_MODEL_RUNNER=0`,
+    which its engine process inherits), another worker class.
     """
 
     def __init__(
@@ -158,12 +162,15 @@ class VLLMEngine:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # checked by refuse_engine_args
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.setup.args))
         try:
-            infos = await self._llm.collective_rpc("ifsteer_install")
+            infos = await self._llm.collective_rpc("ifsteer_info")
         except Exception as exc:  # the worker's refusal, raised again in this process
             self._llm.shutdown()
             self._llm = None
             raise IfsteerError(f"the vLLM engine cannot be steered: {exc}") from None
         self.setup.check_workers(infos)
+        # How vLLM runs the model, for /health: compilation mode (0: eager), CUDA graph mode.
+        self._stats["compilation_mode"] = infos[0]["compilation_mode"]
+        self._stats["cudagraph_mode"] = infos[0]["cudagraph_mode"]
 
     async def close(self) -> None:
         if self._llm is not None:
@@ -185,6 +192,7 @@ class VLLMEngine:
 
         if self._llm is None:
             raise IfsteerError("the vLLM engine is not started")
+        check_request_slots(job.steering)
         await self.register([s.vector for s in job.steering])
         params = sampling_params(
             job.sampling, job.steering, self._stop, output_kind=RequestOutputKind.DELTA
@@ -244,8 +252,8 @@ class VLLMEngine:
 class EngineSetup:
     """What both vLLM engines (`VLLMEngine`, served; `OfflineVLLM`, for the runners) know
     before vLLM starts: the model's directory, id, tokenizer and sizes, and the engine
-    arguments with the settings steering needs forced (`enforce_eager`, the worker extension,
-    prefix caching on); refused settings are refused in `of`, before a slow start."""
+    arguments with the settings steering needs (the worker class; prefix caching on unless
+    asked off); refused settings are refused in `of`, before a slow start."""
 
     model_path: str
     model_id: str
@@ -281,8 +289,8 @@ class EngineSetup:
             "pipeline_parallel_size": pipeline_parallel_size,
             "enable_prefix_caching": True,
             **engine_kwargs,
-            "enforce_eager": True,
-            "worker_extension_cls": WORKER_EXTENSION,
+            "worker_cls": WORKER_CLASS,
+            "additional_config": {**engine_kwargs.get("additional_config", {}), "ifsteer": SCHEMA},
         }
         return cls(
             model_path=path,
@@ -346,12 +354,12 @@ def steered_prompt(ids: Sequence[int], steering: Sequence[Steering]) -> Any:
 
 
 def refuse_engine_args(engine_kwargs: dict[str, Any]) -> None:
-    """Settings under which the worker hooks would not run, or not be correct: refused before
+    """Settings under which the steering op would not run, or not be correct: refused before
     a slow engine start, with what to change."""
-    if engine_kwargs.get("enforce_eager") is False:
+    if engine_kwargs.get("worker_cls") not in (None, "auto", WORKER_CLASS):
         raise InvalidSteering(
-            "the vLLM adapter steers through module hooks, which CUDA graphs and "
-            "torch.compile do not run: enforce_eager must stay True"
+            "the vLLM adapter runs its own worker class (vLLM's, with the steering op): "
+            "worker_cls cannot be set"
         )
     if engine_kwargs.get("speculative_config"):
         raise InvalidSteering("the vLLM adapter does not support speculative decoding")
@@ -359,3 +367,11 @@ def refuse_engine_args(engine_kwargs: dict[str, Any]) -> None:
         raise InvalidSteering(
             "the vLLM adapter steers vLLM's V1 model runner: unset VLLM_USE_V2_MODEL_RUNNER"
         )
+
+
+def check_request_slots(steering: Sequence[Steering]) -> None:
+    """A request the workers' plan has room for; otherwise refused with what to do."""
+    try:
+        check_slots([s.vector.layer for s in steering])
+    except ValueError as exc:
+        raise InvalidSteering(str(exc)) from None

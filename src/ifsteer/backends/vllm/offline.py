@@ -43,6 +43,7 @@ from ifsteer.vectors import SteeringVector
 from .engine import (
     EngineSetup,
     bank_entry,
+    check_request_slots,
     require_vllm,
     sampling_params,
     steered_prompt,
@@ -74,7 +75,7 @@ class OfflineVLLM:
         os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # checked by refuse_engine_args
         self._llm = LLM(**self.setup.args)
         try:
-            infos = self._llm.collective_rpc("ifsteer_install")
+            infos = self._llm.collective_rpc("ifsteer_info")
         except Exception as exc:  # the worker's refusal, raised again in this process
             self.close()
             raise IfsteerError(f"the vLLM engine cannot be steered: {exc}") from None
@@ -175,6 +176,7 @@ class VLLMQueue:
     def submit(self, job: Job) -> int:
         """Queue a job and return its id; bad steering or sampling is refused here, at once."""
         check_steering(self._lm, job.steering, allow_transfer=self._allow_transfer)
+        check_request_slots(job.steering)
         if job.sampling.max_new_tokens < 1:
             raise InvalidSteering("max_new_tokens must be at least 1")
         ids = job_token_ids(self._lm, job)

@@ -28,11 +28,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
-from ifsteer.backends import Job
 from ifsteer.backends.vllm import VLLMEngine  # noqa: E402
 from ifsteer.chat import render_chat  # noqa: E402
 from ifsteer.generation import Sampling, generate  # noqa: E402
 from ifsteer.instructions import get_instruction  # noqa: E402
+from ifsteer.jobs import Job  # noqa: E402
 from ifsteer.models import DEFAULT_MODEL, cache_dir, load_model  # noqa: E402
 from ifsteer.prompts import BASE_QUERIES  # noqa: E402
 from ifsteer.steering import Steering  # noqa: E402
@@ -43,7 +43,11 @@ async def _burst(
     engine: VLLMEngine, prompts: list[str], steering: tuple[Steering, ...], tokens: int
 ) -> tuple[int, float]:
     jobs = [
-        Job(render_chat(engine.tokenizer, [("user", p)]), steering, Sampling(max_new_tokens=tokens))
+        Job(
+            render_chat(engine.tokenizer, [("user", p)]).ids,
+            steering,
+            Sampling(max_new_tokens=tokens),
+        )
         for p in prompts
     ]
     start = time.perf_counter()

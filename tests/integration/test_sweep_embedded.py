@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ifsteer.calibration import sweep
-from ifsteer.engine import Sampling
 from ifsteer.instructions import get_instruction
+from ifsteer.jobs import Sampling
 from ifsteer.rows import Row
 from ifsteer.vectors import extract_instruction, save_vectors
 from tests.integration.conftest import requires_smollm2

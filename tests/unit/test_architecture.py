@@ -42,7 +42,11 @@ LAYERS = {
     "ifsteer.shipped": "core",
     "ifsteer.shipped.points": "core",  # id → point for the CLI and the server; callers extract
     "ifsteer.batching": "runners",
-    "ifsteer.engine": "runners",
+    "ifsteer.sampling": "runners",
+    "ifsteer.jobs": "runners",
+    "ifsteer.sharing": "runners",
+    "ifsteer.transformers_compat": "runners",
+    "ifsteer.batcher": "runners",
     "ifsteer.slots": "runners",
     "ifsteer.generation": "runners",
     "ifsteer.quality": "runners",

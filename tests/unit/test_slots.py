@@ -1,11 +1,12 @@
-"""The engine's slot cache: written in place, slots reused, the window kept exact."""
+"""The batcher's slot cache: written in place, slots reused, the window kept exact."""
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
 
-from ifsteer.engine import Engine, Job, Sampling
+from ifsteer.batcher import Batcher
+from ifsteer.jobs import Job, Sampling
 from ifsteer.slots import ROOM, SlotCache
 
 
@@ -69,40 +70,43 @@ def test_trim_and_select_keep_the_window_exact():
     assert cache.slots == 2 and cache.width == 4
 
 
-def jobs(*lengths: int) -> list[Job]:
+def jobs(lm, *lengths: int) -> list[Job]:
     return [
-        Job(f"Plan {i + 2} picnics.", sampling=Sampling(max_new_tokens=n, ignore_eos=True))
+        Job(
+            lm.render(f"Plan {i + 2} picnics.").ids,
+            sampling=Sampling(max_new_tokens=n, ignore_eos=True),
+        )
         for i, n in enumerate(lengths)
     ]
 
 
 def test_a_joining_job_takes_the_slot_an_ended_row_left(tiny_lm):
-    engine = Engine(tiny_lm, batch_size=2)
-    for job in jobs(2, 9, 9):
-        engine.submit(job)
+    batcher = Batcher(tiny_lm, batch_size=2)
+    for job in jobs(tiny_lm, 2, 9, 9):
+        batcher.submit(job)
     slots = []
-    while engine.busy:
-        engine.step()
-        slots.append(len(engine._slots))
+    while batcher.busy:
+        batcher.step()
+        slots.append(len(batcher._slots))
     assert max(slots) == 2  # three rows, never more than two slots
 
 
 def test_free_slots_are_given_up_when_nothing_waits(tiny_lm):
-    engine = Engine(tiny_lm, batch_size=3)
-    for job in jobs(2, 8, 8):
-        engine.submit(job)
+    batcher = Batcher(tiny_lm, batch_size=3)
+    for job in jobs(tiny_lm, 2, 8, 8):
+        batcher.submit(job)
     for _ in range(3):
-        engine.step()
-    assert len(engine._slots) == len(engine._active) == 2
+        batcher.step()
+    assert len(batcher._slots) == len(batcher._active) == 2
 
 
 def test_a_few_free_slots_are_kept_rather_than_copied_away_one_by_one(tiny_lm):
-    engine = Engine(tiny_lm, batch_size=8)
-    for job in jobs(2, 3, *[9] * 6):
-        engine.submit(job)
+    batcher = Batcher(tiny_lm, batch_size=8)
+    for job in jobs(tiny_lm, 2, 3, *[9] * 6):
+        batcher.submit(job)
     sizes = []
-    while engine.busy:
-        engine.step()
-        sizes.append((len(engine._slots), engine._slots.count(None)))
+    while batcher.busy:
+        batcher.step()
+        sizes.append((len(batcher._slots), batcher._slots.count(None)))
     # one free slot of eight is kept; two (a quarter) are given up together
     assert sizes[:3] == [(8, 1), (6, 0), (6, 0)]

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ifsteer.engine import Completion
+from ifsteer.jobs import Completion
 
 __all__ = ["AnswerLog"]
 

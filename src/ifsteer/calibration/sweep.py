@@ -1,7 +1,7 @@
 """Running sweeps: every validation row at every (layer, weight) point, in one job queue.
 
 All points of all prompts (of all the sweeps run together, `sweeps`) are jobs of one
-continuous-batching `Engine`, each row steered at its own layer by per-row steering; a row
+continuous `Batcher`, each row steered at its own layer by per-row steering; a row
 whose check has failed for good stops early (`deciders.row_failure`). Each response is
 checked with IFEval's *loose* checkers and scored for fluency: a response that repeats itself
 (more than half of its word trigrams seen before), or optionally that the unsteered model finds
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from ifsteer import quality
+from ifsteer.batcher import Batcher
 from ifsteer.calibration.answers import AnswerLog
 from ifsteer.calibration.grid import (
     MAX_DEGENERATE,
@@ -32,8 +33,8 @@ from ifsteer.calibration.grid import (
 )
 from ifsteer.checks import check_row
 from ifsteer.deciders import row_failure
-from ifsteer.engine import Completion, Engine, EngineFactory, Job, Sampling
 from ifsteer.errors import IfsteerError, InvalidSteering, VectorMismatch
+from ifsteer.jobs import Completion, Job, QueueFactory, Sampling
 from ifsteer.models import LoadedModel
 from ifsteer.rows import Row, group_of
 from ifsteer.steering import Steering
@@ -190,7 +191,7 @@ def sweeps(
     max_degenerate: float = MAX_DEGENERATE,
     early_stop: bool = True,
     progress: Progress | None = None,
-    engine: EngineFactory = Engine,
+    engine: QueueFactory = Batcher,
     answers: str | Path | None = None,
 ) -> list[SweepResult]:
     """Run several sweeps as one continuous-batching job queue and score each.
@@ -201,7 +202,7 @@ def sweeps(
     failed for good (`deciders.row_failure`): a failed answer scores nothing whatever its
     fluency (`score_point`), so stopping it changes no score; passes are always generated to
     the end, since their fluency decides whether they count. `engine` makes the job queue
-    (`Engine`, or `OfflineVLLM.queue` for vLLM), as in `run_evaluation`. With `answers`, a
+    (`Batcher`, or `OfflineVLLM.queue` for vLLM), as in `run_evaluation`. With `answers`, a
     JSONL file (`AnswerLog`), every answer is written there as it finishes and answers already
     there are not generated again, so a killed run resumes where it stopped.
     """
@@ -223,7 +224,7 @@ def sweeps(
         ]
         slots.append([])
         for p, r, text, steerings in plan.jobs:
-            job = Job(text, steering=steerings, sampling=sampling, decided=decide[r])
+            job = Job(lm.render(text).ids, steering=steerings, sampling=sampling, decided=decide[r])
             if log is None:
                 slots[-1].append(queue.submit(job))
                 continue

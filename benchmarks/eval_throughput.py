@@ -148,7 +148,7 @@ def main() -> None:
         f"{torch.get_num_threads()} threads"
     )
 
-    for length in (int(t) for t in args.tokens.split(",")):
+    for length in (int(t) for t in args.tokens.split(",") if t):
         auto = auto_batch_size(lm, max_tokens=length + 128)
         sampling = Sampling(max_new_tokens=length)
         print(f"up to {length} new tokens, end of turn allowed; auto batch size {auto}")
@@ -162,7 +162,7 @@ def main() -> None:
             f"{(load + static[1]) / (load + ours[1]):.2f}x"
         )
 
-    for size in (int(b) for b in args.batches.split(",")):
+    for size in (int(b) for b in args.batches.split(",") if b):
         batch_prompts = [BASE_QUERIES[i % len(BASE_QUERIES)] for i in range(size)]
         batch_rows = [[Steering(vector, weight=3.0)] if i % 2 else [] for i in range(size)]
         sampling = Sampling(max_new_tokens=args.step_tokens, ignore_eos=True)

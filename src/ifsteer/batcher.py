@@ -362,13 +362,9 @@ class Batcher:
                 row.pad -= unused
 
     def _release_free(self) -> None:
-        """Give up free slots once no job waits to take them and they are a quarter of the
-        batch: each decodes for nothing, but giving them up copies the whole cache, which costs
-        about half a step (SmolLM2-135M, batch 64), so a few are kept rather than copied away
-        one by one as the batch drains."""
-        free = self._slots.count(None)
-        if self._waiting or self._cache is None or free < max(1, len(self._slots) // 4):
+        """Give up free slots once no job waits to take them: each would decode for nothing at
+        every step, while giving it up copies one row (`SlotCache.compact`)."""
+        if self._waiting or self._cache is None or None not in self._slots:
             return
         live = [i for i, r in enumerate(self._slots) if r is not None]
-        self._cache.select(live)
-        self._slots = [self._slots[i] for i in live]
+        self._slots = [self._slots[i] for i in self._cache.compact(live)]

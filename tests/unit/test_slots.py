@@ -61,13 +61,17 @@ def test_a_narrower_prompt_is_right_aligned_in_a_free_slot():
     torch.testing.assert_close(keys[1, :, 2:], joining.layers[0].keys[0])
 
 
-def test_trim_and_select_keep_the_window_exact():
-    cache = SlotCache(prefill(3, 6, seed=0))
+def test_trim_and_compact_keep_the_window_exact():
+    cache = SlotCache(prefill(5, 6, seed=0))
     keys = cache.layers[0].keys.clone()
+    buffer = cache.layers[0].key_buffer
     cache.trim(2)
-    cache.select([0, 2])
-    torch.testing.assert_close(cache.layers[0].keys, keys[[0, 2], :, 2:])
-    assert cache.slots == 2 and cache.width == 4
+    order = cache.compact([0, 3, 4])  # slots 1 and 2 are free: the rows of 3 and 4 move in
+    assert order == [0, 3, 4] and cache.slots == 3 and cache.width == 4
+    torch.testing.assert_close(cache.layers[0].keys, keys[order, :, 2:])
+    assert cache.layers[0].key_buffer.data_ptr() == buffer.data_ptr()  # cut, not copied
+    assert cache.compact([1, 2]) == [2, 1]  # slot 0 freed: the last row fills it
+    torch.testing.assert_close(cache.layers[0].keys, keys[[4, 3], :, 2:])
 
 
 def jobs(lm, *lengths: int) -> list[Job]:
@@ -100,7 +104,7 @@ def test_free_slots_are_given_up_when_nothing_waits(tiny_lm):
     assert len(batcher._slots) == len(batcher._active) == 2
 
 
-def test_a_few_free_slots_are_kept_rather_than_copied_away_one_by_one(tiny_lm):
+def test_no_free_slot_decodes_once_nothing_waits(tiny_lm):
     batcher = Batcher(tiny_lm, batch_size=8)
     for job in jobs(tiny_lm, 2, 3, *[9] * 6):
         batcher.submit(job)
@@ -108,5 +112,4 @@ def test_a_few_free_slots_are_kept_rather_than_copied_away_one_by_one(tiny_lm):
     while batcher.busy:
         batcher.step()
         sizes.append((len(batcher._slots), batcher._slots.count(None)))
-    # one free slot of eight is kept; two (a quarter) are given up together
-    assert sizes[:3] == [(8, 1), (6, 0), (6, 0)]
+    assert sizes[:3] == [(7, 0), (6, 0), (6, 0)]

@@ -570,7 +570,7 @@ def test_one_turn_chat_equals_the_cli_path(chat_lm):
 
 
 def test_the_server_parses_requests_for_every_engine():
-    """The vLLM adapter has no request code of its own: it is an Engine behind `build_app`."""
+    """The vLLM adapter has no request code of its own: it is a Backend behind `build_app`."""
     assert not {"SteeringSpec", "VectorStore", "build_job", "parse_request"} & set(dir(adapter))
     raw = json.dumps(_chat("hi", steering=[{"vector": "a", "mode": "additive", "weight": 2}]))
     parsed = parse_request(raw.encode(), ChatCompletionRequest, LIMITS)

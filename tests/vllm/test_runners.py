@@ -2,7 +2,7 @@
 records, the HF engine's answers and verdicts.
 
 One offline engine for the module (float32, eager, small context). The HF reference runs the
-same rows through the same functions with the default `Engine`; both use vectors the HF model
+same rows through the same functions with the default `Batcher`; both use vectors the HF model
 extracted, written to files as `ifsteer extract` writes them.
 """
 

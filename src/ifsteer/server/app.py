@@ -5,7 +5,7 @@
 loaded from `--vectors DIR`) or `{"instruction": "..."}`, extracted on first use and cached.
 
 A request walks one way: `schema` reads it, `jobs` renders its prompt, checks its limits and
-resolves its steering through the `registry`, the engine generates, `responses` answers.
+resolves its steering through the `registry`, the backend generates, `responses` answers.
 `build_app` takes any `ifsteer.backends.Backend`; `create_app` wraps a loaded Hugging Face model
 in the batching engine.
 """

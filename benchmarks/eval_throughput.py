@@ -1,20 +1,23 @@
-"""Evaluation throughput: the continuous-batching engine vs the static batches it replaced.
+"""Evaluation throughput: the continuous batcher vs the static batches it replaced, and vs
+plain `generate` on the same kernels.
 
 One run, the same rows for every path, measured side by side on the embedded model:
-- `static-8`: the pre-engine `generate` (left-padded static batches of 8 through HF `generate`,
-  every row kept until the batch's longest ends), copied below from git history as the baseline;
-- `engine`: `ifsteer.generation.generate` as it is now (auto batch size, rows leave and join);
-- `engine-8`: the engine held to batch 8, to show how much comes from refill alone;
-- `hf-plain`: plain HF `generate`, unsteered, static batches of the engine's batch size: the
-  limit for this stack;
-- `hf-grouped`: the same with the attention ifsteer gives a model on a CPU (`ifsteer.attention`):
-  the limit for the engine's kernels.
-`static-8` and `hf-plain` run on transformers' own SDPA attention, as the pre-engine path did.
-End of turn is allowed (real answers end at different lengths); every other row is steered
-with a real lowercase vector extracted here. Prints tokens/s, wall time and ratios.
+- per answer length (`--tokens`, default 64, 128 and 256), end of turn allowed, every other row
+  steered with a real lowercase vector extracted here:
+  - `static-8`: the pre-batcher `generate` (left-padded static batches of 8 through HF
+    `generate`, every row kept until the batch's longest ends, transformers' own SDPA
+    attention), copied below from git history as the baseline;
+  - `batcher`: `ifsteer.generation.generate` as it is now (auto batch size, rows leave and
+    join);
+  and the ratio with the model's load time added to both, as `ifsteer eval` pays it;
+- per batch size (`--batches`, default 32 and 64), every row generating exactly `--step-tokens`
+  tokens (end of turn ignored), half steered: `batcher` held to that batch against `plain`, HF
+  `generate` unsteered on the attention ifsteer gives a model on a CPU (`ifsteer.attention`):
+  the batcher's per-step cost against the limit for its kernels.
+Prints tokens/s, wall time and ratios; absolute times are only comparable within one run.
 
-Run: python benchmarks/eval_throughput.py [--prompts 64] [--tokens 256] [--threads N]
-(256 tokens by default: the length sweeps and `run-paper` generate.)
+Run: python benchmarks/eval_throughput.py [--prompts 64] [--tokens 64,128,256]
+[--batches 32,64] [--step-tokens 64] [--threads N]
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import argparse
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from transformers import GenerationConfig
@@ -39,9 +43,12 @@ from ifsteer.vectors import extract_instruction
 LOWER = "change_case:english_lowercase"
 
 
-def hf_config(lm: LoadedModel, max_new_tokens: int) -> GenerationConfig:
+def hf_config(
+    lm: LoadedModel, max_new_tokens: int, *, ignore_eos: bool = False
+) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=max_new_tokens,
+        min_new_tokens=max_new_tokens if ignore_eos else None,
         do_sample=False,
         temperature=None,
         top_p=None,
@@ -62,22 +69,25 @@ def static_batches(
     rows: Sequence[Sequence[Steering]] | None,
     max_new_tokens: int,
     batch_size: int,
+    *,
+    ignore_eos: bool = False,
 ) -> int:
-    """The pre-engine path: sort by length, static left-padded batches, HF generate per batch.
+    """The pre-batcher path: sort by length, static left-padded batches, HF generate per batch.
 
     With `rows` None it is plain HF generate (no hooks at all). Returns tokens generated.
     """
     texts = [lm.format_prompt(p) for p in prompts]
     lengths = [len(lm.tokenizer(t, add_special_tokens=False).input_ids) for t in texts]
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-    stop = set(lm.stop_token_ids())
+    stop = set() if ignore_eos else set(lm.stop_token_ids())
+    config = hf_config(lm, max_new_tokens, ignore_eos=ignore_eos)
     tokens = 0
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         batch = lm.tokenize([texts[i] for i in chunk], templated=True)
         per_row = None if rows is None else [rows[i] for i in chunk]
         with steer(lm, per_row=per_row):
-            output = lm.model.generate(**batch, generation_config=hf_config(lm, max_new_tokens))
+            output = lm.model.generate(**batch, generation_config=config)
         width = batch["input_ids"].shape[1]
         tokens += sum(until_stop(ids, stop) for ids in output[:, width:].tolist())
     return tokens
@@ -92,74 +102,77 @@ def transformers_attention(lm: LoadedModel) -> Iterator[None]:
         lm.model.set_attn_implementation(GROUPED)
 
 
-def on_transformers_attention(lm: LoadedModel, run: Callable[[], int]) -> Callable[[], int]:
-    def wrapped() -> int:
-        with transformers_attention(lm):
-            return run()
-
-    return wrapped
-
-
-def timed(run: Callable[[], int]) -> tuple[int, float]:
+def timed(run: Callable[..., int], *args: Any, **kwargs: Any) -> tuple[int, float]:
     start = time.perf_counter()
-    tokens = run()
+    tokens = run(*args, **kwargs)
     return tokens, time.perf_counter() - start
+
+
+def batcher(
+    lm: LoadedModel,
+    prompts: Sequence[str],
+    rows: Sequence[Sequence[Steering]],
+    sampling: Sampling,
+    batch_size: int | None,
+) -> int:
+    out = generate(lm, prompts, per_row=rows, sampling=sampling, batch_size=batch_size)
+    return sum(c.completion_tokens for c in out)
+
+
+def report(name: str, tokens: int, wall: float) -> float:
+    print(f"  {name:>8}: {tokens:6d} tokens in {wall:7.1f} s = {tokens / wall:6.1f} tok/s")
+    return tokens / wall
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--tokens", default="64,128,256", help="answer lengths, comma-separated")
+    parser.add_argument("--batches", default="32,64", help="batch sizes, comma-separated")
+    parser.add_argument("--step-tokens", type=int, default=64, help="tokens per row, batch runs")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--skip-engine-8", action="store_true", help="save a few minutes")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    start = time.perf_counter()
     lm = load_model(args.model)
+    load = time.perf_counter() - start
     vector = extract_instruction(lm, get_instruction(LOWER), [10], n_pairs=16)[10]
     prompts = [BASE_QUERIES[i % len(BASE_QUERIES)] for i in range(args.prompts)]
     rows = [[Steering(vector, weight=3.0)] if i % 2 else [] for i in range(len(prompts))]
-    auto = auto_batch_size(lm, max_tokens=args.tokens + 128)
-    sampling = Sampling(max_new_tokens=args.tokens)
     generate(lm, prompts[:2], sampling=Sampling(max_new_tokens=4))  # warm up, untimed
-
-    def engine(batch_size: int | None) -> Callable[[], int]:
-        return lambda: sum(
-            c.completion_tokens
-            for c in generate(lm, prompts, per_row=rows, sampling=sampling, batch_size=batch_size)
-        )
-
-    paths: dict[str, Callable[[], int]] = {
-        "static-8": on_transformers_attention(
-            lm, lambda: static_batches(lm, prompts, rows, args.tokens, 8)
-        ),
-        "engine": engine(None),
-        "hf-plain": on_transformers_attention(
-            lm, lambda: static_batches(lm, prompts, None, args.tokens, auto)
-        ),
-        "hf-grouped": lambda: static_batches(lm, prompts, None, args.tokens, auto),
-    }
-    if not args.skip_engine_8:
-        paths["engine-8"] = engine(8)
-    results = {name: timed(run) for name, run in paths.items()}
-
     print(
-        f"{args.prompts} prompts, up to {args.tokens} new tokens, end of turn allowed, "
-        f"half steered; auto batch size {auto}; {torch.get_num_threads()} threads"
+        f"{args.prompts} prompts, half steered; model load {load:.1f} s; "
+        f"{torch.get_num_threads()} threads"
     )
-    rate = {name: tokens / wall for name, (tokens, wall) in results.items()}
-    for name, (tokens, wall) in results.items():
-        print(f"{name:>9}: {tokens:5d} tokens in {wall:7.1f} s = {rate[name]:6.1f} tok/s")
-    print(f"engine / static-8 (tok/s): {rate['engine'] / rate['static-8']:.2f}x (goal >= 3)")
-    print(f"engine / static-8 (wall):  {results['static-8'][1] / results['engine'][1]:.2f}x")
-    if "engine-8" in rate:
+
+    for length in (int(t) for t in args.tokens.split(",") if t):
+        auto = auto_batch_size(lm, max_tokens=length + 128)
+        sampling = Sampling(max_new_tokens=length)
+        print(f"up to {length} new tokens, end of turn allowed; auto batch size {auto}")
+        with transformers_attention(lm):
+            static = timed(static_batches, lm, prompts, rows, length, 8)
+        ours = timed(batcher, lm, prompts, rows, sampling, None)
+        rate = report("static-8", *static), report("batcher", *ours)
+        print(f"  batcher / static-8 (tok/s): {rate[1] / rate[0]:.2f}x")
         print(
-            f"engine-8 / static-8 (tok/s, refill alone): {rate['engine-8'] / rate['static-8']:.2f}x"
+            "  batcher / static-8 (wall, model load included): "
+            f"{(load + static[1]) / (load + ours[1]):.2f}x"
         )
-    print(f"engine / hf-plain (tok/s, the stack's limit): {rate['engine'] / rate['hf-plain']:.2f}")
-    print(f"engine / hf-grouped (tok/s, same kernels): {rate['engine'] / rate['hf-grouped']:.2f}")
+
+    for size in (int(b) for b in args.batches.split(",") if b):
+        batch_prompts = [BASE_QUERIES[i % len(BASE_QUERIES)] for i in range(size)]
+        batch_rows = [[Steering(vector, weight=3.0)] if i % 2 else [] for i in range(size)]
+        sampling = Sampling(max_new_tokens=args.step_tokens, ignore_eos=True)
+        print(f"batch {size}: {args.step_tokens} tokens a row, end of turn ignored")
+        plain = timed(
+            static_batches, lm, batch_prompts, None, args.step_tokens, size, ignore_eos=True
+        )
+        ours = timed(batcher, lm, batch_prompts, batch_rows, sampling, size)
+        rate = report("plain", *plain), report("batcher", *ours)
+        print(f"  batcher / plain generate, same attention (tok/s): {rate[1] / rate[0]:.2f}")
 
 
 if __name__ == "__main__":

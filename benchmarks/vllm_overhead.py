@@ -38,12 +38,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")
 
-from ifsteer.backends import Job  # noqa: E402
 from ifsteer.backends.vllm import VLLMEngine  # noqa: E402
 from ifsteer.backends.vllm.engine import sampling_params, steered_prompt  # noqa: E402
-from ifsteer.chat import prompt_ids, render_chat, stop_token_ids  # noqa: E402
+from ifsteer.chat import render_chat, stop_token_ids  # noqa: E402
 from ifsteer.generation import Sampling, generate  # noqa: E402
 from ifsteer.instructions import get_instruction  # noqa: E402
+from ifsteer.jobs import Job  # noqa: E402
 from ifsteer.models import DEFAULT_MODEL, cache_dir, load_model  # noqa: E402
 from ifsteer.prompts import BASE_QUERIES  # noqa: E402
 from ifsteer.steering import Steering  # noqa: E402
@@ -62,7 +62,7 @@ def _ours(engine: VLLMEngine, steering: tuple[Steering, ...]) -> Burst:
     async def burst(prompts: list[str], tokens: int) -> int:
         jobs = [
             Job(
-                render_chat(engine.tokenizer, [("user", p)]),
+                render_chat(engine.tokenizer, [("user", p)]).ids,
                 steering,
                 Sampling(max_new_tokens=tokens),
             )
@@ -81,7 +81,7 @@ def _stock(llm: Any, tokenizer: Any) -> Burst:
     stop = stop_token_ids(tokenizer)
 
     async def one(prompt: str, tokens: int) -> int:
-        ids = prompt_ids(tokenizer, render_chat(tokenizer, [("user", prompt)]))
+        ids = list(render_chat(tokenizer, [("user", prompt)]).ids)
         params = sampling_params(
             Sampling(max_new_tokens=tokens), (), stop, output_kind=RequestOutputKind.DELTA
         )

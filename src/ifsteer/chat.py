@@ -28,20 +28,17 @@ class InvalidPrompt(IfsteerError):
 
 @dataclass(frozen=True)
 class Prompt:
-    """What the model reads, and how: chat templates write their own BOS, so a templated
-    prompt is tokenized without special tokens; raw text (and base models' `Q: ...\\nA:`) is
-    tokenized with them.
+    """What the model reads: `ids`, made here once, which every backend reads as they are, and
+    `text`, what they spell (for counting characters and for people).
 
-    `user_only` is the text of a one-message user chat, which a backend built on
-    `generate(formatted=True)` can hand over unchanged. `ids`, when set, are the tokens the
-    model reads, because `text` would not be read as meant: a message's content held a
-    control token's text (`<|im_end|>`), which must stay text (`render_chat`).
+    A chat template writes its own BOS, so its text is tokenized without special tokens; raw
+    text (and base models' `Q: ...\\nA:`) with them. Where a message's content holds a control
+    token's text (`<|im_end|>`), the ids keep it text (`render_chat`), so they are not what
+    tokenizing `text` would give.
     """
 
     text: str
-    add_special_tokens: bool
-    user_only: str | None = None
-    ids: tuple[int, ...] | None = None
+    ids: tuple[int, ...]
 
 
 def has_template(tokenizer: Any) -> bool:
@@ -56,12 +53,11 @@ def render_chat(tokenizer: Any, turns: Sequence[Turn]) -> Prompt:
     the template's own tokens live and the content's read as plain text."""
     if not turns:
         raise InvalidPrompt("a chat needs at least one message")
-    single = turns[0][1] if len(turns) == 1 and turns[0][0] == "user" else None
     forged = _holds_control_text(tokenizer, turns)
     if has_template(tokenizer):
         text = _apply_template(tokenizer, turns)
-        ids = _template_ids(tokenizer, turns) if forged else None
-        return Prompt(text, add_special_tokens=False, user_only=single, ids=ids)
+        ids = _template_ids(tokenizer, turns) if forged else _ids(tokenizer, text, special=False)
+        return Prompt(text, ids)
     if turns[-1][0] != "user":
         raise InvalidPrompt("a base model's chat must end with a user message")
     pieces: list[tuple[str, bool]] = []  # (text, is content)
@@ -74,8 +70,9 @@ def render_chat(tokenizer: Any, turns: Sequence[Turn]) -> Prompt:
         else:
             pieces += [(text, True), ("\n\n", False)]
     text = "".join(piece for piece, _ in pieces)
-    ids = _with_special_tokens(tokenizer, _piece_ids(tokenizer, pieces)) if forged else None
-    return Prompt(text, add_special_tokens=True, user_only=single, ids=ids)
+    if forged:
+        return Prompt(text, _with_special_tokens(tokenizer, _piece_ids(tokenizer, pieces)))
+    return Prompt(text, _ids(tokenizer, text, special=True))
 
 
 def _apply_template(tokenizer: Any, turns: Sequence[Turn]) -> str:
@@ -142,15 +139,14 @@ def _with_special_tokens(tokenizer: Any, ids: tuple[int, ...]) -> tuple[int, ...
     return ids
 
 
-def render_text(text: str) -> Prompt:
-    """Raw text, read as written (a completions prompt)."""
-    return Prompt(text, add_special_tokens=True)
+def render_text(tokenizer: Any, text: str) -> Prompt:
+    """Raw text, read as written (a completions prompt): special tokens added, control tokens'
+    text live."""
+    return Prompt(text, _ids(tokenizer, text, special=True))
 
 
-def prompt_ids(tokenizer: Any, prompt: Prompt) -> list[int]:
-    if prompt.ids is not None:
-        return list(prompt.ids)
-    return list(tokenizer(prompt.text, add_special_tokens=prompt.add_special_tokens).input_ids)
+def _ids(tokenizer: Any, text: str, *, special: bool) -> tuple[int, ...]:
+    return tuple(tokenizer(text, add_special_tokens=special).input_ids)
 
 
 def stop_token_ids(tokenizer: Any) -> list[int]:

@@ -1,4 +1,4 @@
-"""`generate`: many prompts in, one completion each out, through the continuous-batching engine.
+"""`generate`: many prompts in, one completion each out, through the continuous batcher.
 
 Each prompt may carry its own steering, so one call can mix steered and unsteered rows. Prompts
 are queued longest first, so the rows that join together have similar lengths and pad little.
@@ -10,15 +10,16 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-from ifsteer.engine import Completion, Decider, Engine, Job, Sampling
+from ifsteer.batcher import Batcher
 from ifsteer.errors import InvalidSteering
+from ifsteer.jobs import Completion, Decider, Job, Sampling
 from ifsteer.models import LoadedModel
 from ifsteer.steering import Steering
 
 __all__ = ["Completion", "Sampling", "generate"]
 
 # Called with (row index in the caller's order, new text) as tokens arrive; for streaming.
-OnText = Callable[[int, str], None]
+OnRowText = Callable[[int, str], None]
 Progress = Callable[[int], None]
 GREEDY = Sampling()
 
@@ -33,7 +34,7 @@ def generate(
     batch_size: int | None = None,
     formatted: bool = True,
     allow_transfer: bool = False,
-    on_text: OnText | None = None,
+    on_text: OnRowText | None = None,
     progress: Progress | None = None,
     decided: Sequence[Decider | None] | None = None,
 ) -> list[Completion]:
@@ -51,25 +52,25 @@ def generate(
         if given is not None and len(given) != len(prompts):
             raise InvalidSteering(f"{name} has {len(given)} entries for {len(prompts)} prompts")
     rows = [steering] * len(prompts) if per_row is None else per_row
-    engine = Engine(
+    tokens = [lm.render(p, formatted=formatted).ids for p in prompts]
+    batcher = Batcher(
         lm,
         batch_size=batch_size,
-        max_tokens=_longest(lm, prompts, formatted) + sampling.max_new_tokens,
+        max_tokens=max(map(len, tokens), default=0) + sampling.max_new_tokens,
         allow_transfer=allow_transfer,
     )
     lengths = [len(p) for p in prompts]
     ids: dict[int, int] = {}
     for i in sorted(range(len(prompts)), key=lambda i: (-lengths[i], prompts[i])):
         job = Job(
-            prompts[i],
+            tokens[i],
             steering=rows[i],
             sampling=_for_row_seed(sampling, i),
-            formatted=formatted,
             decided=None if decided is None else decided[i],
             on_text=None if on_text is None else _for_row(on_text, i),
         )
-        ids[i] = engine.submit(job)
-    done = engine.run(progress)
+        ids[i] = batcher.submit(job)
+    done = batcher.run(progress)
     return [done[ids[i]] for i in range(len(prompts))]
 
 
@@ -79,14 +80,5 @@ def _for_row_seed(sampling: Sampling, row: int) -> Sampling:
     return replace(sampling, seed=sampling.seed + row)
 
 
-def _for_row(on_text: OnText, row: int) -> Callable[[str], None]:
+def _for_row(on_text: OnRowText, row: int) -> Callable[[str], None]:
     return lambda text: on_text(row, text)
-
-
-def _longest(lm: LoadedModel, prompts: Sequence[str], formatted: bool) -> int:
-    """Tokens in the longest prompt, judged by characters (cheap, close enough for sizing)."""
-    if not prompts:
-        return 0
-    longest = max(prompts, key=len)
-    text = lm.format_prompt(longest) if formatted else longest
-    return len(lm.tokenizer(text).input_ids)

@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from ifsteer.attention import use_grouped_attention
-from ifsteer.chat import has_template, render_chat, stop_token_ids
+from ifsteer.chat import Prompt, has_template, render_chat, render_text, stop_token_ids
 from ifsteer.errors import ModelNotFound, UnsupportedArchitecture
 from ifsteer.paths import cache_home
 
@@ -141,9 +141,16 @@ class LoadedModel:
     def is_chat(self) -> bool:
         return has_template(self.tokenizer)
 
+    def render(self, prompt: str, *, formatted: bool = True) -> Prompt:
+        """What the model reads for `prompt`: the user turn in the chat template (base models:
+        `Q: ...\\nA:`), or the raw text when `formatted` is False."""
+        if not formatted:
+            return render_text(self.tokenizer, prompt)
+        return render_chat(self.tokenizer, [("user", prompt)])
+
     def format_prompt(self, prompt: str) -> str:
         """Chat models see the user turn in their template; base models see `Q: ...\\nA:`."""
-        return render_chat(self.tokenizer, [("user", prompt)]).text
+        return self.render(prompt).text
 
     def encode(self, prompts: Sequence[str], formatted: bool = True) -> BatchEncoding:
         """Format (unless `formatted` is False, for raw text) and tokenize a batch."""

@@ -6,9 +6,11 @@ that copy was two thirds of a step once attention stopped copying it too); and s
 dropping rows as they join and leave copies it again. Here each layer keeps one buffer of
 `[slots, kv_heads, capacity, head_dim]` and a window `[start, end)` of it that is the cache:
 a step writes one column in place; a finished row's slot is refilled by the next joining row;
-columns that are padding for every row leave by moving `start`. The buffer is copied only when
-the window reaches its end (it is moved back, with room to grow), when a joining prompt is
-wider than the room left of the window, and when slots are added or given up for good.
+columns that are padding for every row leave by moving `start`; free slots are given up by
+moving the rows of the last slots into them and cutting the buffer after the rows kept (a view).
+The whole buffer is copied only when the window reaches its end (it is moved back, with room to
+grow), when a joining prompt is wider than the room left of the window, and when slots are
+added.
 """
 
 from __future__ import annotations
@@ -77,10 +79,17 @@ class SlotLayer(DynamicLayer):
         self.start += columns
         self._view()
 
-    def select(self, slots: torch.Tensor) -> None:
-        """Keep `slots`: one gather of the whole buffer, whose window and room stay as they are."""
-        self.key_buffer = self.key_buffer.index_select(0, slots)
-        self.value_buffer = self.value_buffer.index_select(0, slots)
+    def move(self, sources: torch.Tensor, targets: torch.Tensor) -> None:
+        """Copy the window of slots `sources` into slots `targets`; the columns left of the
+        window keep the finite numbers they held, as padding must."""
+        window = slice(self.start, self.end)
+        self.key_buffer[targets, :, window] = self.key_buffer[sources, :, window]
+        self.value_buffer[targets, :, window] = self.value_buffer[sources, :, window]
+
+    def keep_first(self, count: int) -> None:
+        """Give up the slots from `count` on: a view of the buffer, nothing is copied."""
+        self.key_buffer = self.key_buffer[:count]
+        self.value_buffer = self.value_buffer[:count]
         self._view()
 
     def add_slots(self, count: int) -> None:
@@ -128,10 +137,25 @@ class SlotCache(DynamicCache):
         for layer in self._slot_layers():
             layer.trim(columns)
 
-    def select(self, slots: list[int]) -> None:
-        index = torch.tensor(slots, device=self.layers[0].keys.device)
+    def compact(self, live: list[int]) -> list[int]:
+        """Keep only the slots `live` (ascending), in the first `len(live)` slots: a live row
+        past them moves into a free slot before them, so only those rows are copied. Returns
+        the old slot of each slot kept."""
+        keep, kept = len(live), set(live)
+        holes = [i for i in range(keep) if i not in kept]
+        movers = [i for i in live if i >= keep]
+        if movers:
+            device = self.layers[0].keys.device
+            sources = torch.tensor(movers, device=device)
+            targets = torch.tensor(holes, device=device)
+            for layer in self._slot_layers():
+                layer.move(sources, targets)
         for layer in self._slot_layers():
-            layer.select(index)
+            layer.keep_first(keep)
+        order = list(range(keep))
+        for hole, mover in zip(holes, movers, strict=True):
+            order[hole] = mover
+        return order
 
     def add_slots(self, count: int) -> None:
         for layer in self._slot_layers():

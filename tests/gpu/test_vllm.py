@@ -46,11 +46,11 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 import uvicorn  # noqa: E402
 
-from ifsteer.backends import Job  # noqa: E402
 from ifsteer.backends.vllm import VLLMEngine  # noqa: E402
 from ifsteer.chat import render_chat  # noqa: E402
 from ifsteer.generation import Sampling, generate  # noqa: E402
 from ifsteer.instructions import get_instruction  # noqa: E402
+from ifsteer.jobs import Job  # noqa: E402
 from ifsteer.models import DEFAULT_MODEL, cache_dir, load_model  # noqa: E402
 from ifsteer.server import build_app  # noqa: E402
 from ifsteer.steering import Steering  # noqa: E402
@@ -235,7 +235,7 @@ def test_graph_replayed_steering_agrees_with_the_eager_engine(served, hf, eager)
     async def alone(prompt: str, name: str | None) -> str:
         steering = (Steering(vectors[name]),) if name else ()
         rendered = render_chat(reference.tokenizer, [("user", prompt)])
-        job = Job(rendered, steering, Sampling(max_new_tokens=TOKENS))
+        job = Job(rendered.ids, steering, Sampling(max_new_tokens=TOKENS))
         return (await reference.generate(job)).text
 
     async def burst() -> list[str]:

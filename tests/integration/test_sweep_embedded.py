@@ -7,8 +7,8 @@ import pytest
 
 from ifsteer.calibration import SearchSpace, run_search, sweep
 from ifsteer.calibration.scoring import search_log
-from ifsteer.engine import Sampling
 from ifsteer.instructions import get_instruction
+from ifsteer.jobs import Sampling
 from ifsteer.rows import Row
 from ifsteer.validation import ValidationPrompt
 from ifsteer.vectors import extract_instruction, save_vectors

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import ifsteer.cli.backend as backend_cli
-from ifsteer.engine import Engine
+from ifsteer.batcher import Batcher
 from ifsteer.vectors import save_vectors
 from tests.unit.test_cli import run
 from tests.unit.test_evaluation import ifeval_row, write_jsonl
@@ -83,4 +83,4 @@ def test_bad_vllm_options_are_refused_before_vllm_is_looked_for(
 def test_the_hf_backend_hands_the_runners_the_hf_engine(monkeypatch, tiny_lm):
     monkeypatch.setattr(backend_cli, "load", lambda model, dtype: tiny_lm)
     with backend_cli.runner_backend("hf", "tiny", "float32") as (lm, engine):
-        assert (lm, engine) == (tiny_lm, Engine)
+        assert (lm, engine) == (tiny_lm, Batcher)

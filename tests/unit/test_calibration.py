@@ -8,6 +8,7 @@ import random
 
 import pytest
 
+from ifsteer.batcher import Batcher
 from ifsteer.calibration import (
     Choice,
     FluencyStats,
@@ -25,7 +26,6 @@ from ifsteer.calibration import (
     sweep_weights,
     validation_groups,
 )
-from ifsteer.engine import Engine
 from ifsteer.errors import IfsteerError, InvalidSteering, VectorMismatch
 from ifsteer.generation import Sampling, generate
 from ifsteer.instructions import get_instruction
@@ -404,7 +404,7 @@ def test_groups_swept_together_share_one_queue_and_match_sweeping_alone(
     engines = []
 
     def counting(*args, **kwargs):  # the queue factory the sweep is handed
-        engines.append(Engine(*args, **kwargs))
+        engines.append(Batcher(*args, **kwargs))
         return engines[-1]
 
     advanced: list[int] = []
@@ -439,7 +439,7 @@ def test_a_killed_sweep_resumes_from_its_answers_on_disk(tiny10, lower_file, tmp
     finished = []
 
     def killed_after_three(*args, **kwargs):  # an engine that dies after three answers
-        engine = Engine(*args, **kwargs)
+        engine = Batcher(*args, **kwargs)
         step = engine.step
 
         def dying_step():
@@ -463,7 +463,7 @@ def test_a_killed_sweep_resumes_from_its_answers_on_disk(tiny10, lower_file, tmp
     submitted = []
 
     def counting(*args, **kwargs):
-        engine = Engine(*args, **kwargs)
+        engine = Batcher(*args, **kwargs)
         submit = engine.submit
         engine.submit = lambda job: submitted.append(job) or submit(job)
         return engine

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from safetensors.torch import save_file
 
-from ifsteer.engine import Engine
+from ifsteer.batcher import Batcher
 from ifsteer.errors import EvaluationError, MalformedVectorFile, VectorMismatch
 from ifsteer.evaluation import (
     count_pending,
@@ -669,7 +669,7 @@ def test_all_settings_share_one_engine_and_each_answer_reaches_disk_as_it_ends(
     engines: list[Any] = []
     widest: list[int] = []
 
-    class Counting(Engine):  # the queue factory the run is handed
+    class Counting(Batcher):  # the queue factory the run is handed
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             engines.append(self)

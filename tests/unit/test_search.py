@@ -6,10 +6,10 @@ import math
 
 import pytest
 
+from ifsteer.batcher import Batcher
 from ifsteer.calibration.grid import Point, PointResult, choose
 from ifsteer.calibration.scoring import projection_target, search_log, steerings_for
 from ifsteer.calibration.search import SearchSpace, run_search
-from ifsteer.engine import Engine
 from ifsteer.generation import Sampling, generate
 from ifsteer.instructions import get_instruction
 from ifsteer.prompts import build_pairs
@@ -113,7 +113,7 @@ def test_run_search_chooses_the_best_valid_point_and_resumes(tiny_lm, lower_vect
     submitted = []
 
     def counting(*args, **kw):  # the job queue the search is given makes every answer
-        engine = Engine(*args, **kw)
+        engine = Batcher(*args, **kw)
         submit = engine.submit
         engine.submit = lambda job: submitted.append(job) or submit(job)
         return engine
@@ -144,7 +144,7 @@ def test_early_stopping_gives_steered_answers_a_decider_and_no_steering_none(
     jobs = []
 
     def recording(*args, **kw):
-        engine = Engine(*args, **kw)
+        engine = Batcher(*args, **kw)
         submit = engine.submit
         engine.submit = lambda job: jobs.append(job) or submit(job)
         return engine

@@ -22,13 +22,13 @@ import httpx
 import pytest
 import uvicorn
 
-from ifsteer.backends import Job
 from ifsteer.backends.vllm.engine import steering_args
 from ifsteer.calibration import Point, steerings_for
 from ifsteer.cli import main
 from ifsteer.evaluation import plan_vectors
 from ifsteer.generation import Completion, Sampling, generate
 from ifsteer.instructions import get_instruction
+from ifsteer.jobs import Job
 from ifsteer.prompts import build_pairs
 from ifsteer.rows import Row
 from ifsteer.server import Limits, build_app, create_app, load_vector_dir
@@ -177,7 +177,7 @@ def chat(instruction_id: str, **entry: Any) -> dict[str, Any]:
 
 @dataclass
 class Recording:
-    """An `Engine` that keeps each job: the server hands vLLM exactly these steerings."""
+    """A `Backend` that keeps each job: the server hands vLLM exactly these steerings."""
 
     lm: Any
     jobs: list[Job] = field(default_factory=list)
@@ -192,7 +192,7 @@ class Recording:
 
     async def close(self) -> None: ...
 
-    async def generate(self, job: Job, on_text: Any = None) -> Completion:
+    async def generate(self, job: Job) -> Completion:
         self.jobs.append(job)
         return Completion("ok", 1, 1, "stop")
 

@@ -24,10 +24,10 @@ from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
 import ifsteer.backends.vllm as adapter
-from ifsteer.backends import Job
-from ifsteer.backends.hf import BatchingEngine
+from ifsteer.backends.hf import HFBackend
 from ifsteer.generation import Sampling, generate
 from ifsteer.instructions import custom_instruction
+from ifsteer.jobs import Job
 from ifsteer.server import Limits, create_app, load_vector_dir
 from ifsteer.server.body import parse_request
 from ifsteer.server.jobs import chat_prompt
@@ -537,21 +537,18 @@ def chat_lm(tiny_tokenizer):
 
 
 def test_chat_prompts_reach_the_model_with_one_bos(chat_lm):
-    engine = BatchingEngine(chat_lm)
     messages = [Message(role="system", content="Be kind."), Message(role="user", content="Hi")]
-    prompt = chat_prompt(engine.tokenizer, messages)
-    template_ids = chat_lm.tokenizer(prompt.text, add_special_tokens=False).input_ids
-    assert template_ids[:1] == [0] and template_ids[1] != 0
-    text, formatted = engine._generate_input(prompt)
-    assert not formatted
-    assert chat_lm.tokenize([text], templated=False).input_ids[0].tolist() == template_ids
+    prompt = chat_prompt(chat_lm.tokenizer, messages)
+    assert prompt.ids[:1] == (0,) and prompt.ids[1] != 0  # the template's BOS, alone
+    assert list(prompt.ids) == chat_lm.tokenizer(prompt.text, add_special_tokens=False).input_ids
+    assert chat_lm.tokenizer(prompt.text).input_ids[:2] == [0, 0]  # what adding one would do
 
 
 def test_one_turn_chat_equals_the_cli_path(chat_lm):
-    engine = BatchingEngine(chat_lm)
+    engine = HFBackend(chat_lm)
     prompt = chat_prompt(engine.tokenizer, [Message(role="user", content=PROMPTS[0])])
     v = make_vector(layer=2, mode="additive", weight=5.0, model_id="tiny-chat")
-    job = Job(prompt, (Steering(v),), Sampling(max_new_tokens=MAX_TOKENS))
+    job = Job(prompt.ids, (Steering(v),), Sampling(max_new_tokens=MAX_TOKENS))
 
     async def run() -> object:
         await engine.start()
@@ -572,7 +569,7 @@ def test_one_turn_chat_equals_the_cli_path(chat_lm):
 
 
 def test_the_server_parses_requests_for_every_engine():
-    """The vLLM adapter has no request code of its own: it is an Engine behind `build_app`."""
+    """The vLLM adapter has no request code of its own: it is a Backend behind `build_app`."""
     assert not {"SteeringSpec", "VectorStore", "build_job", "parse_request"} & set(dir(adapter))
     raw = json.dumps(_chat("hi", steering=[{"vector": "a", "mode": "additive", "weight": 2}]))
     parsed = parse_request(raw.encode(), ChatCompletionRequest, LIMITS)

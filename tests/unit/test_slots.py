@@ -1,11 +1,12 @@
-"""The engine's slot cache: written in place, slots reused, the window kept exact."""
+"""The batcher's slot cache: written in place, slots reused, the window kept exact."""
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
 
-from ifsteer.engine import Engine, Job, Sampling
+from ifsteer.batcher import Batcher
+from ifsteer.jobs import Job, Sampling
 from ifsteer.slots import ROOM, SlotCache
 
 
@@ -60,49 +61,55 @@ def test_a_narrower_prompt_is_right_aligned_in_a_free_slot():
     torch.testing.assert_close(keys[1, :, 2:], joining.layers[0].keys[0])
 
 
-def test_trim_and_select_keep_the_window_exact():
-    cache = SlotCache(prefill(3, 6, seed=0))
+def test_trim_and_compact_keep_the_window_exact():
+    cache = SlotCache(prefill(5, 6, seed=0))
     keys = cache.layers[0].keys.clone()
+    buffer = cache.layers[0].key_buffer
     cache.trim(2)
-    cache.select([0, 2])
-    torch.testing.assert_close(cache.layers[0].keys, keys[[0, 2], :, 2:])
-    assert cache.slots == 2 and cache.width == 4
+    order = cache.compact([0, 3, 4])  # slots 1 and 2 are free: the rows of 3 and 4 move in
+    assert order == [0, 3, 4] and cache.slots == 3 and cache.width == 4
+    torch.testing.assert_close(cache.layers[0].keys, keys[order, :, 2:])
+    assert cache.layers[0].key_buffer.data_ptr() == buffer.data_ptr()  # cut, not copied
+    assert cache.compact([1, 2]) == [2, 1]  # slot 0 freed: the last row fills it
+    torch.testing.assert_close(cache.layers[0].keys, keys[[4, 3], :, 2:])
 
 
-def jobs(*lengths: int) -> list[Job]:
+def jobs(lm, *lengths: int) -> list[Job]:
     return [
-        Job(f"Plan {i + 2} picnics.", sampling=Sampling(max_new_tokens=n, ignore_eos=True))
+        Job(
+            lm.render(f"Plan {i + 2} picnics.").ids,
+            sampling=Sampling(max_new_tokens=n, ignore_eos=True),
+        )
         for i, n in enumerate(lengths)
     ]
 
 
 def test_a_joining_job_takes_the_slot_an_ended_row_left(tiny_lm):
-    engine = Engine(tiny_lm, batch_size=2)
-    for job in jobs(2, 9, 9):
-        engine.submit(job)
+    batcher = Batcher(tiny_lm, batch_size=2)
+    for job in jobs(tiny_lm, 2, 9, 9):
+        batcher.submit(job)
     slots = []
-    while engine.busy:
-        engine.step()
-        slots.append(len(engine._slots))
+    while batcher.busy:
+        batcher.step()
+        slots.append(len(batcher._slots))
     assert max(slots) == 2  # three rows, never more than two slots
 
 
 def test_free_slots_are_given_up_when_nothing_waits(tiny_lm):
-    engine = Engine(tiny_lm, batch_size=3)
-    for job in jobs(2, 8, 8):
-        engine.submit(job)
+    batcher = Batcher(tiny_lm, batch_size=3)
+    for job in jobs(tiny_lm, 2, 8, 8):
+        batcher.submit(job)
     for _ in range(3):
-        engine.step()
-    assert len(engine._slots) == len(engine._active) == 2
+        batcher.step()
+    assert len(batcher._slots) == len(batcher._active) == 2
 
 
-def test_a_few_free_slots_are_kept_rather_than_copied_away_one_by_one(tiny_lm):
-    engine = Engine(tiny_lm, batch_size=8)
-    for job in jobs(2, 3, *[9] * 6):
-        engine.submit(job)
+def test_no_free_slot_decodes_once_nothing_waits(tiny_lm):
+    batcher = Batcher(tiny_lm, batch_size=8)
+    for job in jobs(tiny_lm, 2, 3, *[9] * 6):
+        batcher.submit(job)
     sizes = []
-    while engine.busy:
-        engine.step()
-        sizes.append((len(engine._slots), engine._slots.count(None)))
-    # one free slot of eight is kept; two (a quarter) are given up together
-    assert sizes[:3] == [(8, 1), (6, 0), (6, 0)]
+    while batcher.busy:
+        batcher.step()
+        sizes.append((len(batcher._slots), batcher._slots.count(None)))
+    assert sizes[:3] == [(7, 0), (6, 0), (6, 0)]

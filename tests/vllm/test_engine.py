@@ -11,12 +11,12 @@ import dataclasses
 
 import pytest
 
-from ifsteer.backends import Job
 from ifsteer.backends.vllm import VLLMEngine
 from ifsteer.chat import render_chat
 from ifsteer.errors import InvalidSteering
 from ifsteer.generation import Completion, Sampling, generate
 from ifsteer.instructions import get_instruction
+from ifsteer.jobs import Job
 from ifsteer.models import DEFAULT_MODEL, load_model
 from ifsteer.steering import Steering
 from ifsteer.vectors import default_layer, extract_instruction
@@ -59,7 +59,7 @@ def engine(hf, loop):
 
 def _job(engine: VLLMEngine, prompt: str, steering=(), tokens: int = TOKENS) -> Job:
     rendered = render_chat(engine.tokenizer, [("user", prompt)])
-    return Job(rendered, tuple(steering), Sampling(max_new_tokens=tokens))
+    return Job(rendered.ids, tuple(steering), Sampling(max_new_tokens=tokens))
 
 
 def _vllm(loop, engine, prompt: str, steering=(), tokens: int = TOKENS) -> Completion:

@@ -2,7 +2,7 @@
 records, the HF engine's answers and verdicts.
 
 One offline engine for the module (float32, compiled, small context). The HF reference runs the
-same rows through the same functions with the default `Engine`; both use vectors the HF model
+same rows through the same functions with the default `Batcher`; both use vectors the HF model
 extracted, written to files as `ifsteer extract` writes them.
 """
 
@@ -14,10 +14,10 @@ import pytest
 
 from ifsteer.backends.vllm import OfflineVLLM
 from ifsteer.calibration import calibrate_groups, validation_groups
-from ifsteer.engine import Job, Sampling
 from ifsteer.errors import InvalidSteering
 from ifsteer.evaluation import run_evaluation
 from ifsteer.evaluation.store import read_responses
+from ifsteer.jobs import Job, Sampling
 from ifsteer.models import DEFAULT_MODEL, load_model
 from ifsteer.rows import load_rows
 from ifsteer.vectors import load_vector_files
@@ -138,5 +138,5 @@ def test_a_sweep_on_vllm_picks_a_point_and_writes_it(lm, data, offline, tmp_path
 def test_a_queue_checks_what_vllm_would_refuse_late(lm, offline):
     queue = offline.queue(offline.side_model())
     with pytest.raises(InvalidSteering, match="max_model_len 1024"):
-        queue.submit(Job("forest " * 1200))
+        queue.submit(Job(lm.render("forest " * 1200).ids))
     assert not queue.busy

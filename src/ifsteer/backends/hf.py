@@ -1,5 +1,5 @@
-"""The Hugging Face engine: one worker thread owns a local model and decodes every request in
-one continuous batch (`ifsteer.engine.Engine`).
+"""The Hugging Face backend: one worker thread owns a local model and decodes every request in
+one continuous batch (`ifsteer.batcher.Batcher`).
 
 Model work is blocking, so it runs off the event loop, in one thread. A request joins the batch
 at the next decode step and leaves it the step it ends, so a short request never waits for a
@@ -20,15 +20,14 @@ import queue
 import threading
 import time
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
-from ifsteer import engine as continuous
-from ifsteer.chat import Prompt
-from ifsteer.generation import Completion
+from ifsteer.batcher import Batcher
 from ifsteer.instructions import Instruction
+from ifsteer.jobs import Completion, Job
 from ifsteer.models import LoadedModel
 from ifsteer.prompts import BASE_QUERIES, build_pairs
 from ifsteer.vectors import (
@@ -37,8 +36,6 @@ from ifsteer.vectors import (
     pair_prompts,
     vectors_from_activations,
 )
-
-from . import Job, OnText
 
 log = logging.getLogger("ifsteer.backends.hf")
 DEFAULT_MAX_BATCH_SIZE = 32
@@ -50,16 +47,13 @@ EXTRACTION_SHARE_S = 2.0  # longest a waiting extraction piece yields to generat
 class _Pending:
     """A job waiting for the worker, and how to hand its result back to the event loop."""
 
-    job: Job
-    text: str | tuple[int, ...]  # what the engine reads
-    formatted: bool  # engine Job(formatted=...)
+    job: Job  # its on_text runs on the event loop
     future: asyncio.Future[Completion]
     loop: asyncio.AbstractEventLoop
-    on_text: OnText | None
 
     def emit(self, delta: str) -> None:
-        if self.on_text is not None:
-            self.loop.call_soon_threadsafe(self.on_text, delta)
+        if self.job.on_text is not None:
+            self.loop.call_soon_threadsafe(self.job.on_text, delta)
 
     def finish(self, result: Completion | BaseException) -> None:
         self.loop.call_soon_threadsafe(_settle, self.future, result)
@@ -101,7 +95,7 @@ class _Extraction:
 _STOP = object()
 
 
-class BatchingEngine:
+class HFBackend:
     """One worker thread owns the model; concurrent requests share one continuous batch."""
 
     def __init__(
@@ -116,8 +110,8 @@ class BatchingEngine:
             raise ValueError("max_batch_size must be at least 1")
         self.lm = lm
         self.model_id = lm.model_id
-        # The event loop tokenizes (limits, rendering) while the worker tokenizes joining rows;
-        # a fast tokenizer cannot be used from two threads at once ("Already borrowed").
+        # The event loop tokenizes (rendering, limits) while the worker decodes answers; a fast
+        # tokenizer cannot be used from two threads at once ("Already borrowed").
         self.tokenizer = copy.deepcopy(lm.tokenizer)
         self.n_layers = lm.n_layers
         self.hidden_size = lm.hidden_size
@@ -127,8 +121,8 @@ class BatchingEngine:
         self.extract_pairs = extract_pairs
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
-        # worker side: the batch, the requests in it by engine job id, waiting extractions
-        self._engine = self._new_engine()
+        # worker side: the batch, the requests in it by job id, waiting extractions
+        self._batcher = self._new_batcher()
         self._in_flight: dict[int, _Pending] = {}
         self._extractions: list[_Extraction] = []  # oldest first
         self._last_piece = time.monotonic()
@@ -140,12 +134,9 @@ class BatchingEngine:
             "extractions": 0,
             "extraction_pieces": 0,
         }
-        self._warned_bos = False
 
-    def _new_engine(self) -> continuous.Engine:
-        return continuous.Engine(
-            self.lm, batch_size=self.max_batch_size, allow_transfer=self.allow_transfer
-        )
+    def _new_batcher(self) -> Batcher:
+        return Batcher(self.lm, batch_size=self.max_batch_size, allow_transfer=self.allow_transfer)
 
     # event-loop side
 
@@ -160,10 +151,9 @@ class BatchingEngine:
             await asyncio.to_thread(self._thread.join, 30)
             self._thread = None
 
-    async def generate(self, job: Job, on_text: OnText | None = None) -> Completion:
+    async def generate(self, job: Job) -> Completion:
         loop = asyncio.get_running_loop()
-        text, formatted = self._generate_input(job.prompt)
-        pending = _Pending(job, text, formatted, loop.create_future(), loop, on_text)
+        pending = _Pending(job, loop.create_future(), loop)
         self._queue.put(pending)
         return await pending.future
 
@@ -199,50 +189,21 @@ class BatchingEngine:
     def stats(self) -> dict[str, Any]:
         return {**self._stats, "queued": self._queue.qsize(), "in_flight": len(self._in_flight)}
 
-    def _generate_input(self, prompt: Prompt) -> tuple[str | tuple[int, ...], bool]:
-        """Text (or ids) and `formatted` flag that make the engine read exactly
-        `prompt_ids(prompt)`.
-
-        The engine tokenizes unformatted text with special tokens, which would put a second
-        BOS before a chat template's own: strip the template's, and check the ids agree.
-        """
-        if prompt.ids is not None:  # content that must stay text: the ids say how
-            return prompt.ids, False
-        if prompt.add_special_tokens:
-            return prompt.text, False
-        tok = self.tokenizer
-        wanted = tok(prompt.text, add_special_tokens=False).input_ids
-        text = prompt.text
-        bos = tok.bos_token
-        if bos and text.startswith(bos):
-            text = text[len(bos) :]
-        if tok(text, add_special_tokens=True).input_ids == wanted:
-            return text, False
-        if prompt.user_only is not None:  # one user message: the CLI's own path
-            return prompt.user_only, True
-        if not self._warned_bos:
-            self._warned_bos = True
-            log.warning(
-                "this tokenizer adds special tokens the chat template does not write; "
-                "multi-turn chats are read with them"
-            )
-        return text, False
-
     # worker side
 
     def _run(self) -> None:
         while True:
-            idle = not self._engine.busy and not self._extractions
+            idle = not self._batcher.busy and not self._extractions
             if not self._take(block=idle):
                 return
             self._drop_abandoned()
             if self._extractions and (
-                not self._engine.busy or time.monotonic() - self._last_piece >= EXTRACTION_SHARE_S
+                not self._batcher.busy or time.monotonic() - self._last_piece >= EXTRACTION_SHARE_S
             ):
                 if self._extractions[0].step():
                     self._extractions.pop(0)
                 self._last_piece = time.monotonic()
-            elif self._engine.busy:
+            elif self._batcher.busy:
                 self._step()
 
     def _take(self, *, block: bool) -> bool:
@@ -266,17 +227,13 @@ class BatchingEngine:
         if pending.future.done():  # abandoned while it waited in the queue
             self._stats["cancelled"] += 1
             return
-        streaming = pending.on_text is not None
-        job = continuous.Job(
-            pending.text,
-            steering=pending.job.steering,
-            sampling=pending.job.sampling,
-            formatted=pending.formatted,
-            on_text=pending.emit if streaming else None,
+        job = replace(
+            pending.job,
+            on_text=pending.emit if pending.job.on_text is not None else None,
             on_done=pending.finish,
         )
         try:
-            job_id = self._engine.submit(job)
+            job_id = self._batcher.submit(job)
         except Exception as exc:  # bad steering or sampling: that request's own error
             pending.finish(exc)
             return
@@ -286,26 +243,26 @@ class BatchingEngine:
         """Requests whose client went away leave the batch instead of being generated."""
         for job_id in [j for j, p in self._in_flight.items() if p.future.done()]:
             del self._in_flight[job_id]
-            self._engine.cancel(job_id)
+            self._batcher.cancel(job_id)
             self._stats["cancelled"] += 1
 
     def _step(self) -> None:
         try:
-            finished = self._engine.step()
+            finished = self._batcher.step()
         except BaseException as exc:
             # The batch's cache is in an unknown state: fail what it held, start a fresh one.
             log.exception("decoding a batch of %d failed", len(self._in_flight))
             for pending in self._in_flight.values():
                 pending.finish(exc)
             self._in_flight.clear()
-            self._engine = self._new_engine()
+            self._batcher = self._new_batcher()
             return
         self._stats["steps"] += 1
-        decoded = self._engine.rows + len(finished)
+        decoded = self._batcher.rows + len(finished)
         self._stats["largest_batch"] = max(self._stats["largest_batch"], decoded)
         for job_id, _ in finished:
             if self._in_flight.pop(job_id, None) is not None:
                 self._stats["requests"] += 1
 
 
-__all__ = ["DEFAULT_MAX_BATCH_SIZE", "EXTRACTION_SHARE_S", "BatchingEngine"]
+__all__ = ["DEFAULT_MAX_BATCH_SIZE", "EXTRACTION_SHARE_S", "HFBackend"]

@@ -4,7 +4,7 @@ Two plans share one point contract, one choice rule, one fluency rule and one an
 
 - the paper's sweep (docs/method.md §3): "no steering", then every layer of
   `range(L//5, L, 2)` (and, for additive vectors, every weight), all points of all prompts in
-  one job queue (`Engine`, or vLLM's), a row stopping as soon as its check has failed for
+  one job queue (`Batcher`, or vLLM's), a row stopping as soon as its check has failed for
   good. Fluency is the paper's (`quality.PAPER_FLUENCY`): a point where most passes degenerate
   scores zero. The choice is written into the vector files (`extra["sweep"]`), so it travels
   with them; a sweep where no steering wins records `recommended: false` and keeps the file's

@@ -19,8 +19,8 @@ from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ifsteer.engine import Completion
 from ifsteer.evaluation.store import repair_log
+from ifsteer.jobs import Completion
 
 __all__ = ["AnswerLog", "search_key"]
 

@@ -2,7 +2,7 @@
 
 The paper's sweep (`sweep`) and the staged search (`search`) differ in which points they try
 and how they score an answer, not in how answers are made: every job of a plan goes into one
-continuous-batching job queue (`Engine`, or vLLM's through `engine`), each row steered by its
+continuous-batching job queue (`Batcher`, or vLLM's through `engine`), each row steered by its
 own steerings and, with a decider, stopped as soon as its check has failed for good. With an
 answer log and a key per job, an answer already on disk is reused and each new one is written
 the moment it finishes, so a killed run loses none it reported.
@@ -13,8 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
+from ifsteer.batcher import Batcher
 from ifsteer.calibration.answers import AnswerLog
-from ifsteer.engine import Completion, Engine, EngineFactory, Job
+from ifsteer.jobs import Completion, Job, QueueFactory
 from ifsteer.models import LoadedModel
 
 __all__ = ["answer_jobs"]
@@ -26,7 +27,7 @@ def answer_jobs(
     lm: LoadedModel,
     jobs: Sequence[Job],
     *,
-    engine: EngineFactory = Engine,
+    engine: QueueFactory = Batcher,
     batch_size: int | None = None,
     log: AnswerLog | None = None,
     keys: Sequence[str] | None = None,
@@ -41,8 +42,7 @@ def answer_jobs(
         raise ValueError("an answer log needs one key per job")
     if not jobs:
         return []
-    # Characters bound a prompt's tokens from above: enough to size the KV cache.
-    longest = max(len(job.prompt) for job in jobs)
+    longest = max(len(job.ids) for job in jobs)
     new_tokens = max(job.sampling.max_new_tokens for job in jobs)
     queue = engine(lm, batch_size=batch_size, max_tokens=longest + new_tokens, allow_transfer=False)
     slots: list[int | Completion] = []  # a job id, or an answer from the log

@@ -18,13 +18,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ifsteer.batcher import Batcher
 from ifsteer.calibration.answers import AnswerLog, search_key
 from ifsteer.calibration.grid import Point, PointResult, score_point
 from ifsteer.calibration.runner import answer_jobs
 from ifsteer.checks import check
 from ifsteer.deciders import row_failure
-from ifsteer.engine import Decider, Engine, EngineFactory, Job, Sampling
 from ifsteer.errors import InvalidSteering
+from ifsteer.jobs import Decider, Job, QueueFactory, Sampling
 from ifsteer.models import LoadedModel
 from ifsteer.quality import Fluency, perplexities, repetition_rate, tail_compression
 from ifsteer.steering import Steering
@@ -118,7 +119,7 @@ def summarize(
 class Answering:
     """How a search makes its answers (`run_search`'s options of the same names)."""
 
-    engine: EngineFactory = Engine
+    engine: QueueFactory = Batcher
     batch_size: int | None = 32
     early_stop: bool = False
     progress: Progress | None = None
@@ -161,7 +162,7 @@ class SearchRunner:
         todo.sort(key=lambda job: (-len(self.text(job[1])), self.text(job[1])))
         jobs = [
             Job(
-                self.text(i),
+                self.lm.render(self.text(i)).ids,
                 steering=steerings_for(point, self.vectors[i]),
                 sampling=self.sampling,
                 decided=self._decider(point, i),

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ifsteer.batcher import Batcher
 from ifsteer.calibration.grid import Point, PointResult, best_steered, choose
 from ifsteer.calibration.scoring import (
     Answering,
@@ -48,8 +49,8 @@ from ifsteer.calibration.scoring import (
     SearchRunner,
     search_log,
 )
-from ifsteer.engine import Engine, EngineFactory, Sampling
 from ifsteer.errors import InvalidSteering
+from ifsteer.jobs import QueueFactory, Sampling
 from ifsteer.models import LoadedModel
 from ifsteer.quality import SEARCH_FLUENCY, Fluency
 from ifsteer.validation import ValidationPrompt
@@ -142,7 +143,7 @@ def verify_point(
     sampling: Sampling = FORMAT_SAMPLING,
     log_path: str | Path | None = None,
     batch_size: int | None = 32,
-    engine: EngineFactory = Engine,
+    engine: QueueFactory = Batcher,
     early_stop: bool = False,
 ) -> SearchResult:
     """Score one point found for another instruction against "no steering" on this one's
@@ -181,14 +182,14 @@ def run_search(
     with_instruction: bool = False,
     log_path: str | Path | None = None,
     batch_size: int | None = 32,
-    engine: EngineFactory = Engine,
+    engine: QueueFactory = Batcher,
     early_stop: bool = False,
     progress: Progress | None = None,
 ) -> SearchResult:
     """Run the three stages for one instruction and choose; see the module docstring.
 
     Without a judge model only the text itself flags degenerate answers. Answers are made on
-    `engine`'s job queue (`Engine`, or `OfflineVLLM.queue` for vLLM), as the paper's sweep
+    `engine`'s job queue (`Batcher`, or `OfflineVLLM.queue` for vLLM), as the paper's sweep
     makes them (`runner.answer_jobs`). With `early_stop`, a steered answer stops as soon as
     its check has failed for good (`deciders.row_failure`): a failed answer scores nothing,
     so no score, accuracy or choice changes, while its fluency figures (`degenerate`,

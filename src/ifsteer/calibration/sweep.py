@@ -1,7 +1,7 @@
 """Running sweeps: every validation row at every (layer, weight) point, in one job queue.
 
 All points of all prompts (of all the sweeps run together, `sweeps`) are jobs of one
-continuous-batching `Engine`, each row steered at its own layer by per-row steering; a row
+continuous `Batcher`, each row steered at its own layer by per-row steering; a row
 whose check has failed for good stops early (`deciders.row_failure`). Each response is
 checked with IFEval's *loose* checkers and scored for fluency by the paper's rule
 (`quality.PAPER_FLUENCY`): a response that repeats itself (more than half of its word trigrams
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ifsteer import quality
+from ifsteer.batcher import Batcher
 from ifsteer.calibration.answers import AnswerLog
 from ifsteer.calibration.grid import (
     Choice,
@@ -39,8 +40,8 @@ from ifsteer.calibration.requests import (
 from ifsteer.calibration.runner import answer_jobs
 from ifsteer.checks import check_row
 from ifsteer.deciders import row_failure
-from ifsteer.engine import Completion, Engine, EngineFactory, Job, Sampling
 from ifsteer.errors import IfsteerError, InvalidSteering, VectorMismatch
+from ifsteer.jobs import Completion, Job, QueueFactory, Sampling
 from ifsteer.models import LoadedModel
 from ifsteer.quality import PAPER_FLUENCY, Fluency
 from ifsteer.rows import Row, group_of
@@ -120,7 +121,7 @@ def sweeps(
     fluency: Fluency = PAPER_FLUENCY,
     early_stop: bool = True,
     progress: Progress | None = None,
-    engine: EngineFactory = Engine,
+    engine: QueueFactory = Batcher,
     answers: str | Path | None = None,
 ) -> list[SweepResult]:
     """Run several sweeps as one continuous-batching job queue and score each.
@@ -131,7 +132,7 @@ def sweeps(
     failed for good (`deciders.row_failure`): a failed answer scores nothing whatever its
     fluency (`score_point`), so stopping it changes no score; passes are always generated to
     the end, since their fluency decides whether they count. `engine` makes the job queue
-    (`Engine`, or `OfflineVLLM.queue` for vLLM), as in `run_evaluation`. With `answers`, a
+    (`Batcher`, or `OfflineVLLM.queue` for vLLM), as in `run_evaluation`. With `answers`, a
     JSONL file (`AnswerLog`), every answer is written there as it finishes and answers already
     there are not generated again, so a killed run resumes where it stopped.
     """
@@ -144,7 +145,9 @@ def sweeps(
             for row, _ in plan.usable
         ]
         for p, r, text, steerings in plan.jobs:
-            jobs.append(Job(text, steering=steerings, sampling=sampling, decided=decide[r]))
+            jobs.append(
+                Job(lm.render(text).ids, steering=steerings, sampling=sampling, decided=decide[r])
+            )
             keys.append(
                 AnswerLog.key(
                     plan.request.instruction_id or group_of(plan.usable[r][0]),

@@ -19,7 +19,7 @@ from ifsteer.cli.app import load, out
 from ifsteer.errors import IfsteerError, InvalidSteering
 
 if TYPE_CHECKING:
-    from ifsteer.engine import EngineFactory
+    from ifsteer.jobs import QueueFactory
     from ifsteer.models import LoadedModel
 
 BACKENDS = ("hf", "vllm")
@@ -136,15 +136,15 @@ def runner_backend(
     max_model_len: int | None = None,
     kv_cache_gib: float | None = None,
     enforce_eager: bool = False,
-) -> Iterator[tuple[LoadedModel, EngineFactory]]:
+) -> Iterator[tuple[LoadedModel, QueueFactory]]:
     """The model and job-queue factory `eval` and `sweep` run on: the HF model and its
-    `Engine`, or a started `OfflineVLLM` (stopped on exit) with the HF model on the side
+    `Batcher`, or a started `OfflineVLLM` (stopped on exit) with the HF model on the side
     (`side_model`: tokenizing, vector checks, perplexity)."""
     check_backend(backend)
     if backend == "hf":
-        from ifsteer.engine import Engine
+        from ifsteer.batcher import Batcher
 
-        yield load(model, dtype), Engine
+        yield load(model, dtype), Batcher
         return
     settings = vllm_settings(
         model,

@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import Any
 
 from ifsteer import quality
+from ifsteer.batcher import Batcher
 from ifsteer.checks import check_row, ensure_punkt
-from ifsteer.engine import Completion, Engine, EngineFactory, Job, Sampling
 from ifsteer.errors import EvaluationError
 from ifsteer.evaluation.plan import VectorPlan, VectorSource, plan_vectors
 from ifsteer.evaluation.store import check_resume, done_key, open_for_append, read_responses
 from ifsteer.evaluation.summary import write_summary
+from ifsteer.jobs import Completion, Job, QueueFactory, Sampling
 from ifsteer.models import LoadedModel
 from ifsteer.rows import SETTINGS, STEERED, WITH_INSTRUCTION, Row, prepare_rows
 from ifsteer.rundir import RESPONSES, SUMMARY
@@ -119,7 +120,7 @@ def run_evaluation(
     perplexity: bool = True,
     fluency_lm: LoadedModel | None = None,
     progress: Progress | None = None,
-    engine: EngineFactory = Engine,
+    engine: QueueFactory = Batcher,
 ) -> Summary:
     """Answer `rows` in each setting, append every response to out_dir/responses.jsonl, and
     write out_dir/summary.json; responses already in the file are skipped (resume).
@@ -133,7 +134,7 @@ def run_evaluation(
     1.2-2.5), so the paper's "perplexity < 2.5 is degenerate" rule, made for an independent
     scorer (GPT-2), is applied only when `fluency_lm` is another model; with `lm` itself a
     response is degenerate by repetition alone. All answers of all settings go to one
-    continuous-batching `Engine` (`batch_size` None: sized to the model and free memory), or
+    continuous `Batcher` (`batch_size` None: sized to the model and free memory), or
     to the queue `engine(lm, ...)` makes (`OfflineVLLM.queue`: the same jobs on vLLM; `lm`
     still tokenizes, checks the vectors and scores perplexity); `progress(n)` is called as
     soon as n more answers are on disk.
@@ -190,17 +191,18 @@ def run_evaluation(
         done = {done_key(r) for r in existing}
         todo = _schedule(lm, rows, settings, experiment, done)
         skipped = len(rows) * len(settings) - len(todo)
+        tokens = [lm.render(row.prompt_for(setting)).ids for setting, row in todo]
         queue = engine(
             lm,
             batch_size=batch_size,
             allow_transfer=True,  # vectors were checked when planned
-            max_tokens=_longest_prompt(lm, todo) + sampling.max_new_tokens,
+            max_tokens=max(map(len, tokens), default=0) + sampling.max_new_tokens,
         )
         finished: list[tuple[str, Row, Completion]] = []
-        for setting, row in todo:
+        for (setting, row), ids in zip(todo, tokens, strict=True):
             queue.submit(
                 Job(
-                    row.prompt_for(setting),
+                    ids,
                     steering=plan.steerings[str(row.key)] if setting in STEERED else (),
                     sampling=sampling,
                     on_done=_collect(finished, setting, row),
@@ -267,14 +269,6 @@ def _schedule(
         for setting in settings
         if (experiment, setting, str(row.key)) not in done
     ]
-
-
-def _longest_prompt(lm: LoadedModel, todo: Sequence[tuple[str, Row]]) -> int:
-    """Tokens of the longest prompt to answer, for sizing the batch's KV cache."""
-    if not todo:
-        return 0
-    text = max((row.prompt_for(setting) for setting, row in todo), key=len)
-    return len(lm.tokenizer(lm.format_prompt(text)).input_ids)
 
 
 def _answer(

@@ -2,11 +2,11 @@
 
 `app` holds the routes, auth and error handling; `schema` defines requests and `body` reads
 them (and names the field at fault when it cannot); `registry` turns `steering` entries into
-vectors; `jobs` turns a request into the `Job`s an engine generates; `responses` writes
+vectors; `jobs` turns a request into the `Job`s a backend generates; `responses` writes
 OpenAI's bodies and streams; `guard` bounds what one client can cost the others (bodies, queue,
 deadlines, timeouts); `transport` decides what reaches the routes at all (loopback Host and
 Origin, JSON bodies, one framing per request).
-Engines live in `ifsteer.backends`, behind one protocol, and never import this package.
+Backends live in `ifsteer.backends`, behind one protocol, and never import this package.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@
 loaded from `--vectors DIR`) or `{"instruction": "..."}`, extracted on first use and cached.
 
 A request walks one way: `schema` reads it, `jobs` renders its prompt, checks its limits and
-resolves its steering through the `registry`, the engine generates, `responses` answers.
-`build_app` takes any `ifsteer.backends.Engine`; `create_app` wraps a loaded Hugging Face model
+resolves its steering through the `registry`, the backend generates, `responses` answers.
+`build_app` takes any `ifsteer.backends.Backend`; `create_app` wraps a loaded Hugging Face model
 in the batching engine.
 """
 
@@ -25,17 +25,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ifsteer.backends import Engine, Job
-from ifsteer.backends.hf import DEFAULT_MAX_BATCH_SIZE, BatchingEngine
+from ifsteer.backends import Backend
+from ifsteer.backends.hf import DEFAULT_MAX_BATCH_SIZE, HFBackend
 from ifsteer.chat import render_text
 from ifsteer.errors import IfsteerError
+from ifsteer.jobs import Job
 from ifsteer.models import LoadedModel
 from ifsteer.shipped.points import Points
 from ifsteer.vectors import SteeringVector
 
 from .body import parse_request
 from .guard import Admission, BearerAuth, ClientGone, read_body, unless_abandoned, uvicorn_config
-from .jobs import build_job, chat_prompt, check_request_tokens, prompt_tokens
+from .jobs import build_job, chat_prompt, check_request_tokens
 from .registry import NamedVector, Resolved, VectorStore
 from .responses import Meta, chat_body, chat_chunks, completion_body, completion_chunks, sse
 from .schema import (
@@ -53,7 +54,7 @@ log = logging.getLogger("ifsteer.server")
 
 @dataclass
 class _State:
-    engine: Engine
+    engine: Backend
     store: VectorStore
     limits: Limits
     api_key: str | None
@@ -74,7 +75,7 @@ def create_app(
     allowed_hosts: Sequence[str] = (),
 ) -> FastAPI:
     """The server around a loaded Hugging Face model and named vectors."""
-    engine = BatchingEngine(
+    engine = HFBackend(
         lm,
         max_batch_size=max_batch_size,
         allow_transfer=allow_transfer,
@@ -92,7 +93,7 @@ def create_app(
 
 
 def build_app(
-    engine: Engine,
+    engine: Backend,
     vectors: Mapping[str, SteeringVector | NamedVector],
     *,
     api_key: str | None = None,
@@ -205,8 +206,8 @@ def build_app(
                 param="prompt",
             )
 
-        prompts = [render_text(text) for text in texts]
-        counts = [prompt_tokens(engine, prompt) for prompt in prompts]
+        prompts = [render_text(engine.tokenizer, text) for text in texts]
+        counts = [len(prompt.ids) for prompt in prompts]
         check_request_tokens(counts, limits, param="prompt")
 
         async def jobs() -> tuple[list[Job], list[Resolved]]:
@@ -218,9 +219,8 @@ def build_app(
                     store=store,
                     limits=limits,
                     prompt_param="prompt",
-                    n_prompt=n,
                 )
-                for prompt, n in zip(prompts, counts, strict=True)
+                for prompt in prompts
             ]
             return [job for job, _ in built], built[-1][1]
 

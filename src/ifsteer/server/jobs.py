@@ -1,13 +1,13 @@
-"""A parsed request to the `Job`s an engine generates: its prompt, limits, sampling, steering."""
+"""A parsed request to the `Job`s a backend generates: its prompt, limits, sampling, steering."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from ifsteer.backends import Engine, Job
-from ifsteer.chat import InvalidPrompt, Prompt, prompt_ids, render_chat
-from ifsteer.generation import Sampling
+from ifsteer.backends import Backend
+from ifsteer.chat import InvalidPrompt, Prompt, render_chat
+from ifsteer.jobs import Job, Sampling
 
 from .registry import Resolved, VectorStore
 from .schema import ApiError, GenerationRequest, Limits, Message
@@ -18,10 +18,6 @@ def chat_prompt(tokenizer: Any, messages: Sequence[Message]) -> Prompt:
         return render_chat(tokenizer, [m.turn() for m in messages])
     except InvalidPrompt as exc:
         raise ApiError(str(exc), param="messages") from None
-
-
-def prompt_tokens(engine: Engine, prompt: Prompt) -> int:
-    return len(prompt_ids(engine.tokenizer, prompt))
 
 
 def check_request_tokens(counts: Sequence[int], limits: Limits, param: str) -> None:
@@ -39,16 +35,13 @@ async def build_job(
     request: GenerationRequest,
     prompt: Prompt,
     *,
-    engine: Engine,
+    engine: Backend,
     store: VectorStore,
     limits: Limits,
     prompt_param: str,
-    n_prompt: int | None = None,
 ) -> tuple[Job, list[Resolved]]:
-    """Check a request against the limits and the model, and resolve its steering.
-    `n_prompt`: the prompt's tokens, where the caller counted them already."""
-    if n_prompt is None:
-        n_prompt = prompt_tokens(engine, prompt)
+    """Check a request against the limits and the model, and resolve its steering."""
+    n_prompt = len(prompt.ids)
     if n_prompt == 0:  # alone it is a 500 in the model; batched it would pass: refuse both
         raise ApiError("the prompt is empty once tokenized", param=prompt_param)
     limit = min(limits.max_prompt_tokens, limits.max_request_prompt_tokens)
@@ -84,5 +77,5 @@ async def build_job(
         seed=request.seed,
     )
     resolved = await store.resolve(request.steering or [], limits)
-    job = Job(prompt, tuple(s for r in resolved for s in r.steerings), sampling)
+    job = Job(prompt.ids, tuple(s for r in resolved for s in r.steerings), sampling)
     return job, resolved

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ifsteer.backends import Engine
+from ifsteer.backends import Backend
 from ifsteer.errors import MalformedVectorFile, VectorMismatch
 from ifsteer.instructions import custom_instruction
 from ifsteer.shipped import ShippedVector, calibrated, is_calibrated, listing
@@ -68,7 +68,7 @@ class VectorStore:
     package's for the served model), and instructions extracted on request (an LRU cache)."""
 
     named: Mapping[str, NamedVector]
-    engine: Engine
+    engine: Backend
     allow_transfer: bool = False
     cache_size: int = 64
     points: Points | None = None

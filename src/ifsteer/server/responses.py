@@ -12,14 +12,14 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fastapi.responses import StreamingResponse
 
-from ifsteer.backends import Engine, Job
+from ifsteer.backends import Backend
 from ifsteer.errors import IfsteerError
-from ifsteer.generation import Completion
+from ifsteer.jobs import Completion, Job
 
 from .registry import Resolved
 from .schema import error_body, error_status
@@ -102,14 +102,14 @@ def sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
 
 
 async def _generations(
-    engine: Engine, jobs: Sequence[Job]
+    engine: Backend, jobs: Sequence[Job]
 ) -> AsyncIterator[tuple[int, str | Completion]]:
     """(index, text delta) as tokens arrive and (index, Completion) as each job ends."""
     events: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
     tasks = []
     for i, job in enumerate(jobs):
         task = asyncio.ensure_future(
-            engine.generate(job, on_text=lambda delta, i=i: events.put_nowait((i, delta)))
+            engine.generate(replace(job, on_text=lambda delta, i=i: events.put_nowait((i, delta))))
         )
         task.add_done_callback(lambda t, i=i: events.put_nowait((i, t)))
         tasks.append(task)
@@ -143,7 +143,7 @@ async def _guarded(
 
 
 def chat_chunks(
-    engine: Engine, job: Job, meta: Meta, include_usage: bool
+    engine: Backend, job: Job, meta: Meta, include_usage: bool
 ) -> AsyncIterator[dict[str, Any]]:
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {
@@ -169,7 +169,7 @@ def chat_chunks(
 
 
 def completion_chunks(
-    engine: Engine, jobs: Sequence[Job], meta: Meta, include_usage: bool
+    engine: Backend, jobs: Sequence[Job], meta: Meta, include_usage: bool
 ) -> AsyncIterator[dict[str, Any]]:
     def chunk(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
         return {

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ifsteer.chat import prompt_ids, render_chat
 from ifsteer.errors import InvalidSteering
 from ifsteer.models import LoadedModel
 from ifsteer.steering import Steering, steer
@@ -62,7 +61,7 @@ class Tokens:
 
 
 def tokens_of(lm: LoadedModel, example: Example, max_target: int) -> Tokens:
-    prompt = prompt_ids(lm.tokenizer, render_chat(lm.tokenizer, [("user", example.prompt)]))
+    prompt = list(lm.render(example.prompt).ids)
 
     def answer(text: str, finished: bool) -> list[int]:
         ids = list(lm.tokenizer(text, add_special_tokens=False).input_ids)[:max_target]

@@ -1,4 +1,4 @@
-"""The front end of the vLLM adapter: an `ifsteer.backends.Engine` over vLLM's `AsyncLLM`.
+"""The front end of the vLLM adapter: an `ifsteer.backends.Backend` over vLLM's `AsyncLLM`.
 
 The HTTP face (`ifsteer.server.build_app`) parses requests and resolves their `steering` with
 the same code for every engine; this engine then
@@ -29,11 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ifsteer.backends import Job, OnText
-from ifsteer.chat import prompt_ids, stop_token_ids
+from ifsteer.chat import stop_token_ids
 from ifsteer.errors import IfsteerError, InvalidSteering
-from ifsteer.generation import Completion, Sampling
 from ifsteer.instructions import Instruction
+from ifsteer.jobs import Completion, Job, Sampling
 from ifsteer.models import LoadedModel
 from ifsteer.steering import Steering
 from ifsteer.vectors import SteeringVector
@@ -187,7 +186,7 @@ class VLLMEngine:
                 self._registered.update(new)
                 self._stats["registered_vectors"] = len(self._registered)
 
-    async def generate(self, job: Job, on_text: OnText | None = None) -> Completion:
+    async def generate(self, job: Job) -> Completion:
         from vllm.sampling_params import RequestOutputKind
 
         if self._llm is None:
@@ -197,7 +196,7 @@ class VLLMEngine:
         params = sampling_params(
             job.sampling, job.steering, self._stop, output_kind=RequestOutputKind.DELTA
         )
-        ids = prompt_ids(self.tokenizer, job.prompt)
+        ids = job.ids
         prompt = steered_prompt(ids, job.steering)
         pieces: list[str] = []
         n_tokens, last_token, finish = 0, None, None
@@ -205,8 +204,8 @@ class VLLMEngine:
             choice = output.outputs[0]
             if choice.text:
                 pieces.append(choice.text)
-                if on_text is not None:
-                    on_text(choice.text)
+                if job.on_text is not None:
+                    job.on_text(choice.text)
             n_tokens += len(choice.token_ids)
             if choice.token_ids:
                 last_token = choice.token_ids[-1]

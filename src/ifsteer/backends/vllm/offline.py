@@ -1,6 +1,6 @@
 """vLLM for the runners: `ifsteer eval` and `ifsteer sweep` on vLLM, with the same code.
 
-`run_evaluation` and `calibration.sweeps` drive a job queue (`ifsteer.engine.JobQueue`:
+`run_evaluation` and `calibration.sweeps` drive a job queue (`ifsteer.jobs.JobQueue`:
 `submit(Job)`, `step()`, `busy`, `run()`); `OfflineVLLM.queue` is a factory for one on an
 offline vLLM engine (`vllm.LLMEngine`, no event loop), steered per request by the machinery
 the server uses: vectors registered once on every worker, `SamplingParams.extra_args`,
@@ -8,20 +8,19 @@ the server uses: vectors registered once on every worker, `SamplingParams.extra_
 
 What a `Job` asks for, and what vLLM does with it:
 
-- `prompt`, `formatted`: tokenized here by the HF tokenizer exactly as the HF engine does
-  (`engine.job_token_ids`), and handed to vLLM as tokens.
-- `steering`: checked against the model as the HF engine checks it (`check_steering`).
-- `sampling`: greedy rows give the HF engine's tokens (up to float differences between the
+- `ids`: handed to vLLM as they are (the runners rendered them, once, for every backend).
+- `steering`: checked against the model as the HF batcher checks it (`jobs.check_job`).
+- `sampling`: greedy rows give the HF batcher's tokens (up to float differences between the
   two kernels); sampled rows draw from vLLM's per-request generator (seeded by `seed`), so
-  they follow the same distribution but not the HF engine's draws.
+  they follow the same distribution but not the HF batcher's draws.
 - `decided`: vLLM knows no predicate, so the queue reads every new token, asks `decided` as
-  the HF engine does (text decoded by the same tokenizer, never half a character), and on
+  the HF batcher does (text decoded by the same tokenizer, never half a character), and on
   True ends the row there (`finish_reason="decided"`) and aborts its vLLM request. Tokens
   vLLM made past that point before the abort arrived are dropped: the completion, and so the
-  verdict, is the one the HF engine gives; only their compute is lost.
-- `on_text`, `on_done`: called on the thread that steps the queue, as with the HF engine.
+  verdict, is the one the HF batcher gives; only their compute is lost.
+- `on_text`, `on_done`: called on the thread that steps the queue, as with the HF batcher.
 
-Not shared: identical jobs are generated twice (the HF engine decodes them once); vLLM's
+Not shared: identical jobs are generated twice (the HF batcher decodes them once); vLLM's
 prefix cache still shares their prompt's KV. vLLM is imported inside functions only.
 """
 
@@ -33,11 +32,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ifsteer.engine import Job, drain, job_token_ids
 from ifsteer.errors import IfsteerError, InvalidSteering
-from ifsteer.generation import Completion
+from ifsteer.jobs import Completion, Job, check_job, drain
 from ifsteer.models import LoadedModel
-from ifsteer.steering import check_steering
 from ifsteer.vectors import SteeringVector
 
 from .engine import (
@@ -110,11 +107,11 @@ class OfflineVLLM:
         max_tokens: int = 0,
         allow_transfer: bool = False,
     ) -> VLLMQueue:
-        """An `ifsteer.engine.EngineFactory`: a job queue on this engine for one run.
+        """An `ifsteer.jobs.QueueFactory`: a job queue on this engine for one run.
 
         `lm` is the side model (or another copy of the same weights under the same id);
         `batch_size` caps the requests in vLLM at once (None: vLLM's own `max_num_seqs`);
-        `max_tokens`, the HF engine's sizing hint, is not needed (vLLM sizes its KV cache at
+        `max_tokens`, the HF batcher's sizing hint, is not needed (vLLM sizes its KV cache at
         start; a job longer than `max_model_len` is refused at `submit`)."""
         if self._llm is None:
             raise IfsteerError("the vLLM engine is not started")
@@ -137,7 +134,7 @@ class OfflineVLLM:
 
 @dataclass(eq=False)
 class _Request:
-    """A submitted job, and its answer so far as the HF engine would hold it."""
+    """A submitted job, and its answer so far as the HF batcher would hold it."""
 
     job: Job
     ids: list[int]
@@ -175,11 +172,9 @@ class VLLMQueue:
 
     def submit(self, job: Job) -> int:
         """Queue a job and return its id; bad steering or sampling is refused here, at once."""
-        check_steering(self._lm, job.steering, allow_transfer=self._allow_transfer)
+        check_job(self._lm, job, allow_transfer=self._allow_transfer)
         check_request_slots(job.steering)
-        if job.sampling.max_new_tokens < 1:
-            raise InvalidSteering("max_new_tokens must be at least 1")
-        ids = job_token_ids(self._lm, job)
+        ids = list(job.ids)
         if self._limit is not None and len(ids) + job.sampling.max_new_tokens > self._limit:
             raise InvalidSteering(
                 f"a prompt of {len(ids)} tokens plus {job.sampling.max_new_tokens} new ones "
@@ -234,7 +229,7 @@ class VLLMQueue:
         return drain(self, progress)
 
     def _advance(self, request: _Request, token: int) -> bool:
-        """One new token, taken as the HF engine takes it (`Engine._advance`); True when the
+        """One new token, taken as the HF batcher takes it (`Batcher._advance`); True when the
         row has ended."""
         sampling, job = request.job.sampling, request.job
         if token in self._stop and not sampling.ignore_eos:

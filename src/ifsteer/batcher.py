@@ -1,4 +1,4 @@
-"""Continuous batching: one queue of generation jobs, each row with its own steering.
+"""The continuous batcher: one queue of jobs, each row with its own steering.
 
 A static batch keeps finished rows until its longest row ends, and a batch of 8 leaves most of
 a CPU idle. Here a row leaves the batch as soon as it stops (end of turn, `max_new_tokens`, or
@@ -13,29 +13,28 @@ widened on the left first if the prompts are wider). A free slot waits for the n
 decoding a masked pad token meanwhile; once no job waits, free slots are given up. Columns that
 are padding for every row are cut off. No layer keeps a sliding window of its own: sliding
 windows are applied by the model's mask over cache columns, which stay contiguous per row, so
-Gemma 2/3 need nothing special.
+Gemma 2/3 need nothing special. Jobs that must give the same tokens share a row (`sharing`).
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 from transformers import DynamicCache
 
 from ifsteer.batching import auto_batch_size
 from ifsteer.errors import InvalidSteering
+from ifsteer.jobs import Completion, Job, check_job, drain
 from ifsteer.models import LoadedModel
-from ifsteer.slots import SlotCache, filled_layers
-from ifsteer.steering import Steering, check_steering, steer
+from ifsteer.sampling import Sampling, draw, generator_for
+from ifsteer.sharing import Ticket, job_key, prompt_key
+from ifsteer.slots import SlotCache
+from ifsteer.steering import Steering, steer
+from ifsteer.transformers_compat import cache_argument, select_rows
 
-# True once a job's answer can no longer change its check's verdict; the row then stops early.
-Decider = Callable[[str], bool]
-OnDelta = Callable[[str], None]
 # How far ahead of the queue's head a joining group may look for rows of a similar length.
 _BUCKET_WINDOW = 4
 # Cost is bounded by tokens, not rows: a step prefills at most PREFILL_TOKENS (rows × padded
@@ -46,103 +45,6 @@ PREFILL_TOKENS = 8192
 PREFILL_CHUNK = 512
 
 
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    # "stop" (end of turn), "length" (max_new_tokens reached) or "decided" (its decider said so)
-    finish_reason: str
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Decoding settings; temperature 0 means greedy."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = False  # always generate max_new_tokens, as benchmarks need
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= 0.0
-
-
-@dataclass(frozen=True, eq=False)
-class Job:
-    """One completion to make. `formatted` wraps the prompt in the chat template (or `Q: ...`);
-    a prompt given as token ids is read as those ids (`chat.Prompt.ids`).
-
-    `on_text` receives the answer's new text as it grows, `on_done` the finished completion;
-    both run on the thread that drives the engine.
-    """
-
-    prompt: str | tuple[int, ...]
-    steering: Sequence[Steering] = ()
-    sampling: Sampling = Sampling()
-    formatted: bool = True
-    decided: Decider | None = None
-    on_text: OnDelta | None = None
-    on_done: Callable[[Completion], None] | None = None
-
-
-class JobQueue(Protocol):
-    """What the runners drive (`run_evaluation`, `calibration.sweeps`): jobs in, completions
-    out. `Engine` is one; `backends.vllm.OfflineVLLM.queue` gives another, on vLLM."""
-
-    @property
-    def busy(self) -> bool: ...
-
-    def submit(self, job: Job) -> int: ...
-
-    def step(self) -> list[tuple[int, Completion]]: ...
-
-    def run(self, progress: Callable[[int], None] | None = None) -> dict[int, Completion]: ...
-
-
-class EngineFactory(Protocol):
-    """How a runner gets its queue for `lm`: `Engine` itself (the default), or a factory that
-    hands the runner another backend's queue. `max_tokens` (longest prompt + answer) sizes the
-    batch; `allow_transfer` accepts vectors of another model of the same hidden size."""
-
-    def __call__(
-        self, lm: LoadedModel, *, batch_size: int | None, max_tokens: int, allow_transfer: bool
-    ) -> JobQueue: ...
-
-
-def drain(queue: JobQueue, progress: Callable[[int], None] | None = None) -> dict[int, Completion]:
-    """Step `queue` until it is empty; completions by job id, `progress(n)` as n finish."""
-    done: dict[int, Completion] = {}
-    while queue.busy:
-        finished = queue.step()
-        done.update(finished)
-        if progress is not None and finished:
-            progress(len(finished))
-    return done
-
-
-def job_token_ids(lm: LoadedModel, job: Job) -> list[int]:
-    """The tokens a job's prompt is read as, by every backend: chat template (or `Q: ...`)
-    when `formatted`, special tokens only where the template does not write them."""
-    if not isinstance(job.prompt, str):
-        return list(job.prompt)
-    text = lm.format_prompt(job.prompt) if job.formatted else job.prompt
-    add_special = not (job.formatted and lm.is_chat)
-    return list(lm.tokenizer(text, add_special_tokens=add_special).input_ids)
-
-
-@dataclass(eq=False)
-class _Ticket:
-    """A submitted job attached to a row; jobs that differ at most in their deciders share one
-    row, and a ticket whose decider fires leaves it with the answer so far."""
-
-    job_id: int
-    job: Job
-    sent: int = 0  # characters of the row's text already given to on_text
-
-
 @dataclass(eq=False)
 class _Row:
     key: Hashable | None  # None: never shared (unseeded sampling)
@@ -151,8 +53,8 @@ class _Row:
     steering: Sequence[Steering]
     sampling: Sampling
     generator: torch.Generator | None
-    tickets: list[_Ticket]
-    settled: list[tuple[_Ticket, Completion]] = field(default_factory=list)  # decided tickets
+    tickets: list[Ticket]
+    settled: list[tuple[Ticket, Completion]] = field(default_factory=list)  # decided tickets
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     pad: int = 0
@@ -163,18 +65,9 @@ class _Row:
         return any(t.job.on_text or t.job.decided for t in self.tickets)
 
 
-def cache_argument(model: torch.nn.Module) -> str:
-    """The name under which this model's forward takes its KV cache.
-
-    transformers renamed `past_key_values` to `cache` (5.2x); an unknown keyword is swallowed
-    by `**kwargs`, so passing the wrong one silently decodes every step without the cache.
-    """
-    parameters = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-class Engine:
-    """Decode submitted jobs together; `run()` drains the queue, `step()` advances one token.
+class Batcher:
+    """Decode submitted jobs together (a `jobs.JobQueue`); `run()` drains the queue, `step()`
+    advances one token.
 
     A server calls `submit` from request threads and `step` in one worker loop while `busy`;
     jobs report through their own `on_text` / `on_done`. Greedy rows give token for token what
@@ -224,13 +117,10 @@ class Engine:
 
     def submit(self, job: Job) -> int:
         """Queue a job and return its id; bad steering or sampling is refused here, at once."""
-        check_steering(self.lm, job.steering, allow_transfer=self.allow_transfer)
-        if job.sampling.max_new_tokens < 1:
-            raise InvalidSteering("max_new_tokens must be at least 1")
-        ids = job_token_ids(self.lm, job)
-        key = _job_key(ids, job)
+        check_job(self.lm, job, allow_transfer=self.allow_transfer)
+        key = job_key(job)
         with self._lock:
-            ticket = _Ticket(self._next_id, job)
+            ticket = Ticket(self._next_id, job)
             self._next_id += 1
             row = self._shared.get(key) if key is not None else None
             if row is not None and job.decided is not None and (row.tokens or row.finish):
@@ -239,15 +129,15 @@ class Engine:
                 row = None
             if row is not None:
                 row.tickets.append(ticket)
-                self._emit(row, ticket)
+                ticket.emit(row.text)
                 return ticket.job_id
             row = _Row(
                 key=key,
-                prompt_key=(tuple(ids), _steering_key(job.steering, prompt_phase=True)),
-                ids=ids,
+                prompt_key=prompt_key(job),
+                ids=list(job.ids),
                 steering=tuple(job.steering),
                 sampling=job.sampling,
-                generator=_generator(job.sampling, self.lm.device),
+                generator=generator_for(job.sampling, self.lm.device),
                 tickets=[ticket],
             )
             if key is not None:
@@ -346,7 +236,7 @@ class Engine:
             finally:
                 pin.remove()
         spread = torch.tensor([unique[r.prompt_key] for r in rows], device=device)
-        _select(cache, spread)
+        select_rows(cache, spread)
         for row in rows:
             row.pad = width - len(row.ids)
         self._join(cache, width, rows)
@@ -403,7 +293,9 @@ class Engine:
         """Append each row's next token and decide whether the row has ended."""
         greedy = logits.argmax(-1).tolist()
         for i, row in enumerate(rows):
-            token = greedy[i] if row.generator is None else _sample(logits[i], row)
+            token = (
+                greedy[i] if row.generator is None else draw(logits[i], row.sampling, row.generator)
+            )
             if token in self._stop and not row.sampling.ignore_eos:
                 row.finish = "stop"
                 continue
@@ -414,7 +306,7 @@ class Engine:
                     row.text = text
                     with self._lock:
                         for ticket in row.tickets:
-                            self._emit(row, ticket)
+                            ticket.emit(text)
                     self._settle(row, text)
             if row.finish is None and len(row.tokens) >= row.sampling.max_new_tokens:
                 row.finish = "length"
@@ -448,7 +340,7 @@ class Engine:
                 row.text = self.lm.tokenizer.decode(row.tokens, skip_special_tokens=True)
                 completion = Completion(row.text, len(row.ids), len(row.tokens), row.finish or "")
                 for ticket in row.tickets:
-                    self._emit(row, ticket)
+                    ticket.emit(row.text)
                     finished.append((ticket, completion))
         for ticket, completion in finished:
             if ticket.job.on_done is not None:
@@ -470,72 +362,9 @@ class Engine:
                 row.pad -= unused
 
     def _release_free(self) -> None:
-        """Give up free slots once no job waits to take them and they are a quarter of the
-        batch: each decodes for nothing, but giving them up copies the whole cache, which costs
-        about half a step (SmolLM2-135M, batch 64), so a few are kept rather than copied away
-        one by one as the batch drains."""
-        free = self._slots.count(None)
-        if self._waiting or self._cache is None or free < max(1, len(self._slots) // 4):
+        """Give up free slots once no job waits to take them: each would decode for nothing at
+        every step, while giving it up copies one row (`SlotCache.compact`)."""
+        if self._waiting or self._cache is None or None not in self._slots:
             return
         live = [i for i, r in enumerate(self._slots) if r is not None]
-        self._cache.select(live)
-        self._slots = [self._slots[i] for i in live]
-
-    @staticmethod
-    def _emit(row: _Row, ticket: _Ticket) -> None:
-        if ticket.job.on_text is not None and len(row.text) > ticket.sent:
-            delta, ticket.sent = row.text[ticket.sent :], len(row.text)
-            ticket.job.on_text(delta)
-
-
-def _steering_key(steering: Sequence[Steering], *, prompt_phase: bool = False) -> Hashable:
-    """Steerings compared by vector identity and settings (vectors hold tensors, not values)."""
-    return tuple(
-        (id(s.vector), s.effective_mode, s.effective_weight, s.positions)
-        for s in steering
-        if not prompt_phase or s.positions in ("all", "prompt")
-    )
-
-
-def _job_key(ids: list[int], job: Job) -> Hashable | None:
-    """Jobs with equal keys produce the same tokens, so they are decoded once."""
-    s = job.sampling
-    if not s.greedy and s.seed is None:
-        return None  # each unseeded sample is its own draw
-    sampling = (s.max_new_tokens, s.ignore_eos) if s.greedy else s
-    return (tuple(ids), _steering_key(job.steering), sampling)
-
-
-def _generator(sampling: Sampling, device: torch.device) -> torch.Generator | None:
-    if sampling.greedy:
-        return None
-    generator = torch.Generator(device=device)
-    if sampling.seed is None:
-        generator.seed()  # fresh entropy: no row shares a stream it did not ask for
-    else:
-        generator.manual_seed(sampling.seed)
-    return generator
-
-
-def _sample(logits: torch.Tensor, row: _Row) -> int:
-    """One draw for one row. It never raises: a distribution float32 cannot hold (a tiny
-    temperature overflows the logits to inf, and softmax gives NaN) falls back to the row's
-    greedy token, the limit of sampling as the temperature goes to 0, so one row's settings
-    cannot fail the step its neighbours decode in."""
-    probs = torch.softmax(logits.float() / row.sampling.temperature, dim=-1)
-    if row.sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest head whose mass reaches top_p, and always the top token (a top_p
-        # below float32's range rounds to 0, which would keep none).
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= row.sampling.top_p
-        outside[0] = False
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
-        return int(logits.argmax())
-    return int(torch.multinomial(probs, 1, generator=row.generator))
-
-
-def _select(cache: DynamicCache, rows: torch.Tensor) -> None:
-    for layer in filled_layers(cache):
-        layer.keys = layer.keys.index_select(0, rows)
-        layer.values = layer.values.index_select(0, rows)
+        self._slots = [self._slots[i] for i in self._cache.compact(live)]

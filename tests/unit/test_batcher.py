@@ -1,6 +1,6 @@
-"""The continuous-batching engine against Hugging Face `generate` run on one row at a time.
+"""The continuous batcher against Hugging Face `generate` run on one row at a time.
 
-The reference never goes through the engine: each row is generated alone, unpadded, by the
+The reference never goes through the batcher: each row is generated alone, unpadded, by the
 model's own `generate` under `steer`. Batches are kept small so rows leave and others join
 while earlier rows are still decoding.
 """
@@ -13,10 +13,12 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from ifsteer.engine import Engine, Job, Sampling, cache_argument
+from ifsteer.batcher import Batcher
 from ifsteer.errors import InvalidSteering, VectorMismatch
+from ifsteer.jobs import Job, Sampling
 from ifsteer.models import LoadedModel
 from ifsteer.steering import Steering, steer
+from ifsteer.transformers_compat import cache_argument
 from tests.conftest import make_tiny
 from tests.unit.test_models import CONFIGS
 from tests.unit.test_vectors import make_vector
@@ -33,7 +35,7 @@ LENGTHS = [9, 4, 12, 7, 10, 6]
 
 
 def alone(lm: LoadedModel, prompt: str, steering, max_new_tokens: int) -> list[int]:
-    """One row, no padding, through `model.generate`: what the engine must reproduce."""
+    """One row, no padding, through `model.generate`: what the batcher must reproduce."""
     batch = lm.encode([prompt])
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
@@ -72,10 +74,15 @@ def mixed_rows(model_id: str) -> list[list[Steering]]:
     ]
 
 
+def prompt_job(lm: LoadedModel, prompt: str, **settings) -> Job:
+    """A job for `prompt`, rendered as `generate` renders it."""
+    return Job(lm.render(prompt).ids, **settings)
+
+
 def run_jobs(lm: LoadedModel, jobs: list[Job], batch_size: int) -> list:
-    engine = Engine(lm, batch_size=batch_size)
-    ids = [engine.submit(job) for job in jobs]
-    done = engine.run()
+    batcher = Batcher(lm, batch_size=batch_size)
+    ids = [batcher.submit(job) for job in jobs]
+    done = batcher.run()
     return [done[i] for i in ids]
 
 
@@ -86,7 +93,7 @@ def test_every_row_matches_its_row_alone_while_rows_join_and_leave(
     lm = with_stop_token(make_tiny(CONFIGS[arch](), tiny_tokenizer, model_id=arch), monkeypatch)
     rows = mixed_rows(arch)
     jobs = [
-        Job(p, steering=r, sampling=Sampling(max_new_tokens=n))
+        prompt_job(lm, p, steering=r, sampling=Sampling(max_new_tokens=n))
         for p, r, n in zip(PROMPTS, rows, LENGTHS, strict=True)
     ]
     out = run_jobs(lm, jobs, batch_size=3)
@@ -108,8 +115,10 @@ def test_steering_changes_the_answer(tiny_lm):
     steered, plain = run_jobs(
         tiny_lm,
         [
-            Job(PROMPTS[0], steering=mixed_rows("tiny-llama")[0], sampling=sampling),
-            Job(PROMPTS[0], sampling=sampling),
+            prompt_job(
+                tiny_lm, PROMPTS[0], steering=mixed_rows("tiny-llama")[0], sampling=sampling
+            ),
+            prompt_job(tiny_lm, PROMPTS[0], sampling=sampling),
         ],
         batch_size=2,
     )
@@ -119,11 +128,14 @@ def test_steering_changes_the_answer(tiny_lm):
 def test_identical_jobs_are_decoded_once_and_streamed_to_each(tiny_lm):
     pieces: dict[int, list[str]] = {0: [], 1: [], 2: []}
     sampling = Sampling(max_new_tokens=8)
-    jobs = [Job(PROMPTS[1], sampling=sampling, on_text=pieces[k].append) for k in range(3)]
-    engine = Engine(tiny_lm, batch_size=4)
-    ids = [engine.submit(job) for job in jobs]
-    assert len(engine._waiting) == 1  # one row carries all three
-    done = engine.run()
+    jobs = [
+        prompt_job(tiny_lm, PROMPTS[1], sampling=sampling, on_text=pieces[k].append)
+        for k in range(3)
+    ]
+    batcher = Batcher(tiny_lm, batch_size=4)
+    ids = [batcher.submit(job) for job in jobs]
+    assert len(batcher._waiting) == 1  # one row carries all three
+    done = batcher.run()
     texts = {done[i].text for i in ids}
     assert len(texts) == 1 and all("".join(p) == done[ids[0]].text for p in pieces.values())
 
@@ -131,25 +143,28 @@ def test_identical_jobs_are_decoded_once_and_streamed_to_each(tiny_lm):
 def test_prompt_kv_is_shared_only_where_steering_spares_the_prompt(tiny_lm):
     v = make_vector(layer=1, mode="additive")
     rows = [[], [Steering(v, weight=5.0)], [Steering(v, weight=5.0, positions="generated")]]
-    jobs = [Job(PROMPTS[2], steering=r, sampling=Sampling(max_new_tokens=6)) for r in rows]
-    engine = Engine(tiny_lm, batch_size=3)
+    jobs = [
+        prompt_job(tiny_lm, PROMPTS[2], steering=r, sampling=Sampling(max_new_tokens=6))
+        for r in rows
+    ]
+    batcher = Batcher(tiny_lm, batch_size=3)
     for job in jobs:
-        engine.submit(job)
-    keys = {r.prompt_key for r in engine._waiting}
+        batcher.submit(job)
+    keys = {r.prompt_key for r in batcher._waiting}
     assert len(keys) == 2  # unsteered and generated-only read the prompt alike
-    done = engine.run()
+    done = batcher.run()
     assert [done[i].text for i in range(3)] == [
         tiny_lm.tokenizer.decode(alone(tiny_lm, PROMPTS[2], r, 6)) for r in rows
     ]
 
 
 def test_a_later_submission_joins_a_running_batch(tiny_lm):
-    engine = Engine(tiny_lm, batch_size=4)
-    first = engine.submit(Job(PROMPTS[1], sampling=Sampling(max_new_tokens=10)))
+    batcher = Batcher(tiny_lm, batch_size=4)
+    first = batcher.submit(prompt_job(tiny_lm, PROMPTS[1], sampling=Sampling(max_new_tokens=10)))
     for _ in range(3):
-        engine.step()
-    late = engine.submit(Job(PROMPTS[4], sampling=Sampling(max_new_tokens=5)))
-    done = engine.run()
+        batcher.step()
+    late = batcher.submit(prompt_job(tiny_lm, PROMPTS[4], sampling=Sampling(max_new_tokens=5)))
+    done = batcher.run()
     assert done[first].text == tiny_lm.tokenizer.decode(alone(tiny_lm, PROMPTS[1], [], 10))
     assert done[late].text == tiny_lm.tokenizer.decode(alone(tiny_lm, PROMPTS[4], [], 5))
 
@@ -164,7 +179,10 @@ def test_decided_rows_leave_early(tiny_lm):
     sampling = Sampling(max_new_tokens=20, ignore_eos=True)
     early, full = run_jobs(
         tiny_lm,
-        [Job(PROMPTS[0], sampling=sampling, decided=decided), Job(PROMPTS[0], sampling=sampling)],
+        [
+            prompt_job(tiny_lm, PROMPTS[0], sampling=sampling, decided=decided),
+            prompt_job(tiny_lm, PROMPTS[0], sampling=sampling),
+        ],
         2,
     )
     assert early.finish_reason == "decided" and early.completion_tokens < 20
@@ -174,15 +192,15 @@ def test_decided_rows_leave_early(tiny_lm):
 def test_jobs_that_differ_only_in_deciders_share_one_row(tiny_lm):
     sampling = Sampling(max_new_tokens=20, ignore_eos=True)
     jobs = [
-        Job(PROMPTS[0], sampling=sampling, decided=lambda text: len(text) >= 5),
-        Job(PROMPTS[0], sampling=sampling, decided=lambda text: len(text) >= 15),
-        Job(PROMPTS[0], sampling=sampling),
+        prompt_job(tiny_lm, PROMPTS[0], sampling=sampling, decided=lambda text: len(text) >= 5),
+        prompt_job(tiny_lm, PROMPTS[0], sampling=sampling, decided=lambda text: len(text) >= 15),
+        prompt_job(tiny_lm, PROMPTS[0], sampling=sampling),
     ]
-    engine = Engine(tiny_lm, batch_size=4)
-    ids = [engine.submit(job) for job in jobs]
-    engine.step()
-    assert engine.rows == 1
-    done = engine.run()
+    batcher = Batcher(tiny_lm, batch_size=4)
+    ids = [batcher.submit(job) for job in jobs]
+    batcher.step()
+    assert batcher.rows == 1
+    done = batcher.run()
     each_alone = [run_jobs(tiny_lm, [job], 1)[0] for job in jobs]
     assert [done[i] for i in ids] == each_alone
     assert [c.finish_reason for c in each_alone] == ["decided", "decided", "length"]
@@ -191,22 +209,26 @@ def test_jobs_that_differ_only_in_deciders_share_one_row(tiny_lm):
 
 def test_a_decider_job_does_not_join_a_row_already_decoding(tiny_lm):
     sampling = Sampling(max_new_tokens=20, ignore_eos=True)
-    engine = Engine(tiny_lm, batch_size=4)
-    full = engine.submit(Job(PROMPTS[0], sampling=sampling))
+    batcher = Batcher(tiny_lm, batch_size=4)
+    full = batcher.submit(prompt_job(tiny_lm, PROMPTS[0], sampling=sampling))
     for _ in range(12):
-        engine.step()
-    late_job = Job(PROMPTS[0], sampling=sampling, decided=lambda text: len(text) >= 5)
-    late = engine.submit(late_job)
-    engine.step()
-    assert engine.rows == 2  # sharing would hand it the 12 tokens already past its stop
-    done = engine.run()
+        batcher.step()
+    late_job = prompt_job(
+        tiny_lm, PROMPTS[0], sampling=sampling, decided=lambda text: len(text) >= 5
+    )
+    late = batcher.submit(late_job)
+    batcher.step()
+    assert batcher.rows == 2  # sharing would hand it the 12 tokens already past its stop
+    done = batcher.run()
     assert done[late] == run_jobs(tiny_lm, [late_job], 1)[0]
     assert done[full].completion_tokens == 20
 
 
 def test_sampled_rows_keep_their_own_stream(tiny_lm):
     def sampled(seed: int | None) -> Job:
-        return Job(PROMPTS[3], sampling=Sampling(max_new_tokens=10, temperature=1.0, seed=seed))
+        return prompt_job(
+            tiny_lm, PROMPTS[3], sampling=Sampling(max_new_tokens=10, temperature=1.0, seed=seed)
+        )
 
     solo = run_jobs(tiny_lm, [sampled(3)], 1)[0].text
     crowd = run_jobs(tiny_lm, [sampled(None), sampled(3), sampled(None), sampled(7)], 4)
@@ -220,48 +242,50 @@ def test_sampled_rows_keep_their_own_stream(tiny_lm):
 def test_progress_and_finish_callbacks(tiny_lm):
     ticks: list[int] = []
     finished = []
-    engine = Engine(tiny_lm, batch_size=2)
+    batcher = Batcher(tiny_lm, batch_size=2)
     for p, n in zip(PROMPTS[:3], (3, 5, 4), strict=True):
-        engine.submit(Job(p, sampling=Sampling(max_new_tokens=n), on_done=finished.append))
-    done = engine.run(progress=ticks.append)
+        batcher.submit(
+            prompt_job(tiny_lm, p, sampling=Sampling(max_new_tokens=n), on_done=finished.append)
+        )
+    done = batcher.run(progress=ticks.append)
     assert sum(ticks) == 3 and sorted(c.text for c in finished) == sorted(
         c.text for c in done.values()
     )
 
 
 def test_bad_jobs_are_refused_at_submit(tiny_lm):
-    engine = Engine(tiny_lm, batch_size=2)
+    batcher = Batcher(tiny_lm, batch_size=2)
     with pytest.raises(VectorMismatch, match="hidden size 32"):
-        engine.submit(Job("hi", steering=[Steering(make_vector(hidden=32))]))
+        batcher.submit(prompt_job(tiny_lm, "hi", steering=[Steering(make_vector(hidden=32))]))
     with pytest.raises(InvalidSteering, match="max_new_tokens must be at least 1"):
-        engine.submit(Job("hi", sampling=Sampling(max_new_tokens=0)))
+        batcher.submit(prompt_job(tiny_lm, "hi", sampling=Sampling(max_new_tokens=0)))
     with pytest.raises(InvalidSteering, match="batch_size must be at least 1"):
-        Engine(tiny_lm, batch_size=0)
-    assert not engine.busy
+        Batcher(tiny_lm, batch_size=0)
+    assert not batcher.busy
 
 
 def test_a_cancelled_job_reports_nothing_and_frees_its_row(tiny_lm):
-    engine = Engine(tiny_lm, batch_size=2)
+    batcher = Batcher(tiny_lm, batch_size=2)
     sampling = Sampling(max_new_tokens=12, ignore_eos=True)
-    kept = engine.submit(Job(PROMPTS[0], sampling=sampling))
-    gone = engine.submit(Job(PROMPTS[1], sampling=sampling))
-    queued = engine.submit(Job(PROMPTS[2], sampling=sampling))
-    engine.step()
-    assert engine.cancel(gone) and engine.cancel(queued) and not engine.cancel(99)
-    finished = engine.step()  # the cancelled row leaves here, unreported
-    assert finished == [] and len(engine._active) == 1
-    done = {**dict(finished), **engine.run()}
+    kept = batcher.submit(prompt_job(tiny_lm, PROMPTS[0], sampling=sampling))
+    gone = batcher.submit(prompt_job(tiny_lm, PROMPTS[1], sampling=sampling))
+    queued = batcher.submit(prompt_job(tiny_lm, PROMPTS[2], sampling=sampling))
+    batcher.step()
+    assert batcher.cancel(gone) and batcher.cancel(queued) and not batcher.cancel(99)
+    finished = batcher.step()  # the cancelled row leaves here, unreported
+    assert finished == [] and len(batcher._active) == 1
+    done = {**dict(finished), **batcher.run()}
     assert set(done) == {kept}
     assert done[kept].text == tiny_lm.tokenizer.decode(alone(tiny_lm, PROMPTS[0], [], 12))
 
 
 def test_joining_rows_are_bucketed_by_length(tiny_lm):
-    engine = Engine(tiny_lm, batch_size=2)
+    batcher = Batcher(tiny_lm, batch_size=2)
     for prompt in (PROMPTS[1], PROMPTS[4], PROMPTS[3], PROMPTS[0]):  # long, short, long, short
-        engine.submit(Job(prompt))
-    first = engine._pick_joining()
+        batcher.submit(prompt_job(tiny_lm, prompt))
+    first = batcher._pick_joining()
     lengths = [len(r.ids) for r in first]
-    left = [len(r.ids) for r in engine._waiting]
+    left = [len(r.ids) for r in batcher._waiting]
     assert min(lengths) > max(left)  # the two long prompts join together, the short ones wait
 
 
@@ -278,10 +302,12 @@ def test_a_row_float32_cannot_sample_falls_back_to_greedy_and_spares_its_neighbo
 ):
     """Issue 17 §2.2: a temperature that overflows the logits (NaN after softmax) or a top_p
     that rounds to 0 in float32 once failed the whole step; the server refuses them, and the
-    engine, which the runners drive without the server, decodes such a row greedily."""
-    greedy = [Job(p, sampling=Sampling(max_new_tokens=6)) for p in PROMPTS[:4]]
+    batcher, which the runners drive without the server, decodes such a row greedily."""
+    greedy = [prompt_job(tiny_lm, p, sampling=Sampling(max_new_tokens=6)) for p in PROMPTS[:4]]
     expected = run_jobs(tiny_lm, greedy, 4)
-    out = run_jobs(tiny_lm, [*greedy[:2], Job(PROMPTS[0], sampling=degenerate), *greedy[2:]], 5)
+    out = run_jobs(
+        tiny_lm, [*greedy[:2], prompt_job(tiny_lm, PROMPTS[0], sampling=degenerate), *greedy[2:]], 5
+    )
     assert [c.text for c in out[:2] + out[3:]] == [c.text for c in expected]
     assert out[2].text == expected[0].text  # its limit as the temperature goes to 0
 
@@ -295,30 +321,30 @@ def test_a_prompt_prefilled_in_chunks_reads_as_in_one_forward(arch, tiny_tokeniz
     lm = with_stop_token(make_tiny(CONFIGS[arch](), tiny_tokenizer, model_id=arch), monkeypatch)
     rows = mixed_rows(arch)
     jobs = [
-        Job(p, steering=r, sampling=Sampling(max_new_tokens=n))
+        prompt_job(lm, p, steering=r, sampling=Sampling(max_new_tokens=n))
         for p, r, n in zip(PROMPTS, rows, LENGTHS, strict=True)
     ]
-    engine = Engine(lm, batch_size=3, prefill_chunk=5)
-    ids = [engine.submit(job) for job in jobs]
-    done = engine.run()
+    batcher = Batcher(lm, batch_size=3, prefill_chunk=5)
+    ids = [batcher.submit(job) for job in jobs]
+    done = batcher.run()
     expected = [alone(lm, p, r, n) for p, r, n in zip(PROMPTS, rows, LENGTHS, strict=True)]
     assert [done[i].text for i in ids] == [lm.tokenizer.decode(e) for e in expected]
 
 
 def test_a_step_prefills_a_bounded_number_of_tokens(tiny_lm):
-    engine = Engine(tiny_lm, batch_size=8, prefill_tokens=100)
+    batcher = Batcher(tiny_lm, batch_size=8, prefill_tokens=100)
     for prompt in PROMPTS:
-        engine.submit(Job(prompt))
-    widths = [len(r.ids) for r in engine._waiting]
+        batcher.submit(prompt_job(tiny_lm, prompt))
+    widths = [len(r.ids) for r in batcher._waiting]
     assert max(widths) <= 100 < sum(widths)  # the premise: all would fit the batch, not the budget
-    first = engine._pick_joining()
+    first = batcher._pick_joining()
     assert len(first) * max(len(r.ids) for r in first) <= 100
-    alone_too_wide = Engine(tiny_lm, batch_size=8, prefill_tokens=1)
-    alone_too_wide.submit(Job(PROMPTS[1]))
-    alone_too_wide.submit(Job(PROMPTS[0]))
+    alone_too_wide = Batcher(tiny_lm, batch_size=8, prefill_tokens=1)
+    alone_too_wide.submit(prompt_job(tiny_lm, PROMPTS[1]))
+    alone_too_wide.submit(prompt_job(tiny_lm, PROMPTS[0]))
     assert len(alone_too_wide._pick_joining()) == 1  # the head joins however long it is
-    bounded = Engine(tiny_lm, batch_size=8, prefill_tokens=100)
-    jobs = [Job(p, sampling=Sampling(max_new_tokens=4)) for p in PROMPTS]
+    bounded = Batcher(tiny_lm, batch_size=8, prefill_tokens=100)
+    jobs = [prompt_job(tiny_lm, p, sampling=Sampling(max_new_tokens=4)) for p in PROMPTS]
     ids = [bounded.submit(job) for job in jobs]
     done = bounded.run()
     assert [done[i].text for i in ids] == [c.text for c in run_jobs(tiny_lm, jobs, 8)]

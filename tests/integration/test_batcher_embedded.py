@@ -1,15 +1,16 @@
-"""The engine on the embedded model: every row as it is alone, while rows join and leave."""
+"""The batcher on the embedded model: every row as it is alone, while rows join and leave."""
 
 from __future__ import annotations
 
 import pytest
 
-from ifsteer.engine import Engine, Job, Sampling
+from ifsteer.batcher import Batcher
 from ifsteer.instructions import get_instruction
+from ifsteer.jobs import Job, Sampling
 from ifsteer.steering import Steering
 from ifsteer.vectors import extract_instruction
 from tests.integration.conftest import requires_smollm2
-from tests.unit.test_engine import alone
+from tests.unit.test_batcher import alone
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +25,7 @@ LENGTHS = [12, 16, 12, 8, 10]
 
 
 @requires_smollm2
-def test_engine_rows_equal_hf_generate_alone(smollm2):
+def test_batcher_rows_equal_hf_generate_alone(smollm2):
     vector = extract_instruction(
         smollm2, get_instruction("change_case:english_lowercase"), [10], n_pairs=4
     )[10]
@@ -35,12 +36,12 @@ def test_engine_rows_equal_hf_generate_alone(smollm2):
         [],
         [Steering(vector, weight=3.0)],
     ]
-    engine = Engine(smollm2, batch_size=2)
+    batcher = Batcher(smollm2, batch_size=2)
     ids = [
-        engine.submit(Job(p, steering=r, sampling=Sampling(max_new_tokens=n)))
+        batcher.submit(Job(smollm2.render(p).ids, steering=r, sampling=Sampling(max_new_tokens=n)))
         for p, r, n in zip(PROMPTS, rows, LENGTHS, strict=True)
     ]
-    done = engine.run()
+    done = batcher.run()
     expected = [
         smollm2.tokenizer.decode(alone(smollm2, p, r, n), skip_special_tokens=True)
         for p, r, n in zip(PROMPTS, rows, LENGTHS, strict=True)

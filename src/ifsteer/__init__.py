@@ -23,7 +23,7 @@ _EXPORTS = {
     "Row": "rows",
     "load_rows": "rows",
     "prepare_rows": "rows",
-    "split_rows": "rows",
+    "split_rows": "splits",
     "SteeringVector": "vectors",
     "VectorFile": "vectors",
     "extract_instruction": "vectors",

@@ -15,8 +15,8 @@ from ifsteer.rows import (
     load_rows,
     prepare_rows,
     sentence_limit,
-    split_rows,
 )
+from ifsteer.splits import split_rows
 from tests.unit.test_evaluation import DATA, LOWER, NO_COMMA, ifeval_row, write_jsonl
 
 # --- loading and preparing --------------------------------------------------------------------

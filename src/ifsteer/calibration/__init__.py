@@ -28,7 +28,7 @@ higher accuracy and the simpler point.
   instruction; `scoring`: how a search point steers (`steerings_for`) and how its answers
   are checked, judged and scored.
 
-Validation rows are the caller's (`ifsteer.rows.split_rows` sets some aside). Only rows every
+Validation rows are the caller's (`ifsteer.splits.split_rows` sets some aside). Only rows every
 one of whose instructions a vector steers can calibrate (`Row.fully_served`). Figures of a
 sweep are the report's (`ifsteer.report.plot_sweep`).
 """

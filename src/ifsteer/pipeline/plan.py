@@ -17,8 +17,9 @@ from ifsteer.deciders import row_failure
 from ifsteer.errors import IfsteerError
 from ifsteer.instructions import get_instruction
 from ifsteer.models import LoadedModel
-from ifsteer.rows import SETTINGS, Row, Split, by_group, held_out_split, load_rows
+from ifsteer.rows import SETTINGS, Row, by_group, load_rows
 from ifsteer.rundir import SPLIT, SWEEPS, sweep_path, vector_path
+from ifsteer.splits import Split, held_out_split
 from ifsteer.validation import validation_rows
 
 __all__ = [

@@ -36,14 +36,6 @@ LossOption = Annotated[
 ]
 
 
-def check_loss(loss: str) -> None:
-    """Before the model loads: a typo costs a second, not a minute."""
-    from ifsteer.training.objective import LOSSES
-
-    if loss not in LOSSES:
-        raise InvalidSteering(f"unknown loss {loss!r}; choose {' or '.join(LOSSES)}")
-
-
 @app.command()
 def train(
     out_path: Annotated[Path, typer.Option("--out", "-o", help="Vector file to write.")],
@@ -78,12 +70,13 @@ def train(
     from ifsteer.progress import progress_bar
     from ifsteer.training import ANSWER_TOKENS, TrainConfig, train_vectors
     from ifsteer.training.data import distilled_examples, rule_examples, unsteered_answers
+    from ifsteer.training.objective import check_loss
     from ifsteer.validation import extraction_queries
     from ifsteer.vectors import save_vectors
 
     if (instruction is None) == (instruction_id is None):
         raise InvalidSteering("give exactly one of --instruction-id and --instruction")
-    check_loss(loss)
+    check_loss(loss)  # before the model loads: a typo costs a second, not a minute
     if targets not in ("rule", "distill", "auto"):
         raise InvalidSteering(f"unknown --targets {targets!r}; choose rule, distill or auto")
     if min(steps, batch_size, max_target_tokens) < 1 or not lr > 0 or not max_norm_ratio > 0:
@@ -180,6 +173,7 @@ def vectors_build(
     from ifsteer.shipped import shipped_dir
     from ifsteer.shipped.build import GROUPS, Builder
     from ifsteer.training import TrainConfig
+    from ifsteer.training.objective import check_loss
 
     check_loss(train_loss)
     if min(train_steps, train_max_target_tokens) < 1 or not train_lr > 0:

@@ -31,6 +31,7 @@ __all__ = [
     "Objective",
     "Tokens",
     "batch",
+    "check_loss",
     "pair_log_probs",
     "pairs",
     "preference_loss",
@@ -39,6 +40,12 @@ __all__ = [
 ]
 
 LOSSES = ("likelihood", "preference")
+
+
+def check_loss(loss: str) -> None:
+    """The one check of a loss name: training runs it, and the CLI before any model loads."""
+    if loss not in LOSSES:
+        raise InvalidSteering(f"unknown loss {loss!r}; choose {' or '.join(LOSSES)}")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from ifsteer.errors import InvalidSteering
 from ifsteer.instructions import Instruction
 from ifsteer.models import LoadedModel
 from ifsteer.steering import Steering
-from ifsteer.training.objective import LOSSES, Example, Objective, batch, tokens_of
+from ifsteer.training.objective import Example, Objective, batch, check_loss, tokens_of
 from ifsteer.vectors import SteeringVector
 
 __all__ = ["Example", "TrainConfig", "Trained", "train_vectors"]
@@ -117,8 +117,7 @@ def train_vectors(
             )
     if len(examples) < 4:
         raise InvalidSteering(f"{len(examples)} training examples: need at least 4")
-    if config.loss not in LOSSES:
-        raise InvalidSteering(f"unknown loss {config.loss!r}; choose {' or '.join(LOSSES)}")
+    check_loss(config.loss)
     if config.loss == "preference" and not any(e.rejected is not None for e in examples):
         raise InvalidSteering(
             "the preference loss needs examples with a rejected answer (rule targets)"

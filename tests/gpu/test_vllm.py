@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 import warnings
+from typing import Any
 
 import pytest
 
@@ -187,26 +188,7 @@ def test_concurrent_mixed_requests_equal_each_sent_alone(served):
     ]
     alone = [_chat(url, model, p, s) for p, s in requests]
 
-    async def burst() -> list[str]:
-        async with httpx.AsyncClient(base_url=url, timeout=300) as c:
-            responses = await asyncio.gather(
-                *(
-                    c.post(
-                        "/v1/chat/completions",
-                        json={
-                            "model": model,
-                            "messages": [{"role": "user", "content": p}],
-                            "max_tokens": TOKENS,
-                            "temperature": 0,
-                            **({"steering": s} if s else {}),
-                        },
-                    )
-                    for p, s in requests
-                )
-            )
-        return [r.json()["choices"][0]["message"]["content"] for r in responses]
-
-    assert asyncio.run(burst()) == alone
+    assert asyncio.run(_burst(url, model, requests)) == alone
 
 
 def test_bad_steering_is_refused_by_the_shared_parser(served):
@@ -238,27 +220,30 @@ def test_graph_replayed_steering_agrees_with_the_eager_engine(served, hf, eager)
         job = Job(rendered.ids, steering, Sampling(max_new_tokens=TOKENS))
         return (await reference.generate(job)).text
 
-    async def burst() -> list[str]:
-        async with httpx.AsyncClient(base_url=url, timeout=300) as c:
-            responses = await asyncio.gather(
-                *(
-                    c.post(
-                        "/v1/chat/completions",
-                        json={
-                            "model": model,
-                            "messages": [{"role": "user", "content": p}],
-                            "max_tokens": TOKENS,
-                            "temperature": 0,
-                            **({"steering": [{"vector": n}]} if n else {}),
-                        },
-                    )
-                    for p, n in requests
-                )
-            )
-        return [r.json()["choices"][0]["message"]["content"] for r in responses]
-
     expected = [loop.run_until_complete(alone(p, n)) for p, n in requests]
-    graphed = asyncio.run(burst())
+    steered = [(p, [{"vector": n}] if n else None) for p, n in requests]
+    graphed = asyncio.run(_burst(url, model, steered))
     agree = sum(a == b for a, b in zip(graphed, expected, strict=True))
     assert agree >= 10, list(zip(graphed, expected, strict=True))
     assert len(set(expected)) >= 8  # the steerings really differ
+
+
+async def _burst(url: str, model: str, requests: list[tuple[str, Any]]) -> list[str]:
+    """Every (prompt, steering or None) sent at once to the server, greedy; the answers."""
+    async with httpx.AsyncClient(base_url=url, timeout=300) as c:
+        responses = await asyncio.gather(
+            *(
+                c.post(
+                    "/v1/chat/completions",
+                    json={
+                        "model": model,
+                        "messages": [{"role": "user", "content": p}],
+                        "max_tokens": TOKENS,
+                        "temperature": 0,
+                        **({"steering": s} if s else {}),
+                    },
+                )
+                for p, s in requests
+            )
+        )
+    return [r.json()["choices"][0]["message"]["content"] for r in responses]

@@ -17,7 +17,7 @@ from ifsteer.shipped import read_calibrated, write_calibrated
 from ifsteer.steering import Steering
 from ifsteer.training import Example, TrainConfig, compete, objective, train_vectors
 from ifsteer.training import train as training
-from ifsteer.vectors import load_vectors, save_vectors
+from ifsteer.vectors import extract_instruction, load_vectors, save_vectors
 from tests.conftest import make_tiny, tiny_llama_config
 
 LOWERCASE = get_instruction("change_case:english_lowercase")
@@ -156,7 +156,6 @@ def test_the_competition_ships_the_trained_vector_only_where_it_scores_higher(
     trained vector wins, then a rerun skips the decided instruction."""
     from ifsteer.calibration import scoring
     from ifsteer.generation import Sampling
-    from ifsteer.vectors import extract_instruction
 
     competing = sys.modules["ifsteer.training.compete"]
 
@@ -214,7 +213,6 @@ def test_a_lost_competition_is_retried_only_under_another_training_configuration
     configuration is then skipped, another one trains again and keeps the first round."""
     competing = sys.modules["ifsteer.training.compete"]
     from ifsteer.generation import Sampling
-    from ifsteer.vectors import extract_instruction
 
     paper = extract_instruction(lm, LOWERCASE, [1], n_pairs=4)
     shipped = tmp_path / "shipped.safetensors"
@@ -238,6 +236,31 @@ def test_a_lost_competition_is_retried_only_under_another_training_configuration
     assert competition["config"]["steps"] == 3
     assert [r["config"]["steps"] for r in competition["earlier"]] == [config().steps]
     assert len(list((tmp_path / "work" / "trained").glob("*.safetensors"))) == 2
+
+
+def test_an_instruction_without_enough_training_examples_keeps_its_vector_and_the_build_goes_on(
+    lm, tmp_path, monkeypatch
+):
+    """A language the model never answers in gives distillation nothing: the competition is
+    recorded as held under this configuration (no training, the paper's vector kept), not an
+    error that would stop a build of every other instruction."""
+    competing = sys.modules["ifsteer.training.compete"]
+    paper = extract_instruction(lm, LOWERCASE, [1], n_pairs=4)
+    shipped = tmp_path / "shipped.safetensors"
+    point = Point((1,), "projection", 1.0)
+    record = {"status": "searched", "recommended": True, "point": point.key,
+              "validation": {"score": 0.2}}  # fmt: skip
+    write_calibrated(shipped, steerings_for(point, paper), record)
+    monkeypatch.setattr(competing, "training_examples", lambda *a, **k: examples()[:3])
+    contest = compete(lm, LOWERCASE.id, shipped, tmp_path / "work", config())
+    assert contest is not None and contest.trained is None
+    assert contest.winner == "mean_difference" and contest.examples == 3
+    assert "3 training examples" in contest.summary()
+    kept = read_calibrated(shipped)
+    assert torch.equal(kept.vectors[0].direction, paper[1].direction) and kept.recommended
+    assert kept.calibration["competition"]["examples"] == 3
+    assert compete(lm, LOWERCASE.id, shipped, tmp_path / "work", config()) is None
+    assert not (tmp_path / "work" / "trained").exists()
 
 
 class _Verdict:

@@ -100,8 +100,8 @@ def train(
         raise InvalidSteering("--layers needs at least one layer")
     queries = extraction_queries()
     examples = []
+    cache = cache_home() / "build" / lm.model_id / f"answers-{ANSWER_TOKENS}.jsonl"
     if targets in ("rule", "auto") and instruction_id:
-        cache = cache_home() / "build" / lm.model_id / f"answers-{ANSWER_TOKENS}.jsonl"
         with progress_bar("unsteered answers", len(queries)) as advance:
             answers = unsteered_answers(lm, queries, ANSWER_TOKENS, cache, advance)
         examples = rule_examples(spec.id, answers)
@@ -109,7 +109,7 @@ def train(
             raise InvalidSteering(f"no rule writes targets for {spec.id!r}; use --targets distill")
     if not examples:
         with progress_bar("answers with the instruction", len(queries)) as advance:
-            examples = distilled_examples(lm, spec, queries, ANSWER_TOKENS, advance)
+            examples = distilled_examples(lm, spec, queries, ANSWER_TOKENS, advance, cache)
     started = time.perf_counter()
     with progress_bar(f"training {spec.id}", config.steps) as advance:
         trained = train_vectors(lm, spec, examples, config, progress=advance)

@@ -34,7 +34,7 @@ from ifsteer.models import LoadedModel
 from ifsteer.quality import Fluency
 from ifsteer.shipped import file_name, read_calibrated, write_calibrated
 from ifsteer.training.data import distilled_examples, rule_examples, unsteered_answers
-from ifsteer.training.train import METHOD, Progress, TrainConfig, train_vectors
+from ifsteer.training.train import METHOD, MIN_EXAMPLES, Progress, TrainConfig, train_vectors
 from ifsteer.validation import extraction_queries, validation_prompts
 from ifsteer.vectors import load_vectors, save_vectors
 
@@ -52,14 +52,22 @@ MAX_BROKEN = 0.2
 @dataclass
 class Contest:
     instruction_id: str
-    trained: PointResult  # the best trained point (an eligible one where there is one)
-    baseline: PointResult
+    # The best trained point (an eligible one where there is one); None where too few
+    # training examples were found to train at all (`examples` says how many).
+    trained: PointResult | None
+    baseline: PointResult | None
     paper_score: float | None
     winner: str  # "trained", "mean_difference" or "none"
+    examples: int
 
     def summary(self) -> str:
         t, b = self.trained, self.baseline
         paper = "-" if self.paper_score is None else f"{self.paper_score:.2f}"
+        if t is None or b is None:
+            return (
+                f"{self.instruction_id}: {self.examples} training examples (need "
+                f"{MIN_EXAMPLES}), not trained -> {self.winner}"
+            )
         return (
             f"{self.instruction_id}: trained {t.point.key} {t.score:.2f} (acc {t.accuracy:.2f}, "
             f"broken {t.degenerate:.2f}, newly {t.newly_broken:.2f}), paper {paper}, "
@@ -76,13 +84,14 @@ def training_examples(
 ) -> list[Any]:
     """Rule targets where a rule exists, else the model's own passing answers."""
     queries = extraction_queries()
-    answers = unsteered_answers(
-        lm, queries, ANSWER_TOKENS, work / f"answers-{ANSWER_TOKENS}.jsonl", progress
-    )
+    # Greedy answers keyed by their prompt: the plain queries' and, for distillation, the
+    # queries' with the instruction appended share one file.
+    cache = work / f"answers-{ANSWER_TOKENS}.jsonl"
+    answers = unsteered_answers(lm, queries, ANSWER_TOKENS, cache, progress)
     examples = rule_examples(instruction_id, answers)
     if not examples:
         instruction = get_instruction(instruction_id)
-        examples = distilled_examples(lm, instruction, queries, ANSWER_TOKENS, progress)
+        examples = distilled_examples(lm, instruction, queries, ANSWER_TOKENS, progress, cache)
     return examples
 
 
@@ -112,10 +121,21 @@ def compete(
         return None
     name = f"{file_name(instruction_id).removesuffix('.safetensors')}.{_tag(settings)}"
     trained_path = work / "trained" / f"{name}.safetensors"
+    paper = current.calibration.get("validation") or {}
+    paper_score = paper.get("score") if current.recommended else None
+    kept = "mean_difference" if paper_score is not None else "none"
     if trained_path.is_file():
         vectors, _ = load_vectors(trained_path)
     else:
         examples = training_examples(lm, instruction_id, work, progress=progress)
+        if len(examples) < MIN_EXAMPLES:
+            # No data is an outcome of this configuration, recorded so a rerun moves on.
+            record = {"winner": kept, "trained": [], "examples": len(examples)}
+            record |= {"config": settings, "earlier": _rounds(earlier)}
+            write_calibrated(
+                shipped, current.steerings(), {**current.calibration, "competition": record}
+            )
+            return Contest(instruction_id, None, None, paper_score, kept, len(examples))
         trained = train_vectors(
             lm, get_instruction(instruction_id), examples, config, progress=progress
         )
@@ -142,8 +162,6 @@ def compete(
     eligible = [r for r in tried if r.newly_broken <= MAX_BROKEN]
     best = best_steered(eligible or tried)
     baseline = results[0].baseline
-    paper = current.calibration.get("validation") or {}
-    paper_score = paper.get("score") if current.recommended else None
     winner = _winner(best if eligible else None, baseline, paper_score)
     record = _competition(tried, baseline, current.calibration, paper_score, winner)
     record |= {
@@ -162,7 +180,8 @@ def compete(
         write_calibrated(
             shipped, current.steerings(), {**current.calibration, "competition": record}
         )
-    return Contest(instruction_id, best, baseline, paper_score, winner)
+    n_examples = next(iter(vectors.values())).n_pairs  # a trained vector's examples
+    return Contest(instruction_id, best, baseline, paper_score, winner, n_examples)
 
 
 def _settings(config: TrainConfig) -> dict[str, Any]:

@@ -102,21 +102,21 @@ def distilled_examples(
     queries: Sequence[str],
     max_new_tokens: int,
     progress: Progress | None = None,
+    cache: Path | None = None,
 ) -> list[Example]:
-    """The model's own answers with the instruction in the prompt that pass its check."""
+    """The model's own answers with the instruction in the prompt that pass its check; the
+    answers are kept in `cache`, so a stopped build does not generate them twice."""
     prompts = [f"{q} {instruction.phrasings[0]}" for q in queries]
-    completions = generate(
-        lm, prompts, sampling=Sampling(max_new_tokens=max_new_tokens), progress=progress
-    )
+    answers = unsteered_answers(lm, prompts, max_new_tokens, cache, progress)
     try:
         check_id, kwargs = check_for(instruction.id)
     except IfsteerError:
         check_id = None  # a free-text instruction: plain distillation
     examples = []
-    for query, prompt, c in zip(queries, prompts, completions, strict=True):
-        if not c.text.strip():
+    for query, prompt, a in zip(queries, prompts, answers, strict=True):
+        if not a.text.strip():
             continue
-        if check_id is not None and not check(check_id, kwargs, prompt, c.text).loose:
+        if check_id is not None and not check(check_id, kwargs, prompt, a.text).loose:
             continue
-        examples.append(Example(query, c.text, c.finish_reason == "stop", "distill"))
+        examples.append(Example(query, a.text, a.finished, "distill"))
     return examples

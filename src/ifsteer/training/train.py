@@ -38,10 +38,11 @@ from ifsteer.steering import Steering
 from ifsteer.training.objective import Example, Objective, batch, check_loss, tokens_of
 from ifsteer.vectors import SteeringVector
 
-__all__ = ["Example", "TrainConfig", "Trained", "train_vectors"]
+__all__ = ["MIN_EXAMPLES", "Example", "TrainConfig", "Trained", "train_vectors"]
 
 Progress = Callable[[int], None]
 METHOD = "trained"
+MIN_EXAMPLES = 4  # two held out for the validation loss, two to train on
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,8 @@ def train_vectors(
             raise InvalidSteering(
                 f"layer {layer} is out of range: the model has 0..{lm.n_layers - 1}"
             )
-    if len(examples) < 4:
-        raise InvalidSteering(f"{len(examples)} training examples: need at least 4")
+    if len(examples) < MIN_EXAMPLES:
+        raise InvalidSteering(f"{len(examples)} training examples: need at least {MIN_EXAMPLES}")
     check_loss(config.loss)
     if config.loss == "preference" and not any(e.rejected is not None for e in examples):
         raise InvalidSteering(

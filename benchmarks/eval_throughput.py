@@ -14,15 +14,21 @@ One run, the same rows for every path, measured side by side on the embedded mod
   tokens (end of turn ignored), half steered: `batcher` held to that batch against `plain`, HF
   `generate` unsteered on the attention ifsteer gives a model on a CPU (`ifsteer.attention`):
   the batcher's per-step cost against the limit for its kernels.
+- per answer length in `--eval-tokens` (default 128 and 256), the issue's user scenario: the
+  first `--eval-rows` (64) IFEval format rows in the no-instruction and instruction settings,
+  `run_evaluation` as `ifsteer eval` runs it (checks, perplexity, records on disk) against
+  `static-8` on the same prompts (generation only), each with the model's load time added.
 Prints tokens/s, wall time and ratios; absolute times are only comparable within one run.
 
 Run: python benchmarks/eval_throughput.py [--prompts 64] [--tokens 64,128,256]
-[--batches 32,64] [--step-tokens 64] [--threads N]
+[--batches 32,64] [--step-tokens 64] [--eval-rows 64] [--eval-tokens 128,256] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,10 +39,13 @@ from transformers import GenerationConfig
 
 from ifsteer.attention import NAME as GROUPED
 from ifsteer.batching import auto_batch_size
+from ifsteer.datasets import data_path
+from ifsteer.evaluation import run_evaluation
 from ifsteer.generation import Sampling, generate
 from ifsteer.instructions import get_instruction
 from ifsteer.models import LoadedModel, load_model
 from ifsteer.prompts import BASE_QUERIES
+from ifsteer.rows import load_rows
 from ifsteer.steering import Steering, steer
 from ifsteer.vectors import extract_instruction
 
@@ -119,6 +128,16 @@ def batcher(
     return sum(c.completion_tokens for c in out)
 
 
+def evaluation(lm: LoadedModel, rows: Sequence[Any], settings: Sequence[str], length: int) -> int:
+    """`ifsteer eval` without vectors, into a scratch run directory; tokens generated."""
+    with tempfile.TemporaryDirectory() as out:
+        summary = run_evaluation(
+            lm, rows, None, out, settings=settings, sampling=Sampling(max_new_tokens=length)
+        )
+        lines = summary.responses_path.read_text("utf-8").splitlines()
+        return sum(json.loads(line)["completion_tokens"] for line in lines)
+
+
 def report(name: str, tokens: int, wall: float) -> float:
     print(f"  {name:>8}: {tokens:6d} tokens in {wall:7.1f} s = {tokens / wall:6.1f} tok/s")
     return tokens / wall
@@ -131,6 +150,8 @@ def main() -> None:
     parser.add_argument("--tokens", default="64,128,256", help="answer lengths, comma-separated")
     parser.add_argument("--batches", default="32,64", help="batch sizes, comma-separated")
     parser.add_argument("--step-tokens", type=int, default=64, help="tokens per row, batch runs")
+    parser.add_argument("--eval-rows", type=int, default=64, help="format rows, eval runs")
+    parser.add_argument("--eval-tokens", default="128,256", help="answer lengths, eval runs")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -173,6 +194,20 @@ def main() -> None:
         ours = timed(batcher, lm, batch_prompts, batch_rows, sampling, size)
         rate = report("plain", *plain), report("batcher", *ours)
         print(f"  batcher / plain generate, same attention (tok/s): {rate[1] / rate[0]:.2f}")
+
+    rows = load_rows(data_path("ifeval_single_instr_format.jsonl"), limit=args.eval_rows)
+    settings = ("no_instruction", "instruction")
+    eval_prompts = [row.prompt_for(setting) for row in rows for setting in settings]
+    for length in (int(t) for t in args.eval_tokens.split(",") if t):
+        print(f"ifsteer eval: {len(rows)} format rows x {len(settings)} settings, {length} tokens")
+        with transformers_attention(lm):
+            static = timed(static_batches, lm, eval_prompts, None, length, 8)
+        ours = timed(evaluation, lm, rows, settings, length)
+        report("static-8", *static), report("eval", *ours)
+        print(
+            "  eval (checks, perplexity, records) / static-8 generation, wall with model load: "
+            f"{(load + static[1]) / (load + ours[1]):.2f}x"
+        )
 
 
 if __name__ == "__main__":

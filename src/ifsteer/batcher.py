@@ -59,6 +59,7 @@ class _Row:
     text: str = ""
     pad: int = 0
     finish: str | None = None
+    logprob: float | None = None  # summed over `tokens`; None: not recorded
 
     @property
     def wants_text(self) -> bool:
@@ -139,6 +140,7 @@ class Batcher:
                 sampling=job.sampling,
                 generator=generator_for(job.sampling, self.lm.device),
                 tickets=[ticket],
+                logprob=0.0 if job.logprobs else None,
             )
             if key is not None:
                 self._shared[key] = row
@@ -292,14 +294,18 @@ class Batcher:
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> None:
         """Append each row's next token and decide whether the row has ended."""
         greedy = logits.argmax(-1).tolist()
-        for i, row in enumerate(rows):
-            token = (
-                greedy[i] if row.generator is None else draw(logits[i], row.sampling, row.generator)
-            )
+        tokens = [
+            greedy[i] if row.generator is None else draw(logits[i], row.sampling, row.generator)
+            for i, row in enumerate(rows)
+        ]
+        scored = _logprobs(rows, logits, tokens)
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             if token in self._stop and not row.sampling.ignore_eos:
                 row.finish = "stop"
                 continue
             row.tokens.append(token)
+            if row.logprob is not None:
+                row.logprob += scored[i]
             if row.wants_text:
                 text = self.lm.tokenizer.decode(row.tokens, skip_special_tokens=True)
                 if not text.endswith("\ufffd"):  # half a multi-byte character: wait for more
@@ -317,7 +323,7 @@ class Batcher:
         with self._lock:
             for ticket in [t for t in row.tickets if t.job.decided and t.job.decided(text)]:
                 row.tickets.remove(ticket)
-                completion = Completion(text, len(row.ids), len(row.tokens), "decided")
+                completion = Completion(text, len(row.ids), len(row.tokens), "decided", row.logprob)
                 row.settled.append((ticket, completion))
             if row.settled and not row.tickets:
                 row.finish = "decided"
@@ -338,7 +344,9 @@ class Batcher:
             for row in ended:
                 self._unshare(row)
                 row.text = self.lm.tokenizer.decode(row.tokens, skip_special_tokens=True)
-                completion = Completion(row.text, len(row.ids), len(row.tokens), row.finish or "")
+                completion = Completion(
+                    row.text, len(row.ids), len(row.tokens), row.finish or "", row.logprob
+                )
                 for ticket in row.tickets:
                     ticket.emit(row.text)
                     finished.append((ticket, completion))
@@ -368,3 +376,17 @@ class Batcher:
             return
         live = [i for i, r in enumerate(self._slots) if r is not None]
         self._slots = [self._slots[i] for i in self._cache.compact(live)]
+
+
+def _logprobs(
+    rows: Sequence[_Row], logits: torch.Tensor, tokens: Sequence[int]
+) -> dict[int, float]:
+    """Each recording row's chosen token's log-probability, by its index in `rows`."""
+    wanted = [i for i, row in enumerate(rows) if row.logprob is not None]
+    if not wanted:
+        return {}
+    index = torch.tensor(wanted, device=logits.device)
+    picked = logits.index_select(0, index).float()
+    chosen = torch.tensor([tokens[i] for i in wanted], device=logits.device)
+    values = picked.gather(1, chosen[:, None])[:, 0] - picked.logsumexp(-1)
+    return dict(zip(wanted, values.tolist(), strict=True))

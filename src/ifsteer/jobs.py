@@ -10,6 +10,7 @@ its queue from a `QueueFactory`, so no runner imports an adapter.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -32,6 +33,16 @@ class Completion:
     completion_tokens: int
     # "stop" (end of turn), "length" (max_new_tokens reached) or "decided" (its decider said so)
     finish_reason: str
+    # The answer's tokens' summed log-probability under the model as it generated them (its
+    # steering, temperature 1; the stop token excluded), where the job asked for it and the
+    # queue records it (the HF batcher does): an unsteered answer's perplexity for free.
+    logprob: float | None = None
+
+    @property
+    def perplexity(self) -> float | None:
+        if self.logprob is None or self.completion_tokens == 0:
+            return None
+        return math.exp(-self.logprob / self.completion_tokens)
 
 
 OnDone = Callable[[Completion], None]
@@ -51,6 +62,7 @@ class Job:
     decided: Decider | None = None
     on_text: OnText | None = None
     on_done: OnDone | None = None
+    logprobs: bool = False  # record `Completion.logprob`
 
 
 def check_job(lm: LoadedModel, job: Job, *, allow_transfer: bool) -> None:

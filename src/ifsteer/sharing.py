@@ -48,7 +48,7 @@ def job_key(job: Job) -> Hashable | None:
     if not s.greedy and s.seed is None:
         return None
     sampling = (s.max_new_tokens, s.ignore_eos) if s.greedy else s
-    return (tuple(job.ids), steering_key(job.steering), sampling)
+    return (tuple(job.ids), steering_key(job.steering), sampling, job.logprobs)
 
 
 def prompt_key(job: Job) -> Hashable:

@@ -8,6 +8,7 @@ while earlier rows are still decoding.
 from __future__ import annotations
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -348,3 +349,38 @@ def test_a_step_prefills_a_bounded_number_of_tokens(tiny_lm):
     ids = [bounded.submit(job) for job in jobs]
     done = bounded.run()
     assert [done[i].text for i in ids] == [c.text for c in run_jobs(tiny_lm, jobs, 8)]
+
+
+def teacher_forced_logprob(lm: LoadedModel, prompt_ids, answer_ids, steering) -> float:
+    """The answer's summed log-probability read in one forward over prompt and answer."""
+    ids = torch.tensor([list(prompt_ids) + list(answer_ids)])
+    with steer(lm, steering), torch.no_grad():
+        logits = lm.model(input_ids=ids, use_cache=False).logits[0].float()
+    picked = logits[len(prompt_ids) - 1 : -1].log_softmax(-1)
+    return float(picked.gather(1, torch.tensor(answer_ids)[:, None]).sum())
+
+
+def test_a_recorded_logprob_is_the_answer_read_back_under_its_own_steering(tiny_lm):
+    """While rows join and leave, each row's summed log-probability is what one forward over
+    its prompt and answer gives (so an unsteered answer's perplexity needs no second forward);
+    a job that does not ask records nothing, and does not share the asking job's row."""
+    v = make_vector(layer=1, mode="additive")
+    rows = [[], [Steering(v, weight=5.0)], [], [Steering(v, weight=-3.0)]]
+    jobs = [
+        prompt_job(tiny_lm, p, steering=r, sampling=Sampling(max_new_tokens=n), logprobs=True)
+        for p, r, n in zip(PROMPTS, rows, LENGTHS, strict=False)
+    ]
+    silent = prompt_job(tiny_lm, PROMPTS[0], sampling=Sampling(max_new_tokens=LENGTHS[0]))
+    batcher = Batcher(tiny_lm, batch_size=2)
+    ids = [batcher.submit(job) for job in [*jobs, silent]]
+    assert len(batcher._waiting) == len(jobs) + 1
+    done = batcher.run()
+    for job, job_id in zip(jobs, ids, strict=False):
+        completion = done[job_id]
+        answer = alone(
+            tiny_lm, PROMPTS[ids.index(job_id)], job.steering, LENGTHS[ids.index(job_id)]
+        )
+        expected = teacher_forced_logprob(tiny_lm, job.ids, answer, job.steering)
+        assert completion.logprob == pytest.approx(expected, rel=1e-4, abs=1e-4)
+        assert completion.perplexity == pytest.approx(math.exp(-expected / len(answer)), rel=1e-4)
+    assert done[ids[-1]].logprob is None and done[ids[-1]].perplexity is None

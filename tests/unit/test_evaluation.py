@@ -18,6 +18,7 @@ from ifsteer.evaluation import (
     wilson_interval,
 )
 from ifsteer.generation import Sampling, generate
+from ifsteer.jobs import Job
 from ifsteer.quality import perplexities
 from ifsteer.rows import (
     SETTINGS,
@@ -60,9 +61,15 @@ def save_vector_dir(directory: Path, *vectors) -> Path:
 
 
 def without_timing(value: Any) -> Any:
-    """A summary minus wall-clock fields, which differ between any two runs."""
+    """A summary minus wall-clock fields, which differ between any two runs; floats compare
+    to 1e-6, since an answer's recorded log-probability carries its batch's rounding (a
+    resumed run decodes a row beside other rows than a clean run did)."""
     if isinstance(value, dict):
         return {k: without_timing(v) for k, v in value.items() if k not in ("seconds", "timing_s")}
+    if isinstance(value, list):
+        return [without_timing(v) for v in value]
+    if isinstance(value, float):
+        return pytest.approx(value, rel=1e-6)
     return value
 
 
@@ -417,6 +424,44 @@ def test_perplexity_under_another_model(tmp_path, tiny_lm, tiny_gpt2):
     if line["response"]:
         expected = perplexities(tiny_gpt2, [line["prompt"]], [line["response"]])[0]
         assert line["fluency"]["perplexity"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_unsteered_perplexity_comes_from_the_generation_itself(tmp_path, tiny_lm, monkeypatch):
+    """Unsteered answers are scored by the log-probabilities their own generation recorded;
+    only steered answers (their perplexity is the unsteered model's) get a second forward.
+    The recorded number is the generated tokens' own perplexity (which `perplexities`, reading
+    the answer re-tokenized, matches only where the text re-tokenizes alike)."""
+    vectors = save_vector_dir(
+        tmp_path / "vectors", make_vector(layer=1, instruction_id=LOWER, target=4.0)
+    )
+    rows = load_rows(write_jsonl(tmp_path / "d.jsonl", [ifeval_row(1), ifeval_row(2)]))
+    read_again: list[str] = []
+
+    def counted(lm, prompts, responses, batch_size=8):
+        read_again.extend(prompts)
+        return perplexities(lm, prompts, responses, batch_size)
+
+    monkeypatch.setattr("ifsteer.quality.perplexities", counted)
+    settings = ["no_instruction", "instruction", "steer"]
+    summary = run_evaluation(
+        tiny_lm, rows, vectors, tmp_path / "run", settings=settings, sampling=SHORT
+    )
+    lines = read_responses(summary.responses_path)
+    assert sorted(read_again) == sorted(x["prompt"] for x in lines if x["setting"] == "steer")
+    for line in lines:
+        p = line["fluency"]["perplexity"]
+        if line["setting"] == "steer":
+            assert p == pytest.approx(
+                perplexities(tiny_lm, [line["prompt"]], [line["response"]])[0]
+            )
+            continue
+        batcher = Batcher(tiny_lm, batch_size=1)
+        job_id = batcher.submit(
+            Job(tiny_lm.render(line["prompt"]).ids, sampling=SHORT, logprobs=True)
+        )
+        alone = batcher.run()[job_id]
+        assert alone.text == line["response"] and alone.perplexity is not None
+        assert p == pytest.approx(alone.perplexity, rel=1e-4)
 
 
 def test_transfer_refuses_another_hidden_size(tmp_path, tiny_lm):

@@ -199,6 +199,9 @@ def run_evaluation(
             max_tokens=max(map(len, tokens), default=0) + sampling.max_new_tokens,
         )
         finished: list[tuple[str, Row, Completion]] = []
+        # An unsteered answer's perplexity under `lm` is its own generation's log-probability:
+        # the queue records it, and no second forward reads the answer.
+        own = perplexity and (fluency_lm is None or fluency_lm is lm)
         for (setting, row), ids in zip(todo, tokens, strict=True):
             queue.submit(
                 Job(
@@ -206,6 +209,7 @@ def run_evaluation(
                     steering=plan.steerings[str(row.key)] if setting in STEERED else (),
                     sampling=sampling,
                     on_done=_collect(finished, setting, row),
+                    logprobs=own and setting not in STEERED,
                 )
             )
         last = time.perf_counter()
@@ -292,11 +296,16 @@ def _answer(
     texts = [completion.text for _, _, completion in finished]
     scorer = fluency_lm or lm
     independent = scorer is not lm
-    ppl: list[float | None] = (
-        list(quality.perplexities(scorer, prompts, texts, batch_size=len(texts)))
-        if perplexity
-        else [None] * len(texts)
-    )
+    ppl: list[float | None] = [None] * len(texts)
+    if perplexity:
+        ppl = [None if independent else c.perplexity for _, _, c in finished]
+        rest = [i for i, p in enumerate(ppl) if p is None]  # steered, or not recorded
+        if rest:
+            scored = quality.perplexities(
+                scorer, [prompts[i] for i in rest], [texts[i] for i in rest], batch_size=len(rest)
+            )
+            for i, p in zip(rest, scored, strict=True):
+                ppl[i] = p
     records = []
     for (setting, row, completion), prompt, p in zip(finished, prompts, ppl, strict=True):
         steer = setting in STEERED

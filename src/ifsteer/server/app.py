@@ -7,7 +7,7 @@ loaded from `--vectors DIR`) or `{"instruction": "..."}`, extracted on first use
 A request walks one way: `schema` reads it, `jobs` renders its prompt, checks its limits and
 resolves its steering through the `registry`, the backend generates, `responses` answers.
 `build_app` takes any `ifsteer.backends.Backend`; `create_app` wraps a loaded Hugging Face model
-in the batching engine.
+in the batching backend.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ log = logging.getLogger("ifsteer.server")
 
 @dataclass
 class _State:
-    engine: Backend
+    backend: Backend
     store: VectorStore
     limits: Limits
     api_key: str | None
@@ -75,14 +75,14 @@ def create_app(
     allowed_hosts: Sequence[str] = (),
 ) -> FastAPI:
     """The server around a loaded Hugging Face model and named vectors."""
-    engine = HFBackend(
+    backend = HFBackend(
         lm,
         max_batch_size=max_batch_size,
         allow_transfer=allow_transfer,
         extract_pairs=extract_pairs,
     )
     return build_app(
-        engine,
+        backend,
         vectors,
         api_key=api_key,
         limits=limits,
@@ -93,7 +93,7 @@ def create_app(
 
 
 def build_app(
-    engine: Backend,
+    backend: Backend,
     vectors: Mapping[str, SteeringVector | NamedVector],
     *,
     api_key: str | None = None,
@@ -102,24 +102,24 @@ def build_app(
     points: Points | None = None,
     allowed_hosts: Sequence[str] = (),
 ) -> FastAPI:
-    """The HTTP face over any engine: routes, errors, auth, streaming. `points`: where the
+    """The HTTP face over any backend: routes, errors, auth, streaming. `points`: where the
     served model's calibrated points are (default: those that ship for it); `allowed_hosts`:
     host names a loopback connection may name besides localhost (`transport.LocalOnly`)."""
     named = {
         name: v if isinstance(v, NamedVector) else NamedVector.single(v)
         for name, v in vectors.items()
     }
-    store = VectorStore(named, engine, allow_transfer=allow_transfer, points=points)
+    store = VectorStore(named, backend, allow_transfer=allow_transfer, points=points)
     limits = limits or Limits()
-    state = _State(engine, store, limits, api_key or None, Admission(limits.max_queued))
+    state = _State(backend, store, limits, api_key or None, Admission(limits.max_queued))
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        await engine.start()
+        await backend.start()
         try:
             yield
         finally:
-            await engine.close()
+            await backend.close()
 
     # No redirect from `/v1/completions/`: a 307 on a POST is a surprise, not a route.
     app = FastAPI(title="ifsteer", version=_version(), lifespan=lifespan, redirect_slashes=False)
@@ -131,7 +131,7 @@ def build_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": engine.model_id, "engine": engine.stats()}
+        return {"status": "ok", "model": backend.model_id, "engine": backend.stats()}
 
     @app.head("/health", include_in_schema=False)
     async def health_head() -> None:  # what load balancers and curl -I send
@@ -161,13 +161,13 @@ def build_app(
     async def chat_completions(request: Request) -> Any:
         body = parse_request(await read_body(request, limits), ChatCompletionRequest, limits)
         _check_model(state, body.model)
-        prompt = chat_prompt(engine.tokenizer, body.messages)
+        prompt = chat_prompt(backend.tokenizer, body.messages)
 
         async def jobs() -> tuple[list[Job], list[Resolved]]:
             job, resolved = await build_job(
                 body,
                 prompt,
-                engine=engine,
+                backend=backend,
                 store=store,
                 limits=limits,
                 prompt_param="messages",
@@ -180,9 +180,9 @@ def build_app(
                 state,
                 jobs,
                 lambda jobs, resolved: chat_chunks(
-                    engine,
+                    backend,
                     jobs[0],
-                    Meta.new("chatcmpl", engine.model_id, resolved),
+                    Meta.new("chatcmpl", backend.model_id, resolved),
                     body.include_usage(),
                 ),
             )
@@ -190,7 +190,7 @@ def build_app(
         async def answer() -> dict[str, Any]:
             (job,), resolved = await jobs()
             return chat_body(
-                Meta.new("chatcmpl", engine.model_id, resolved), await engine.generate(job)
+                Meta.new("chatcmpl", backend.model_id, resolved), await backend.generate(job)
             )
 
         return await _answer(request, state, 1, answer)
@@ -206,7 +206,7 @@ def build_app(
                 param="prompt",
             )
 
-        prompts = [render_text(engine.tokenizer, text) for text in texts]
+        prompts = [render_text(backend.tokenizer, text) for text in texts]
         counts = [len(prompt.ids) for prompt in prompts]
         check_request_tokens(counts, limits, param="prompt")
 
@@ -215,7 +215,7 @@ def build_app(
                 await build_job(
                     body,
                     prompt,
-                    engine=engine,
+                    backend=backend,
                     store=store,
                     limits=limits,
                     prompt_param="prompt",
@@ -230,9 +230,9 @@ def build_app(
                 state,
                 jobs,
                 lambda jobs, resolved: completion_chunks(
-                    engine,
+                    backend,
                     jobs,
-                    Meta.new("cmpl", engine.model_id, resolved),
+                    Meta.new("cmpl", backend.model_id, resolved),
                     body.include_usage(),
                 ),
                 n=len(texts),
@@ -240,8 +240,8 @@ def build_app(
 
         async def answer() -> dict[str, Any]:
             built, resolved = await jobs()
-            results = await asyncio.gather(*(engine.generate(job) for job in built))
-            return completion_body(Meta.new("cmpl", engine.model_id, resolved), results)
+            results = await asyncio.gather(*(backend.generate(job) for job in built))
+            return completion_body(Meta.new("cmpl", backend.model_id, resolved), results)
 
         return await _answer(request, state, len(texts), answer)
 
@@ -295,10 +295,10 @@ def _version() -> str:
 
 
 def _check_model(state: _State, model: str, param: str = "model") -> None:
-    if model != state.engine.model_id:
+    if model != state.backend.model_id:
         raise ApiError(
             f"model {model!r} is not served here; this server serves "
-            f"{state.engine.model_id!r} (GET /v1/models)",
+            f"{state.backend.model_id!r} (GET /v1/models)",
             param=param,
             code="model_not_found",
             status=404,
@@ -307,7 +307,7 @@ def _check_model(state: _State, model: str, param: str = "model") -> None:
 
 def _model_card(state: _State) -> dict[str, Any]:
     return {
-        "id": state.engine.model_id,
+        "id": state.backend.model_id,
         "object": "model",
         "created": state.created,
         "owned_by": "ifsteer",

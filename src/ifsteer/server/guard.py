@@ -1,6 +1,6 @@
 """What keeps one client from costing the others: bounded bodies, queues, deadlines, timeouts.
 
-Everything here sits between the socket and the engine, so it holds for any backend: a body
+Everything here sits between the socket and the backend, so it holds for any of them: a body
 is refused while it is read, a request whose client hung up stops waiting (and its queued job
 is dropped), the number of completions in flight is capped, and a connection that never
 finishes its headers is closed.
@@ -71,13 +71,13 @@ def _too_large(what: str, limits: Limits) -> ApiError:
     )
 
 
-# --- waiting on the engine ----------------------------------------------------------------
+# --- waiting on the backend ---------------------------------------------------------------
 
 
 async def unless_abandoned(request: Request, work: Awaitable[T], limits: Limits) -> T:
     """`work`'s result, or cancel it when the client hangs up or the deadline passes.
 
-    Cancelling the engine's future is what drops a queued job: the HF engine skips rows whose
+    Cancelling the backend's future is what drops a queued job: the HF backend skips rows whose
     future is done, so an abandoned request costs nothing once it is off the socket.
     """
     task = asyncio.ensure_future(work)

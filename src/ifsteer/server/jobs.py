@@ -35,7 +35,7 @@ async def build_job(
     request: GenerationRequest,
     prompt: Prompt,
     *,
-    engine: Backend,
+    backend: Backend,
     store: VectorStore,
     limits: Limits,
     prompt_param: str,
@@ -52,7 +52,7 @@ async def build_job(
             code="context_length_exceeded",
         )
     asked = request.requested_max_tokens()
-    room = None if engine.context_length is None else engine.context_length - n_prompt
+    room = None if backend.context_length is None else backend.context_length - n_prompt
     asked_as = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
     if asked is not None and asked > limits.max_tokens:
         raise ApiError(
@@ -65,7 +65,7 @@ async def build_job(
         if asked is not None or room < 1:
             raise ApiError(
                 f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                f"model's context of {engine.context_length} tokens",
+                f"model's context of {backend.context_length} tokens",
                 param=asked_as if asked else prompt_param,
                 code="context_length_exceeded",
             )

@@ -1,10 +1,10 @@
-"""Steering resolution: a request's `steering` entries to the `Steering`s an engine applies.
+"""Steering resolution: a request's `steering` entries to the `Steering`s a backend applies.
 
 Vectors come from three places: files loaded by name when the server starts (`--vectors DIR`);
 the calibrated points of the served model (`ifsteer.shipped.points`, the resolver the CLI uses
 too): an `instruction_id` with no `layer` steers at its shipped point, or at its group's point
 (extracted once, cached on disk, labelled unverified); and instructions given inline, extracted
-by the engine on first use and kept in an LRU cache, so a burst of requests naming one new
+by the backend on first use and kept in an LRU cache, so a burst of requests naming one new
 instruction costs one extraction. Each response's `steering` echo says which it was.
 """
 
@@ -68,7 +68,7 @@ class VectorStore:
     package's for the served model), and instructions extracted on request (an LRU cache)."""
 
     named: Mapping[str, NamedVector]
-    engine: Backend
+    backend: Backend
     allow_transfer: bool = False
     cache_size: int = 64
     points: Points | None = None
@@ -85,7 +85,7 @@ class VectorStore:
 
     def __post_init__(self) -> None:
         if self.points is None:
-            self.points = Points(self.engine.model_id)
+            self.points = Points(self.backend.model_id)
 
     def fits(self, vector: SteeringVector) -> bool:
         try:
@@ -95,7 +95,7 @@ class VectorStore:
         return True
 
     def _check(self, vector: SteeringVector) -> None:
-        e = self.engine
+        e = self.backend
         vector.check_fits(e.model_id, e.hidden_size, e.n_layers, allow_transfer=self.allow_transfer)
 
     async def resolve(self, specs: Sequence[SteeringSpec], limits: Limits) -> list[Resolved]:
@@ -147,10 +147,10 @@ class VectorStore:
                 return ("group", point.instruction.id, -1)
             if point is not None:
                 return point
-        layer = default_layer(self.engine.n_layers) if spec.layer is None else spec.layer
-        if not 0 <= layer < self.engine.n_layers:
+        layer = default_layer(self.backend.n_layers) if spec.layer is None else spec.layer
+        if not 0 <= layer < self.backend.n_layers:
             raise ApiError(
-                f"layer {layer} is out of range 0..{self.engine.n_layers - 1}",
+                f"layer {layer} is out of range 0..{self.backend.n_layers - 1}",
                 param=f"{param}.layer",
                 code="invalid_value",
                 status=422,
@@ -166,7 +166,7 @@ class VectorStore:
                 param=f"{param}.instruction",
             )
         # Extraction reads every pair with the instruction in it: its cost is in tokens.
-        tokens = len(self.engine.tokenizer(text, add_special_tokens=False).input_ids)
+        tokens = len(self.backend.tokenizer(text, add_special_tokens=False).input_ids)
         if tokens > limits.max_instruction_tokens:
             raise ApiError(
                 f"instruction has {tokens} tokens, the limit is {limits.max_instruction_tokens}",
@@ -192,12 +192,12 @@ class VectorStore:
             self._known.popitem(last=False)
 
     async def _group_point(self, instruction_id: str) -> ShippedVector:
-        """Extract the id at its group's layers (one engine extraction per layer), then write
+        """Extract the id at its group's layers (one backend extraction per layer), then write
         the point to the cache, where the CLI and the next server find it."""
         assert self.points is not None
         group = self.points.lookup(instruction_id)
         if isinstance(group, GroupPoint):
-            vectors = {at: await self.engine.extract(group.instruction, at) for at in group.layers}
+            vectors = {at: await self.backend.extract(group.instruction, at) for at in group.layers}
             group = await asyncio.to_thread(group.save, vectors)
         assert isinstance(group, ShippedVector)  # the id's group has a point (`_plan`)
         self._remember(instruction_id, group)
@@ -263,7 +263,7 @@ class VectorStore:
             vector = await self._group_point(text)
         else:
             instruction = custom_instruction(text) if kind == "text" else instruction_for(text)
-            vector = await self.engine.extract(instruction, layer)
+            vector = await self.backend.extract(instruction, layer)
         self._cache[key] = vector
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
@@ -302,7 +302,7 @@ class VectorStore:
             folder = self.points.shipped_folder
             self._shipped_rows = [
                 {"id": f"instruction_id:{row['instruction_id']}", "source": "shipped", **row}
-                for row in listing(self.engine.model_id, folder)
+                for row in listing(self.backend.model_id, folder)
             ]
         groups = [
             {

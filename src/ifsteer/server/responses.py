@@ -102,14 +102,14 @@ def sse(events: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
 
 
 async def _generations(
-    engine: Backend, jobs: Sequence[Job]
+    backend: Backend, jobs: Sequence[Job]
 ) -> AsyncIterator[tuple[int, str | Completion]]:
     """(index, text delta) as tokens arrive and (index, Completion) as each job ends."""
     events: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
     tasks = []
     for i, job in enumerate(jobs):
         task = asyncio.ensure_future(
-            engine.generate(replace(job, on_text=lambda delta, i=i: events.put_nowait((i, delta))))
+            backend.generate(replace(job, on_text=lambda delta, i=i: events.put_nowait((i, delta))))
         )
         task.add_done_callback(lambda t, i=i: events.put_nowait((i, t)))
         tasks.append(task)
@@ -143,7 +143,7 @@ async def _guarded(
 
 
 def chat_chunks(
-    engine: Backend, job: Job, meta: Meta, include_usage: bool
+    backend: Backend, job: Job, meta: Meta, include_usage: bool
 ) -> AsyncIterator[dict[str, Any]]:
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
         return {
@@ -153,7 +153,7 @@ def chat_chunks(
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         yield chunk({"role": "assistant", "content": ""})
-        async for _, item in _generations(engine, [job]):
+        async for _, item in _generations(backend, [job]):
             if isinstance(item, str):
                 yield chunk({"content": item})
             else:
@@ -169,7 +169,7 @@ def chat_chunks(
 
 
 def completion_chunks(
-    engine: Backend, jobs: Sequence[Job], meta: Meta, include_usage: bool
+    backend: Backend, jobs: Sequence[Job], meta: Meta, include_usage: bool
 ) -> AsyncIterator[dict[str, Any]]:
     def chunk(index: int, text: str, finish: str | None = None) -> dict[str, Any]:
         return {
@@ -179,7 +179,7 @@ def completion_chunks(
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         done: list[Completion] = []
-        async for index, item in _generations(engine, jobs):
+        async for index, item in _generations(backend, jobs):
             if isinstance(item, str):
                 yield chunk(index, item)
             else:

@@ -1,7 +1,7 @@
 """The request schema both backends serve: OpenAI's fields, our `steering` field, the limits.
 
 A client sends the same JSON to `ifsteer serve` on either backend and gets the same 4xx for the
-same mistake, because every request is read here, before any engine sees it. Errors carry the
+same mistake, because every request is read here, before any backend sees it. Errors carry the
 HTTP status and the field at fault, in OpenAI's error shape.
 """
 
@@ -80,8 +80,8 @@ class Limits:
 
     max_prompt_tokens: int = 4096
     # All of one request's prompts together (a /v1/completions list): cost is tokens, not
-    # characters ("Z" and 300 combining marks are 1,800 tokens), and the engine prefills in
-    # steps of bounded tokens (engine.PREFILL_TOKENS), so one request cannot fill many steps.
+    # characters ("Z" and 300 combining marks are 1,800 tokens), and the batcher prefills in
+    # steps of bounded tokens (batcher.PREFILL_TOKENS), so one request cannot fill many steps.
     max_request_prompt_tokens: int = 8192
     max_tokens: int = 1024  # the largest max_tokens a request may ask for
     default_max_tokens: int = 128

@@ -35,7 +35,8 @@ class Completion:
     finish_reason: str
     # The answer's tokens' summed log-probability under the model as it generated them (its
     # steering, temperature 1; the stop token excluded), where the job asked for it and the
-    # queue records it (the HF batcher does): an unsteered answer's perplexity for free.
+    # queue records it (the HF batcher and vLLM's queue do): an unsteered answer's perplexity
+    # for free.
     logprob: float | None = None
 
     @property

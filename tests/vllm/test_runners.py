@@ -13,6 +13,7 @@ import json
 import pytest
 
 from ifsteer.backends.vllm import OfflineVLLM
+from ifsteer.batcher import Batcher
 from ifsteer.calibration import calibrate_groups, validation_groups
 from ifsteer.errors import InvalidSteering
 from ifsteer.evaluation import run_evaluation
@@ -91,6 +92,28 @@ def test_eval_on_vllm_gives_the_hf_engines_answers_and_verdicts(lm, data, offlin
         mine[("steer", k)]["response"] != mine[("no_instruction", k)]["response"] for k in keys
     )
     assert steered >= len(rows) // 2  # the vectors really steer
+
+
+def test_vllm_records_an_unsteered_answers_logprob_as_the_hf_batcher_does(lm, data, offline):
+    """What `run_evaluation` reads as an unsteered answer's perplexity: vLLM's sampled-token
+    log-probabilities, summed without the stop token, match the HF batcher's."""
+    _, rows, _ = data
+    side = offline.side_model()
+    sampling = Sampling(max_new_tokens=TOKENS)
+    jobs = [Job(lm.render(row.prompt).ids, sampling=sampling, logprobs=True) for row in rows]
+    hf, ours = (
+        Batcher(lm, batch_size=4),
+        offline.queue(side, batch_size=4, max_tokens=512, allow_transfer=False),
+    )
+    for queue in (hf, ours):
+        for job in [*jobs, Job(jobs[0].ids, sampling=sampling)]:
+            queue.submit(job)
+    theirs, mine = hf.run(), ours.run()
+    assert mine[len(jobs)].logprob is None  # not asked for
+    for i in range(len(jobs)):
+        assert mine[i].text == theirs[i].text
+        assert mine[i].logprob is not None and mine[i].logprob < 0
+        assert mine[i].logprob == pytest.approx(theirs[i].logprob, rel=1e-3, abs=1e-2)
 
 
 def test_a_sweep_on_vllm_picks_a_point_and_writes_it(lm, data, offline, tmp_path):

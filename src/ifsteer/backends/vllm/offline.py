@@ -143,6 +143,7 @@ class _Request:
     text: str = ""
     sent: int = 0
     finish: str | None = None
+    logprob: float | None = None  # summed over `tokens` where the job asked
 
 
 class VLLMQueue:
@@ -185,15 +186,19 @@ class VLLMQueue:
 
         # New tokens only, each step: the text is decoded here, by the HF tokenizer, as the HF
         # engine decodes it.
+        # `logprobs=0`: the sampled token's own log-probability, from the raw logits (vLLM's
+        # default `logprobs_mode`), as the HF batcher records it.
         params = sampling_params(
             job.sampling,
             job.steering,
             sorted(self._stop),
             detokenize=False,
             output_kind=RequestOutputKind.DELTA,
+            logprobs=0 if job.logprobs else None,
         )
         job_id = next(self._ids)
-        self._waiting.append((f"ifsteer-{self._run}-{job_id}", _Request(job, ids, params)))
+        request = _Request(job, ids, params, logprob=0.0 if job.logprobs else None)
+        self._waiting.append((f"ifsteer-{self._run}-{job_id}", request))
         return job_id
 
     def step(self) -> list[tuple[int, Completion]]:
@@ -211,8 +216,10 @@ class VLLMQueue:
             request = self._active.get(output.request_id)
             if request is None:  # aborted after its decider settled it
                 continue
-            for token in output.outputs[0].token_ids:
-                if self._advance(request, token):
+            new = output.outputs[0]
+            for i, token in enumerate(new.token_ids):
+                logprob = new.logprobs[i][token].logprob if new.logprobs else None
+                if self._advance(request, token, logprob):
                     break
             if request.finish is None and output.finished:  # a stop of vLLM's own
                 reason = output.outputs[0].finish_reason
@@ -228,7 +235,7 @@ class VLLMQueue:
         """Step until the queue is empty; completions by job id."""
         return drain(self, progress)
 
-    def _advance(self, request: _Request, token: int) -> bool:
+    def _advance(self, request: _Request, token: int, logprob: float | None) -> bool:
         """One new token, taken as the HF batcher takes it (`Batcher._advance`); True when the
         row has ended."""
         sampling, job = request.job.sampling, request.job
@@ -236,6 +243,8 @@ class VLLMQueue:
             request.finish = "stop"
             return True
         request.tokens.append(token)
+        if request.logprob is not None:  # a token vLLM gave no log-probability for: unknown
+            request.logprob = None if logprob is None else request.logprob + logprob
         if job.decided is not None or job.on_text is not None:
             text = self._lm.tokenizer.decode(request.tokens, skip_special_tokens=True)
             if not text.endswith("\ufffd"):  # half a multi-byte character: wait for more
@@ -251,7 +260,11 @@ class VLLMQueue:
         request.text = self._lm.tokenizer.decode(request.tokens, skip_special_tokens=True)
         self._emit(request)
         completion = Completion(
-            request.text, len(request.ids), len(request.tokens), request.finish or ""
+            request.text,
+            len(request.ids),
+            len(request.tokens),
+            request.finish or "",
+            request.logprob,
         )
         if request.job.on_done is not None:
             request.job.on_done(completion)

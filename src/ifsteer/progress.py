@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 from rich.console import Console
@@ -24,6 +24,8 @@ from rich.progress import (
 )
 
 Advance = Callable[[int], None]
+# What a runner of several long steps takes: `progress_bar` (a bar per step) or `silent`.
+Bars = Callable[[str, int], AbstractContextManager[Advance]]
 
 
 @contextmanager
@@ -43,6 +45,11 @@ def progress_bar(description: str, total: int, *, enabled: bool = True) -> Itera
     with Progress(*columns, console=Console(file=sys.stderr), transient=False) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
+
+
+@contextmanager
+def silent(_description: str, _total: int) -> Iterator[Advance]:
+    yield lambda _n: None
 
 
 class Stages:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
@@ -224,7 +225,15 @@ def test_a_lost_competition_is_retried_only_under_another_training_configuration
     monkeypatch.setattr(competing, "training_examples", lambda *a, **k: examples())
     monkeypatch.setattr("ifsteer.calibration.scoring.check", lambda *_a: _Verdict(False))
     run = {"sampling": Sampling(max_new_tokens=2), "n_prompts": 2}
-    first = compete(lm, LOWERCASE.id, shipped, tmp_path / "work", config(), **run)
+    counted: dict[str, list[int]] = {}
+
+    @contextmanager
+    def bars(description, total):
+        counted[description] = [total, 0]
+        yield lambda n: counted[description].__setitem__(1, counted[description][1] + n)
+
+    first = compete(lm, LOWERCASE.id, shipped, tmp_path / "work", config(), **run, bars=bars)
+    assert counted == {f"training {LOWERCASE.id}": [config().steps, config().steps]}
     assert first is not None and first.winner == "none"
     kept = read_calibrated(shipped)
     assert kept.calibration.get("method", "mean_difference") == "mean_difference"

@@ -170,6 +170,7 @@ def vectors_build(
     from dataclasses import replace
 
     from ifsteer.paths import cache_home
+    from ifsteer.progress import progress_bar
     from ifsteer.shipped import shipped_dir
     from ifsteer.shipped.build import GROUPS, Builder
     from ifsteer.training import TrainConfig
@@ -195,6 +196,7 @@ def vectors_build(
         n_prompts=n_prompts,
         seed=seed,
         batch_size=batch_size,
+        bars=progress_bar,
     )
     space = builder.space
     if layers:

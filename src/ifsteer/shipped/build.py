@@ -37,6 +37,7 @@ from ifsteer.instructions import (
     keyword_instruction,
 )
 from ifsteer.models import LoadedModel
+from ifsteer.progress import Bars, silent
 from ifsteer.quality import Fluency
 from ifsteer.shipped import file_name, read_calibrated, write_calibrated
 from ifsteer.training import TrainConfig, compete
@@ -128,9 +129,11 @@ class Builder:
         n_prompts: int,
         seed: int,
         batch_size: int,
+        bars: Bars = silent,
     ) -> None:
         self.lm, self.judge, self.out, self.work = lm, judge, out, work
         self.n_prompts, self.seed, self.batch_size = n_prompts, seed, batch_size
+        self.bars = bars  # for the trainings, which run for minutes each
         self.space = SearchSpace.coarse(lm.n_layers)
         self.fluency = Fluency()
 
@@ -356,6 +359,7 @@ class Builder:
                     n_prompts=self.n_prompts,
                     seed=self.seed,
                     batch_size=self.batch_size,
+                    bars=self.bars,
                 )
                 if contest is not None:
                     self.say(contest.summary())

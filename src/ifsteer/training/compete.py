@@ -31,10 +31,11 @@ from ifsteer.calibration.search import FORMAT_SAMPLING, verify_point
 from ifsteer.generation import Sampling
 from ifsteer.instructions import get_instruction
 from ifsteer.models import LoadedModel
+from ifsteer.progress import Bars, silent
 from ifsteer.quality import Fluency
 from ifsteer.shipped import file_name, read_calibrated, write_calibrated
 from ifsteer.training.data import distilled_examples, rule_examples, unsteered_answers
-from ifsteer.training.train import METHOD, MIN_EXAMPLES, Progress, TrainConfig, train_vectors
+from ifsteer.training.train import METHOD, MIN_EXAMPLES, TrainConfig, train_vectors
 from ifsteer.validation import extraction_queries, validation_prompts
 from ifsteer.vectors import load_vectors, save_vectors
 
@@ -80,18 +81,20 @@ def training_examples(
     instruction_id: str,
     work: Path,
     *,
-    progress: Progress | None = None,
+    bars: Bars = silent,
 ) -> list[Any]:
     """Rule targets where a rule exists, else the model's own passing answers."""
     queries = extraction_queries()
     # Greedy answers keyed by their prompt: the plain queries' and, for distillation, the
     # queries' with the instruction appended share one file.
     cache = work / f"answers-{ANSWER_TOKENS}.jsonl"
-    answers = unsteered_answers(lm, queries, ANSWER_TOKENS, cache, progress)
+    with bars("unsteered answers", len(queries)) as advance:
+        answers = unsteered_answers(lm, queries, ANSWER_TOKENS, cache, advance)
     examples = rule_examples(instruction_id, answers)
     if not examples:
         instruction = get_instruction(instruction_id)
-        examples = distilled_examples(lm, instruction, queries, ANSWER_TOKENS, progress, cache)
+        with bars("answers with the instruction", len(queries)) as advance:
+            examples = distilled_examples(lm, instruction, queries, ANSWER_TOKENS, advance, cache)
     return examples
 
 
@@ -108,7 +111,7 @@ def compete(
     n_prompts: int = 10,
     seed: int = 0,
     batch_size: int = 32,
-    progress: Progress | None = None,
+    bars: Bars = silent,
 ) -> Contest | None:
     """Train, validate and keep the winner in `shipped`; None where the file already records
     a trained winner or a competition under this `config`."""
@@ -127,7 +130,7 @@ def compete(
     if trained_path.is_file():
         vectors, _ = load_vectors(trained_path)
     else:
-        examples = training_examples(lm, instruction_id, work, progress=progress)
+        examples = training_examples(lm, instruction_id, work, bars=bars)
         if len(examples) < MIN_EXAMPLES:
             # No data is an outcome of this configuration, recorded so a rerun moves on.
             record = {"winner": kept, "trained": [], "examples": len(examples)}
@@ -136,9 +139,10 @@ def compete(
                 shipped, current.steerings(), {**current.calibration, "competition": record}
             )
             return Contest(instruction_id, None, None, paper_score, kept, len(examples))
-        trained = train_vectors(
-            lm, get_instruction(instruction_id), examples, config, progress=progress
-        )
+        with bars(f"training {instruction_id}", config.steps) as advance:
+            trained = train_vectors(
+                lm, get_instruction(instruction_id), examples, config, progress=advance
+            )
         vectors = trained.vectors
         save_vectors(trained_path, list(vectors.values()))
     prompts = validation_prompts(instruction_id, n_prompts, seed=seed)

@@ -55,6 +55,8 @@ def unsteered_answers(
                 continue  # a line cut short by a kill: that answer is generated again
             known[record["query"]] = Answer(record["query"], record["text"], record["finished"])
     todo = [q for q in dict.fromkeys(queries) if q not in known]
+    if progress is not None and len(queries) > len(todo):
+        progress(len(queries) - len(todo))  # those on disk already (a bar over `queries`)
     if todo:
         completions = generate(
             lm, todo, sampling=Sampling(max_new_tokens=max_new_tokens), progress=progress

@@ -270,6 +270,19 @@ def test_an_instruction_without_enough_training_examples_keeps_its_vector_and_th
     assert kept.calibration["competition"]["examples"] == 3
     assert compete(lm, LOWERCASE.id, shipped, tmp_path / "work", config()) is None
     assert not (tmp_path / "work" / "trained").exists()
+    # A training that never beats no steering on its held-out examples ends the same way.
+    monkeypatch.setattr(competing, "training_examples", lambda *a, **k: examples())
+
+    def learns_nothing(*_a, **_k):
+        raise training.NothingLearned("never beat no steering")
+
+    monkeypatch.setattr(competing, "train_vectors", learns_nothing)
+    other = compete(lm, LOWERCASE.id, shipped, tmp_path / "work", config(steps=3))
+    assert other is not None and other.winner == "mean_difference"
+    assert "never beat no steering" in other.summary()
+    competition = read_calibrated(shipped).calibration["competition"]
+    assert competition["untrained"] == "never beat no steering"
+    assert [r["examples"] for r in competition["earlier"]] == [3]
 
 
 class _Verdict:

@@ -35,7 +35,13 @@ from ifsteer.progress import Bars, silent
 from ifsteer.quality import Fluency
 from ifsteer.shipped import file_name, read_calibrated, write_calibrated
 from ifsteer.training.data import distilled_examples, rule_examples, unsteered_answers
-from ifsteer.training.train import METHOD, MIN_EXAMPLES, TrainConfig, train_vectors
+from ifsteer.training.train import (
+    METHOD,
+    MIN_EXAMPLES,
+    NothingLearned,
+    TrainConfig,
+    train_vectors,
+)
 from ifsteer.validation import extraction_queries, validation_prompts
 from ifsteer.vectors import load_vectors, save_vectors
 
@@ -53,22 +59,20 @@ MAX_BROKEN = 0.2
 @dataclass
 class Contest:
     instruction_id: str
-    # The best trained point (an eligible one where there is one); None where too few
-    # training examples were found to train at all (`examples` says how many).
+    # The best trained point (an eligible one where there is one); None where no vector was
+    # trained (`untrained` says why: too few examples, or nothing learned).
     trained: PointResult | None
     baseline: PointResult | None
     paper_score: float | None
     winner: str  # "trained", "mean_difference" or "none"
     examples: int
+    untrained: str | None = None
 
     def summary(self) -> str:
         t, b = self.trained, self.baseline
         paper = "-" if self.paper_score is None else f"{self.paper_score:.2f}"
         if t is None or b is None:
-            return (
-                f"{self.instruction_id}: {self.examples} training examples (need "
-                f"{MIN_EXAMPLES}), not trained -> {self.winner}"
-            )
+            return f"{self.instruction_id}: not trained ({self.untrained}) -> {self.winner}"
         return (
             f"{self.instruction_id}: trained {t.point.key} {t.score:.2f} (acc {t.accuracy:.2f}, "
             f"broken {t.degenerate:.2f}, newly {t.newly_broken:.2f}), paper {paper}, "
@@ -131,18 +135,21 @@ def compete(
         vectors, _ = load_vectors(trained_path)
     else:
         examples = training_examples(lm, instruction_id, work, bars=bars)
-        if len(examples) < MIN_EXAMPLES:
-            # No data is an outcome of this configuration, recorded so a rerun moves on.
+        try:
+            if len(examples) < MIN_EXAMPLES:
+                raise NothingLearned(f"{len(examples)} training examples, need {MIN_EXAMPLES}")
+            with bars(f"training {instruction_id}", config.steps) as advance:
+                trained = train_vectors(
+                    lm, get_instruction(instruction_id), examples, config, progress=advance
+                )
+        except NothingLearned as why:
+            # An outcome of this configuration, recorded so a rerun (and the build) moves on.
             record = {"winner": kept, "trained": [], "examples": len(examples)}
-            record |= {"config": settings, "earlier": _rounds(earlier)}
+            record |= {"untrained": str(why), "config": settings, "earlier": _rounds(earlier)}
             write_calibrated(
                 shipped, current.steerings(), {**current.calibration, "competition": record}
             )
-            return Contest(instruction_id, None, None, paper_score, kept, len(examples))
-        with bars(f"training {instruction_id}", config.steps) as advance:
-            trained = train_vectors(
-                lm, get_instruction(instruction_id), examples, config, progress=advance
-            )
+            return Contest(instruction_id, None, None, paper_score, kept, len(examples), str(why))
         vectors = trained.vectors
         save_vectors(trained_path, list(vectors.values()))
     prompts = validation_prompts(instruction_id, n_prompts, seed=seed)

@@ -38,11 +38,22 @@ from ifsteer.steering import Steering
 from ifsteer.training.objective import Example, Objective, batch, check_loss, tokens_of
 from ifsteer.vectors import SteeringVector
 
-__all__ = ["MIN_EXAMPLES", "Example", "TrainConfig", "Trained", "train_vectors"]
+__all__ = [
+    "MIN_EXAMPLES",
+    "Example",
+    "NothingLearned",
+    "TrainConfig",
+    "Trained",
+    "train_vectors",
+]
 
 Progress = Callable[[int], None]
 METHOD = "trained"
 MIN_EXAMPLES = 4  # two held out for the validation loss, two to train on
+
+
+class NothingLearned(InvalidSteering):
+    """Training ended without a vector that beats no steering on its held-out examples."""
 
 
 @dataclass(frozen=True)
@@ -179,7 +190,7 @@ def train_vectors(
             if progress is not None:
                 progress(1)
     if not best[2]:
-        raise InvalidSteering(
+        raise NothingLearned(
             f"training {instruction.id!r} never beat no steering on held-out examples "
             f"(loss {best[0]:.3f}); more steps or another layer may"
         )

@@ -249,6 +249,16 @@ def test_vectors_list_shows_the_shipped_vectors_and_their_scores(monkeypatch, ca
     assert code == 0 and "detectable_format:title" in stdout
 
 
+def test_a_points_short_form_reads_a_trained_vectors_size_per_layer():
+    from ifsteer.cli.catalogue import _short_point
+
+    assert _short_point("L22:projection:2:all", "mean_difference") == "L22 proj 2"
+    assert _short_point("L18:additive:1:all", "trained") == "trained L18"
+    assert _short_point("L14+18+22:additive:3:all", "trained") == "trained L14+18+22"
+    assert _short_point("L14+18+22:additive:1.5:all", "trained") == "trained L14+18+22 0.5"
+    assert _short_point("L1+3:additive:odd:generated", "trained") == "trained L1+3 odd gen"
+
+
 def test_vectors_list_is_readable_in_80_columns(monkeypatch, capsys):
     from ifsteer.cli.app import out
 

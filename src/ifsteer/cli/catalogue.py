@@ -62,7 +62,7 @@ def vectors_list(
         table.add_column("status", no_wrap=True)
         table.add_column("method", no_wrap=True)
     table.add_column("steer", no_wrap=True)
-    table.add_column("point", no_wrap=True)
+    table.add_column("point")  # a multi-layer point wraps at its space, not the ids
     table.add_column("score", justify="right", no_wrap=True)
     table.add_column("base", justify="right", no_wrap=True)
     for row in rows:
@@ -90,13 +90,18 @@ def vectors_list(
 
 def _short_point(point: str, method: str) -> str:
     """`L22:projection:1:all` as `L22 proj 1`: the layer, mode and weight; positions only
-    when they are not all. A trained vector is `trained L18`: additive at its own size."""
+    when they are not all. A trained vector is `trained L18`: additive at its own size (the
+    point's scale counts each of its layers, so three layers at their size read 3)."""
     parts = point.split(":")
     if len(parts) != 4:
         return point
     layer, mode, weight, positions = parts
     if method == "trained":
-        short = f"trained {layer}" + ("" if weight == "1" else f" {weight}")
+        try:
+            size = f"{float(weight) / len(layer.split('+')):g}"
+        except ValueError:  # a point some other tool wrote: shown as it is
+            size = weight
+        short = f"trained {layer}" + ("" if size == "1" else f" {size}")
     else:
         short = f"{layer} {mode[:4]} {weight}"
     return short if positions == "all" else f"{short} {positions[:3]}"

@@ -298,7 +298,7 @@ def _answer(
     independent = scorer is not lm
     ppl: list[float | None] = [None] * len(texts)
     if perplexity:
-        ppl = [None if independent else c.perplexity for _, _, c in finished]
+        ppl = [c.perplexity for _, _, c in finished]  # recorded where `lm` itself scores
         rest = [i for i, p in enumerate(ppl) if p is None]  # steered, or not recorded
         if rest:
             scored = quality.perplexities(

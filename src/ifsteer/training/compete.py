@@ -37,7 +37,6 @@ from ifsteer.shipped import file_name, read_calibrated, write_calibrated
 from ifsteer.training.data import distilled_examples, rule_examples, unsteered_answers
 from ifsteer.training.train import (
     METHOD,
-    MIN_EXAMPLES,
     NothingLearned,
     TrainConfig,
     train_vectors,
@@ -136,8 +135,6 @@ def compete(
     else:
         examples = training_examples(lm, instruction_id, work, bars=bars)
         try:
-            if len(examples) < MIN_EXAMPLES:
-                raise NothingLearned(f"{len(examples)} training examples, need {MIN_EXAMPLES}")
             with bars(f"training {instruction_id}", config.steps) as advance:
                 trained = train_vectors(
                     lm, get_instruction(instruction_id), examples, config, progress=advance

@@ -53,7 +53,8 @@ MIN_EXAMPLES = 4  # two held out for the validation loss, two to train on
 
 
 class NothingLearned(InvalidSteering):
-    """Training ended without a vector that beats no steering on its held-out examples."""
+    """Training gave no vector: too few examples to learn from, or none that beats no steering
+    on its held-out examples. A build records it and goes on (`compete`)."""
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ def train_vectors(
                 f"layer {layer} is out of range: the model has 0..{lm.n_layers - 1}"
             )
     if len(examples) < MIN_EXAMPLES:
-        raise InvalidSteering(f"{len(examples)} training examples: need at least {MIN_EXAMPLES}")
+        raise NothingLearned(f"{len(examples)} training examples: need at least {MIN_EXAMPLES}")
     check_loss(config.loss)
     if config.loss == "preference" and not any(e.rejected is not None for e in examples):
         raise InvalidSteering(

@@ -79,18 +79,17 @@ def hf():
     return lm, {"lower": lower, "louder": louder, "zero": zero}
 
 
+def _engine(lm, **settings) -> VLLMEngine:
+    """The embedded model's (or IFSTEER_VLLM_MODEL's) engine in float32; `settings` are each
+    fixture's share of the GPU and its compilation."""
+    source = os.environ.get("IFSTEER_VLLM_MODEL") or str(cache_dir(DEFAULT_MODEL))
+    return VLLMEngine(source, model_id=lm.model_id, dtype="float32", max_model_len=2048, **settings)
+
+
 @pytest.fixture(scope="module")
 def served(hf):
     lm, vectors = hf
-    source = os.environ.get("IFSTEER_VLLM_MODEL") or str(cache_dir(DEFAULT_MODEL))
-    engine = VLLMEngine(
-        source,
-        model_id=lm.model_id,
-        dtype="float32",
-        gpu_memory_utilization=0.4,
-        max_model_len=2048,
-    )
-    app = build_app(engine, vectors)
+    app = build_app(_engine(lm, gpu_memory_utilization=0.4), vectors)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -110,16 +109,8 @@ def served(hf):
 @pytest.fixture(scope="module")
 def eager(hf):
     """The same engine with `enforce_eager=True`: the op run as plain calls, no graph."""
-    lm, vectors = hf
-    source = os.environ.get("IFSTEER_VLLM_MODEL") or str(cache_dir(DEFAULT_MODEL))
-    engine = VLLMEngine(
-        source,
-        model_id=lm.model_id,
-        dtype="float32",
-        gpu_memory_utilization=0.3,
-        max_model_len=2048,
-        enforce_eager=True,
-    )
+    lm, _ = hf
+    engine = _engine(lm, gpu_memory_utilization=0.3, enforce_eager=True)
     loop = asyncio.new_event_loop()
     loop.run_until_complete(engine.start())
     yield loop, engine

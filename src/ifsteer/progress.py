@@ -30,7 +30,10 @@ Bars = Callable[[str, int], AbstractContextManager[Advance]]
 
 @contextmanager
 def progress_bar(description: str, total: int, *, enabled: bool = True) -> Iterator[Advance]:
-    """A bar on stderr (stdout stays clean for results); a no-op when disabled."""
+    """A bar on stderr (stdout stays clean for results); a no-op when disabled.
+
+    Work that fails leaves no bar behind: a bar frozen at 0 of N above the error's one line
+    would claim progress that never happened."""
     if not enabled:
         yield lambda _n: None
         return
@@ -44,7 +47,11 @@ def progress_bar(description: str, total: int, *, enabled: bool = True) -> Itera
     )
     with Progress(*columns, console=Console(file=sys.stderr), transient=False) as bar:
         task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
+        try:
+            yield lambda n: bar.advance(task, n)
+        except BaseException:
+            bar.update(task, visible=False)
+            raise
 
 
 @contextmanager

@@ -270,8 +270,14 @@ def test_an_instruction_without_enough_training_examples_keeps_its_vector_and_th
     assert kept.calibration["competition"]["examples"] == 3
     assert compete(lm, LOWERCASE.id, shipped, tmp_path / "work", config()) is None
     assert not (tmp_path / "work" / "trained").exists()
-    # A training that never beats no steering on its held-out examples ends the same way.
     monkeypatch.setattr(competing, "training_examples", lambda *a, **k: examples())
+    # The preference loss over distilled answers (no rejected twin) ends the same way: a build
+    # over a group of languages records it and goes on.
+    preferred = compete(lm, LOWERCASE.id, shipped, tmp_path / "work", config(loss="preference"))
+    assert preferred is not None and preferred.winner == "mean_difference"
+    assert "preference loss needs" in preferred.summary()
+    assert not (tmp_path / "work" / "trained").exists()
+    # A training that never beats no steering on its held-out examples ends the same way.
 
     def learns_nothing(*_a, **_k):
         raise training.NothingLearned("never beat no steering")
@@ -282,7 +288,7 @@ def test_an_instruction_without_enough_training_examples_keeps_its_vector_and_th
     assert "never beat no steering" in other.summary()
     competition = read_calibrated(shipped).calibration["competition"]
     assert competition["untrained"] == "never beat no steering"
-    assert [r["examples"] for r in competition["earlier"]] == [3]
+    assert [r["examples"] for r in competition["earlier"]] == [3, len(examples())]
 
 
 class _Verdict:

@@ -53,8 +53,10 @@ MIN_EXAMPLES = 4  # two held out for the validation loss, two to train on
 
 
 class NothingLearned(InvalidSteering):
-    """Training gave no vector: too few examples to learn from, or none that beats no steering
-    on its held-out examples. A build records it and goes on (`compete`)."""
+    """Training gave no vector: too few examples to learn from, examples the loss cannot use
+    (the preference loss on distilled answers, which have no rejected twin), or none that beats
+    no steering on its held-out examples. A build records it and goes on (`compete`): one
+    instruction this configuration cannot train must not stop a build of the others."""
 
 
 @dataclass(frozen=True)
@@ -132,8 +134,9 @@ def train_vectors(
         raise NothingLearned(f"{len(examples)} training examples: need at least {MIN_EXAMPLES}")
     check_loss(config.loss)
     if config.loss == "preference" and not any(e.rejected is not None for e in examples):
-        raise InvalidSteering(
-            "the preference loss needs examples with a rejected answer (rule targets)"
+        raise NothingLearned(
+            "the preference loss needs examples with a rejected answer (rule targets); "
+            "these are distilled answers"
         )
     started = time.perf_counter()
     rng = random.Random(config.seed)

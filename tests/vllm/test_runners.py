@@ -140,7 +140,9 @@ def test_a_sweep_on_vllm_picks_a_point_and_writes_it(lm, data, offline, tmp_path
         written.is_file() and json.loads(written.read_text())["chosen"] == ours.to_json()["chosen"]
     )
     extra = load_vector_files(root / "vectors")[CAPITAL].default.extra
-    assert extra["sweep"]["layer"] == ours.chosen.layer and list(updated) == [CAPITAL]
+    assert extra["sweep"]["layer"] == ours.chosen.point.coordinates[0] and list(updated) == [
+        CAPITAL
+    ]
     unsteered = [(r["response"], r["decided"]) for r in ours.responses if r["layer"] is None]
     assert unsteered == [(r["response"], r["decided"]) for r in hf.responses if r["layer"] is None]
     assert any(r["decided"] for r in hf.responses)  # the case does stop failures early
@@ -150,12 +152,12 @@ def test_a_sweep_on_vllm_picks_a_point_and_writes_it(lm, data, offline, tmp_path
     )
     print(
         f"sweep answers equal to the HF engine's: {agree} of {len(hf.responses)}; "
-        f"chosen {ours.chosen.layer} (HF: {hf.chosen.layer})"
+        f"chosen {ours.chosen.point.coordinates[0]} (HF: {hf.chosen.point.coordinates[0]})"
     )
     assert agree >= len(hf.responses) - 2
     if agree == len(hf.responses):  # the same answers and verdicts: the same grid and choice
         assert ours.grid == hf.grid and ours.chosen == hf.chosen
-    assert extra["sweep"]["recommended"] == ours.chosen.recommended
+    assert extra["sweep"]["recommended"] == ours.recommended
 
 
 def test_a_queue_checks_what_vllm_would_refuse_late(lm, offline):

@@ -72,14 +72,16 @@ def apply_choice(
     """
     paths = [_path(f) for f in (files.values() if isinstance(files, Mapping) else files)]
     best = best_steered(result.grid) if any(p.steered for p in result.grid) else None
-    baseline = next((p for p in result.grid if p.layer is None), None)
+    baseline = next((p for p in result.grid if not p.steered), None)
+    layer, weight = result.chosen.point.coordinates
+    best_layer, best_weight = (None, None) if best is None else best.point.coordinates
     record = {
-        "layer": result.chosen.layer,
-        "weight": result.chosen.weight,
+        "layer": layer,
+        "weight": weight,
         "score": result.chosen.score,
-        "recommended": result.chosen.recommended,
-        "best_layer": None if best is None else best.layer,
-        "best_weight": None if best is None else best.weight,
+        "recommended": result.recommended,
+        "best_layer": best_layer,
+        "best_weight": best_weight,
         "best_score": None if best is None else best.score,
         "no_steering_score": None if baseline is None else baseline.score,
         "with_instruction": result.with_instruction,
@@ -88,14 +90,14 @@ def apply_choice(
         "max_new_tokens": result.max_new_tokens,
     }
     key = _sweep_key(result.with_instruction)
-    write = set_default and result.chosen.recommended
+    write = set_default and result.recommended
     written = []
     for path in paths:
         written.append(
             update_defaults(
                 path,
-                layer=result.chosen.layer if write else None,
-                weight=result.chosen.weight if write else None,
+                layer=layer if write else None,
+                weight=weight if write else None,
                 extra={key: record},
             )
         )

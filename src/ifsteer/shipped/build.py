@@ -23,8 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ifsteer.calibration.grid import Point
-from ifsteer.calibration.scoring import search_log, steerings_for
+from ifsteer.calibration.point import Point, steerings_for
+from ifsteer.calibration.scoring import search_log
 from ifsteer.calibration.search import SearchResult, SearchSpace, run_search, verify_point
 from ifsteer.checks import check
 from ifsteer.datasets import data_path

@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ifsteer.calibration.grid import Point, PointResult, best_steered
-from ifsteer.calibration.scoring import steerings_for
+from ifsteer.calibration.grid import PointResult, best_steered
+from ifsteer.calibration.point import Point, steerings_for
 from ifsteer.calibration.search import FORMAT_SAMPLING, verify_point
 from ifsteer.generation import Sampling
 from ifsteer.instructions import get_instruction

@@ -28,6 +28,7 @@ from ifsteer.calibration.scoring import search_log
 from ifsteer.calibration.search import SearchResult, SearchSpace, run_search, verify_point
 from ifsteer.checks import check
 from ifsteer.datasets import data_path
+from ifsteer.errors import IfsteerError
 from ifsteer.generation import Sampling
 from ifsteer.instructions import (
     FORMAT_INSTRUCTION_IDS,
@@ -48,6 +49,7 @@ from ifsteer.validation import (
     validation_prompts,
 )
 from ifsteer.vectors import SteeringVector, default_layer, extract_instruction
+from ifsteer.vectors.records import Calibration, point_record
 
 # Most promising first, so an interrupted build has shipped what matters most.
 GROUPS = ("language", "format", "keywords", "length")
@@ -84,13 +86,13 @@ def calibration_record(
     status: str = "searched",
 ) -> dict[str, Any]:
     point = result.chosen if result.recommended else result.best
-    return {
-        "status": status,
-        "recommended": result.recommended,
-        "point": point.point.key,
-        "mode": point.point.mode,
-        "scale": point.point.scale,
-        "validation": {
+    return point_record(
+        status=status,
+        recommended=result.recommended,
+        point=point.point.key,
+        mode=point.point.mode,
+        scale=point.point.scale,
+        validation={
             "score": point.score,
             "accuracy": point.accuracy,
             "degenerate": point.degenerate,
@@ -99,23 +101,23 @@ def calibration_record(
             "n_prompts": result.n_prompts,
             "max_new_tokens": result.max_new_tokens,
         },
-        "paper_targets": {str(layer): vectors[layer].target for layer in point.point.layers},
-        "search": {
+        paper_targets={layer: vectors[layer].target for layer in point.point.layers},
+        search={
             "layers": list(space.layers),
             "projection_scales": list(space.projection_scales),
             "additive_scales": list(space.additive_scales),
             "multi_layer": space.multi_layer,
             "points": len(result.results),
         },
-        "fluency": {
+        fluency={
             "max_repetition": result.fluency.max_repetition,
             "min_perplexity": result.fluency.min_perplexity,
             "max_perplexity": result.fluency.max_perplexity,
             "min_tail_compression": result.fluency.min_tail_compression,
             "max_degenerate": result.fluency.max_degenerate,
         },
-        "seed": seed,
-    }
+        seed=seed,
+    )
 
 
 class Builder:
@@ -184,7 +186,7 @@ class Builder:
         path = self.out / file_name(instruction_id)
         if not path.is_file():
             return "missing"
-        return str(read_calibrated(path).calibration.get("status", "searched"))
+        return read_calibrated(path).status
 
     def keywords_pending(self) -> None:
         """Pending files for every keyword word (one extraction each, 20 pairs)."""
@@ -199,16 +201,16 @@ class Builder:
         layer = default_layer(self.lm.n_layers)
         vectors = self.extract(instruction_id, [layer], group)
         point = Point((layer,), get_instruction(instruction_id).mode, 1.0)
-        record = {
-            "status": "pending",
-            "recommended": False,
-            "point": point.key,
-            "mode": point.mode,
-            "scale": point.scale,
-            "validation": None,
-            "paper_targets": {str(layer): vectors[layer].target},
-            "seed": self.seed,
-        }
+        record = point_record(
+            status="pending",
+            recommended=False,
+            point=point.key,
+            mode=point.mode,
+            scale=point.scale,
+            validation=None,
+            paper_targets={layer: vectors[layer].target},
+            seed=self.seed,
+        )
         write_calibrated(
             self.out / file_name(instruction_id), steerings_for(point, vectors), record
         )
@@ -244,8 +246,7 @@ class Builder:
         path = self.out / file_name(instruction_id)
         status = self.status(instruction_id)
         if status == "searched" or status == wanted:
-            shipped = read_calibrated(path)
-            return _point_of(shipped.calibration)
+            return _point_of(read_calibrated(path).calibration)
         prompts = validation_prompts(instruction_id, self.n_prompts, seed=self.seed)
         self.prefill_baseline(instruction_id, prompts, group)
         if donor is None:
@@ -365,6 +366,8 @@ class Builder:
                     self.say(contest.summary())
 
 
-def _point_of(calibration: Mapping[str, Any]) -> Point:
-    layers = tuple(int(layer) for layer in calibration["layers"])
-    return Point(layers, calibration["mode"], float(calibration["scale"]), calibration["positions"])
+def _point_of(calibration: Calibration) -> Point:
+    """The search's point a file records (its layers, mode, target scale and positions)."""
+    if calibration.layers is None or calibration.scale is None:
+        raise IfsteerError(f"a calibrated file records no searched point ({calibration.point})")
+    return Point(calibration.layers, calibration.mode, calibration.scale, calibration.positions)

@@ -43,6 +43,7 @@ from ifsteer.training.train import (
 )
 from ifsteer.validation import extraction_queries, validation_prompts
 from ifsteer.vectors import load_vectors, save_vectors
+from ifsteer.vectors.records import Calibration, point_record
 
 __all__ = ["Contest", "compete", "training_examples"]
 
@@ -119,7 +120,7 @@ def compete(
     """Train, validate and keep the winner in `shipped`; None where the file already records
     a trained winner or a competition under this `config`."""
     current = read_calibrated(shipped)
-    earlier = current.calibration.get("competition")
+    earlier = current.calibration.competition
     settings = _settings(config)
     if earlier is not None and (
         earlier.get("winner") == METHOD or earlier.get("config") == settings
@@ -127,8 +128,7 @@ def compete(
         return None
     name = f"{file_name(instruction_id).removesuffix('.safetensors')}.{_tag(settings)}"
     trained_path = work / "trained" / f"{name}.safetensors"
-    paper = current.calibration.get("validation") or {}
-    paper_score = paper.get("score") if current.recommended else None
+    paper_score = current.calibration.validation.get("score") if current.recommended else None
     kept = "mean_difference" if paper_score is not None else "none"
     if trained_path.is_file():
         vectors, _ = load_vectors(trained_path)
@@ -144,7 +144,7 @@ def compete(
             record = {"winner": kept, "trained": [], "examples": len(examples)}
             record |= {"untrained": str(why), "config": settings, "earlier": _rounds(earlier)}
             write_calibrated(
-                shipped, current.steerings(), {**current.calibration, "competition": record}
+                shipped, current.steerings(), current.calibration.updated(competition=record)
             )
             return Contest(instruction_id, None, None, paper_score, kept, len(examples), str(why))
         vectors = trained.vectors
@@ -186,7 +186,7 @@ def compete(
         )
     else:
         write_calibrated(
-            shipped, current.steerings(), {**current.calibration, "competition": record}
+            shipped, current.steerings(), current.calibration.updated(competition=record)
         )
     n_examples = next(iter(vectors.values())).n_pairs  # a trained vector's examples
     return Contest(instruction_id, best, baseline, paper_score, winner, n_examples)
@@ -220,11 +220,11 @@ def _winner(best: PointResult | None, baseline: PointResult, paper_score: float 
 def _competition(
     tried: Sequence[PointResult],
     baseline: PointResult,
-    paper: Mapping[str, Any],
+    paper: Calibration,
     paper_score: float | None,
     winner: str,
 ) -> dict[str, Any]:
-    validation = paper.get("validation") or {}
+    validation = paper.validation
     return {
         "winner": winner,
         "trained": [
@@ -238,8 +238,8 @@ def _competition(
             for t in tried
         ],
         "mean_difference": {
-            "point": paper.get("point"),
-            "recommended": bool(paper.get("recommended")),
+            "point": paper.point or None,
+            "recommended": paper.recommended,
             "score": validation.get("score"),
             "accuracy": validation.get("accuracy"),
             "degenerate": validation.get("degenerate"),
@@ -256,17 +256,16 @@ def _trained_calibration(
     baseline: PointResult,
     vectors: Mapping[int, Any],
     competition: dict[str, Any],
-    previous: Mapping[str, Any],
+    previous: Calibration,
 ) -> dict[str, Any]:
     training = next(iter(vectors.values())).extra.get("training", {})
-    return {
-        "status": "searched",
-        "method": METHOD,
-        "recommended": True,
-        "point": best.point.key,
-        "mode": best.point.mode,
-        "scale": best.point.scale,
-        "validation": {
+    return point_record(
+        status="searched",
+        recommended=True,
+        point=best.point.key,
+        mode=best.point.mode,
+        scale=best.point.scale,
+        validation={
             "score": best.score,
             "accuracy": best.accuracy,
             "degenerate": best.degenerate,
@@ -275,8 +274,10 @@ def _trained_calibration(
             "n_prompts": competition["n_prompts"],
             "max_new_tokens": competition["max_new_tokens"],
         },
-        "training": training,
-        "competition": competition,
-        "fluency": previous.get("fluency"),
-        "seed": previous.get("seed", 0),
-    }
+        paper_targets={},
+        method=METHOD,
+        training=training,
+        competition=competition,
+        fluency=previous.fluency,
+        seed=previous.seed,
+    )

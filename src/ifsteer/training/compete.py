@@ -25,11 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ifsteer.batcher import Batcher
 from ifsteer.calibration.grid import PointResult, best_steered
 from ifsteer.calibration.point import Point, steerings_for
 from ifsteer.calibration.search import FORMAT_SAMPLING, verify_point
 from ifsteer.generation import Sampling
 from ifsteer.instructions import get_instruction
+from ifsteer.jobs import QueueFactory
 from ifsteer.models import LoadedModel
 from ifsteer.progress import Bars, silent
 from ifsteer.quality import Fluency
@@ -116,9 +118,16 @@ def compete(
     seed: int = 0,
     batch_size: int = 32,
     bars: Bars = silent,
+    engine: QueueFactory = Batcher,
+    early_stop: bool = False,
+    setting: str = "",
 ) -> Contest | None:
     """Train, validate and keep the winner in `shipped`; None where the file already records
-    a trained winner or a competition under this `config`."""
+    a trained winner or a competition under this `config`.
+
+    Training runs on the HF model `lm` (it needs gradients); `engine` and `early_stop` make
+    the validation answers, as for `verify_point`, logged under a name carrying `setting`
+    (`calibration.answers.setting_suffix`)."""
     current = read_calibrated(shipped)
     earlier = current.calibration.competition
     settings = _settings(config)
@@ -161,8 +170,10 @@ def compete(
             judge=judge,
             fluency=fluency,
             sampling=sampling,
-            log_path=work / f"{name}.trained.jsonl",
+            log_path=work / f"{name}.trained{setting}.jsonl",
             batch_size=batch_size,
+            engine=engine,
+            early_stop=early_stop,
         )
         for scale in TRAINED_SCALES
     ]

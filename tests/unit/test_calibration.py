@@ -20,6 +20,7 @@ from ifsteer.calibration import (
     load_sweep,
     save_sweep,
     score_point,
+    sweep,
     sweep_filename,
     sweep_layers,
     sweep_recommends,
@@ -517,3 +518,10 @@ def test_a_sweep_reuses_answers_logged_under_the_keys_it_always_wrote(tiny10, lo
     assert submitted == []
     assert [r["response"] for r in result.responses] == ["logged None"] * 2 + ["logged 4"] * 2
     assert [p.point for p in result.grid] == [Point(), Point.swept(4)]
+
+
+def test_a_sweep_refuses_a_point_it_cannot_name(tiny10, lower_file):
+    # a search's point (a relative scale, or several layers) has no (layer, weight) to record
+    for odd in (Point((4,), "projection", 2.0), Point.swept(4, 1.0, "additive")):
+        with pytest.raises(InvalidSteering, match="one layer at a weight"):
+            sweep(tiny10, lower_file, ROWS, [Point(), odd], sampling=Sampling(max_new_tokens=2))

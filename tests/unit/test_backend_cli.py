@@ -84,3 +84,48 @@ def test_the_hf_backend_hands_the_runners_the_hf_engine(monkeypatch, tiny_lm):
     monkeypatch.setattr(backend_cli, "load", lambda model, dtype: tiny_lm)
     with backend_cli.runner_backend("hf", "tiny", "float32") as (lm, engine):
         assert (lm, engine) == (tiny_lm, Batcher)
+
+
+def _no_model_may_load(*_args: object) -> None:
+    raise AssertionError("a model loaded before the backend was checked")
+
+
+@pytest.mark.parametrize(
+    ("backend", "message"),
+    [("tgi", "error: unknown backend 'tgi'"), ("vllm", "error: the vLLM backend needs vLLM")],
+)
+def test_vectors_build_checks_its_backend_before_any_model_loads(
+    monkeypatch, capsys, tmp_path, backend, message
+):
+    monkeypatch.setitem(sys.modules, "vllm", None)  # `import vllm` raises ImportError
+    monkeypatch.setattr("ifsteer.cli.train.load", _no_model_may_load)
+    monkeypatch.setattr("ifsteer.cli.backend.load", _no_model_may_load)
+    work = tmp_path / "work"
+    args = ("vectors", "build", "--work", str(work), "--out", str(tmp_path / "out"))
+    code, _, err = run(monkeypatch, capsys, *args, "--backend", backend, "--early-stop")
+    assert code == 2 and err.count("\n") == 1 and err.startswith(message), err
+    assert not work.exists() and not (tmp_path / "out").exists()
+
+
+def test_vectors_build_passes_its_engine_and_early_stop_to_the_builder(
+    monkeypatch, capsys, tmp_path, tiny_lm
+):
+    import ifsteer.shipped.build as build
+
+    made = []
+
+    class Recorder(build.Builder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def run(self, *args, **kwargs):
+            pass
+
+    monkeypatch.setattr(build, "Builder", Recorder)
+    monkeypatch.setattr("ifsteer.cli.backend.load", lambda *_a: tiny_lm)
+    args = ("vectors", "build", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"))
+    code, _, err = run(monkeypatch, capsys, *args, "--judge", "none", "--early-stop")
+    assert code == 0, err
+    (builder,) = made
+    assert builder.engine is Batcher and builder.early_stop and builder.setting == ".early"

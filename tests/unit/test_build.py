@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from ifsteer.calibration import SearchSpace
+from ifsteer.calibration.scoring import search_log
 from ifsteer.shipped import build, file_name, read_calibrated, shipped_ids
 from ifsteer.shipped.build import Builder
+from ifsteer.validation import validation_prompts
 
 LANGS = ["language:response_language:de", "language:response_language:it"]
 
@@ -46,3 +50,63 @@ def test_pending_files_ship_before_any_search(builder):
     assert shipped.calibration["status"] == "pending" and not shipped.recommended
     assert [v.layer for v in shipped.vectors] == [builder.lm.n_layers // 3]
     assert builder.status(LANGS[1]) == "missing"
+
+
+def _logged_baseline(path, prompts, response):
+    """A log of unsteered answers to `prompts`, as an earlier search wrote it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for i, p in enumerate(prompts):
+            record = {"point": "none", "prompt": i, "query": p.query, "response": response}
+            record |= {"passed": False, "strict": False, "repetition": 0.0, "perplexity": 1.0}
+            record |= {"max_new_tokens": build.TOKENS["language"], "with_instruction": False}
+            f.write(json.dumps(record) + "\n")
+
+
+def test_each_setting_logs_apart_and_reuses_only_its_own_unsteered_answers(tiny_lm, tmp_path):
+    prompts = validation_prompts(LANGS[0], 3, seed=0)
+    work = tmp_path / "work"
+    _logged_baseline(work / "other.jsonl", prompts, "as run to the end on HF")
+    _logged_baseline(work / "other.vllm.jsonl", prompts, "on vLLM")
+    (work / "answers-160.jsonl").write_text('{"query": "q", "text": "t", "finished": true}\n')
+    answers = {}
+    for backend, early_stop in (("hf", False), ("vllm", False), ("hf", True)):
+        b = Builder(
+            tiny_lm, None, tmp_path / "out", work, n_prompts=3, seed=0, batch_size=4,
+            backend=backend, early_stop=early_stop,
+        )  # fmt: skip
+        b.prefill_baseline(LANGS[1], prompts, "language")
+        log = search_log(b.log_path(LANGS[1]))
+        answers[b.log_path(LANGS[1]).name] = {r["response"] for r in log.records.values()}
+    assert answers == {
+        "language__response_language__it.jsonl": {"as run to the end on HF"},
+        "language__response_language__it.vllm.jsonl": {"on vLLM"},
+        "language__response_language__it.early.jsonl": set(),  # none logged early yet
+    }
+
+
+def test_an_early_stopping_build_searches_on_its_engine_into_its_own_log(builder, monkeypatch):
+    from ifsteer.batcher import Batcher
+
+    submitted = []  # language checks are never decided early: the decider is test_search's
+
+    def engine(*args, **kwargs):
+        queue = Batcher(*args, **kwargs)
+        submit = queue.submit
+        queue.submit = lambda job: submitted.append(job) or submit(job)
+        return queue
+
+    searched = []
+    search = build.run_search
+    monkeypatch.setattr(build, "run_search", lambda *a, **k: searched.append(k) or search(*a, **k))
+    builder.engine, builder.early_stop, builder.setting = engine, True, ".early"
+    builder.space = SearchSpace(
+        layers=(1,), projection_scales=(), additive_scales=(), multi_layer=0, try_generated=False
+    )
+    builder.run(["language"], only=LANGS[:1])
+    name = "language__response_language__de"
+    assert (builder.work / f"{name}.early.jsonl").is_file()
+    assert not (builder.work / f"{name}.jsonl").exists()
+    assert (builder.work / f"{name}.early.summary.json").is_file()
+    assert len(submitted) == 3 * 2  # no steering and layer 1, each on 3 prompts
+    assert [(k["engine"], k["early_stop"]) for k in searched] == [(engine, True)]

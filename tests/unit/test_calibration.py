@@ -10,9 +10,9 @@ import pytest
 
 from ifsteer.batcher import Batcher
 from ifsteer.calibration import (
-    Choice,
-    FluencyStats,
-    GridPoint,
+    AnswerLog,
+    Point,
+    PointResult,
     SweepResult,
     apply_choice,
     choose,
@@ -20,6 +20,7 @@ from ifsteer.calibration import (
     load_sweep,
     save_sweep,
     score_point,
+    sweep,
     sweep_filename,
     sweep_layers,
     sweep_recommends,
@@ -44,12 +45,16 @@ from tests.conftest import make_tiny, tiny_llama_config
 
 LOWER = "change_case:english_lowercase"
 NO_COMMA = "punctuation:no_comma"
-OK = FluencyStats(repetition=0.0, perplexity=None, degenerate=0.0)
 
 
 def point(layer, score, weight=None, accuracy=None, degenerate=0.0):
-    fluency = FluencyStats(repetition=0.0, perplexity=None, degenerate=degenerate)
-    return GridPoint(layer, weight, score if accuracy is None else accuracy, fluency, score, 4)
+    accuracy = score if accuracy is None else accuracy
+    return PointResult(Point.swept(layer, weight), accuracy, score, degenerate, 0.0, None, 4)
+
+
+def picked(result):
+    """(layer, weight, score) of a chosen sweep point."""
+    return (*result.point.coordinates, result.score)
 
 
 def shuffled(grid, seed=0):
@@ -64,23 +69,23 @@ def shuffled(grid, seed=0):
 def test_choose_picks_the_best_layer():
     grid = [point(None, 0.25), point(6, 0.5), point(8, 0.75), point(10, 0.5), point(12, 0.0)]
     for seed in range(3):
-        assert Choice.of(choose(shuffled(grid, seed))) == Choice(8, None, 0.75)
+        assert picked(choose(shuffled(grid, seed))) == (8, None, 0.75)
 
 
 def test_choose_takes_the_lowest_layer_on_ties():
     grid = [point(None, 0.0), point(14, 0.75), point(8, 0.75), point(20, 0.75), point(6, 0.5)]
     for seed in range(4):
-        assert choose(shuffled(grid, seed)).layer == 8
+        assert choose(shuffled(grid, seed)).point.coordinates[0] == 8
 
 
 def test_no_steering_wins_when_no_layer_beats_it():
     tie = [point(None, 0.5), point(6, 0.5), point(8, 0.25)]
-    assert Choice.of(choose(tie)) == Choice(None, None, 0.5)
-    assert not Choice.of(choose(tie)).recommended
+    assert picked(choose(tie)) == (None, None, 0.5)
+    assert not choose(tie).steered
     better = [point(None, 0.75), point(6, 0.5), point(8, 0.25)]
-    assert choose(shuffled(better)).layer is None
+    assert choose(shuffled(better)).point.coordinates[0] is None
     # but a strictly better layer beats it
-    assert choose([point(None, 0.5), point(6, 0.75)]).layer == 6
+    assert choose([point(None, 0.5), point(6, 0.75)]).point.coordinates[0] == 6
 
 
 def test_a_degenerate_layer_is_zeroed_and_cannot_win():
@@ -92,7 +97,7 @@ def test_a_degenerate_layer_is_zeroed_and_cannot_win():
         point(8, 0.5),
         point(10, score, accuracy=accuracy, degenerate=0.75),
     ]
-    assert choose(grid).layer == 8
+    assert choose(grid).point.coordinates[0] == 8
 
 
 def test_a_failed_response_scores_the_same_whatever_its_fluency():
@@ -122,18 +127,18 @@ def test_weight_grid_ties_go_to_the_lowest_layer_then_smallest_weight():
         point(4, 0.5, weight=20.0),
         point(8, 0.75, weight=20.0),
     ]
-    assert Choice.of(choose(shuffled(grid))) == Choice(6, 40.0, 0.75)
+    assert picked(choose(shuffled(grid))) == (6, 40.0, 0.75)
 
 
 def test_ties_go_to_the_higher_accuracy_before_the_lower_layer():
     # the search's rule, now the sweep's too: equal scores, but layer 10's extra passes show
     # it steers (they degenerated, so they do not count in the score)
     grid = [point(None, 0.0), point(6, 0.5), point(10, 0.5, accuracy=0.75)]
-    assert choose(shuffled(grid)).layer == 10
+    assert choose(shuffled(grid)).point.coordinates[0] == 10
 
 
 def test_choose_without_a_baseline_and_empty():
-    assert choose([point(12, 0.0), point(10, 0.0)]).layer == 10
+    assert choose([point(12, 0.0), point(10, 0.0)]).point.coordinates[0] == 10
     with pytest.raises(InvalidSteering):
         choose([])
 
@@ -176,10 +181,13 @@ def test_sweep_covers_the_paper_grid_and_records_the_choice(tiny10, lower_file, 
         batch_size=1,
         progress=advanced.append,
     )
-    assert [p.layer for p in result.grid] == [None, *range(10 // 5, 10, 2)]
+    assert [p.point.coordinates for p in result.grid] == [
+        (None, None),
+        *((layer, None) for layer in range(10 // 5, 10, 2)),
+    ]
     assert all(p.n == 2 and 0.0 <= p.score <= p.accuracy <= 1.0 for p in result.grid)
     assert sum(advanced) == 2 * 5 and len(result.responses) == 10
-    assert result.chosen == Choice.of(choose(result.grid))
+    assert result.chosen == choose(result.grid)
     assert result.rows == ["1", "2"] and result.vector_ids == [LOWER]
 
     # each row really was steered at its point's layer (batch 1: no padding, exact match)
@@ -201,14 +209,14 @@ def test_sweep_covers_the_paper_grid_and_records_the_choice(tiny10, lower_file, 
     apply_choice(result, [lower_file])
     vectors, default = load_vectors(lower_file)
     record = vectors[default].extra["sweep"]
-    assert record["recommended"] == result.chosen.recommended
-    assert default == (result.chosen.layer if result.chosen.recommended else 3)
+    assert record["recommended"] == result.recommended
+    assert default == (result.chosen.point.coordinates[0] if result.recommended else 3)
 
     written = save_sweep(result, tmp_path / "sweeps")
     plot_sweep(load_sweep(written), written.with_suffix(".png"))
     assert written.name == "change_case__english_lowercase.json"
     data = load_sweep(written)
-    assert data["chosen"]["layer"] == result.chosen.layer
+    assert data["chosen"]["layer"] == result.chosen.point.coordinates[0]
     assert [p["layer"] for p in data["grid"]] == [None, 2, 4, 6, 8]
     assert {"accuracy", "fluency", "score", "n", "weight"} <= set(data["grid"][0])
     assert (tmp_path / "sweeps" / "change_case__english_lowercase.png").stat().st_size > 1000
@@ -251,7 +259,7 @@ def test_sweep_with_the_instruction_and_a_weight_grid(tiny10, lower_file):
         batch_size=8,
         with_instruction=True,
     )
-    assert [(p.layer, p.weight) for p in result.grid] == [
+    assert [p.point.coordinates for p in result.grid] == [
         (None, None),
         (4, 2.0),
         (4, -2.0),
@@ -271,7 +279,7 @@ def _result(layer, weight=None):
         False,
         "projection",
         grid,
-        Choice(layer, weight, 0.5 if layer else 0.25),
+        point(layer, 0.5 if layer else 0.25, weight=weight),
         rows=["1"],
     )
 
@@ -481,3 +489,39 @@ def test_a_killed_sweep_resumes_from_its_answers_on_disk(tiny10, lower_file, tmp
     assert len(submitted) == 6 - len(on_disk) and sum(advanced) == 6
     assert [r["response"] for r in resumed.responses] == [r["response"] for r in full.responses]
     assert resumed.grid == full.grid and resumed.chosen == full.chosen
+
+
+def test_a_sweep_reuses_answers_logged_under_the_keys_it_always_wrote(tiny10, lower_file, tmp_path):
+    # run-paper's `sweeps/answers.jsonl` stays valid now that a sweep's points are `Point`s:
+    # an answer is keyed by the (layer, weight) pair the sweep has always written
+    sampling = Sampling(max_new_tokens=2)
+    answers = tmp_path / "answers.jsonl"
+    lines = []
+    for row in ROWS:
+        for layer in (None, 4):
+            text = row.prompt_without_instruction
+            key = AnswerLog.key(LOWER, False, None, [layer, None], row.key, text, sampling, True)
+            completion = {"text": f"logged {layer}", "prompt_tokens": 1, "completion_tokens": 2}
+            completion |= {"finish_reason": "length"}
+            lines.append(json.dumps({"key": key, "completion": completion}) + "\n")
+    answers.write_text("".join(lines))
+    submitted = []
+
+    def counting(*args, **kwargs):
+        engine = Batcher(*args, **kwargs)
+        engine.submit = submitted.append
+        return engine
+
+    result = sweep_layers(
+        tiny10, lower_file, ROWS, layers=[4], sampling=sampling, answers=answers, engine=counting
+    )
+    assert submitted == []
+    assert [r["response"] for r in result.responses] == ["logged None"] * 2 + ["logged 4"] * 2
+    assert [p.point for p in result.grid] == [Point(), Point.swept(4)]
+
+
+def test_a_sweep_refuses_a_point_it_cannot_name(tiny10, lower_file):
+    # a search's point (a relative scale, or several layers) has no (layer, weight) to record
+    for odd in (Point((4,), "projection", 2.0), Point.swept(4, 1.0, "additive")):
+        with pytest.raises(InvalidSteering, match="one layer at a weight"):
+            sweep(tiny10, lower_file, ROWS, [Point(), odd], sampling=Sampling(max_new_tokens=2))

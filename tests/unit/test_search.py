@@ -8,7 +8,8 @@ import pytest
 
 from ifsteer.batcher import Batcher
 from ifsteer.calibration.grid import Point, PointResult, choose
-from ifsteer.calibration.scoring import projection_target, search_log, steerings_for
+from ifsteer.calibration.point import projection_target, steerings_for
+from ifsteer.calibration.scoring import search_log
 from ifsteer.calibration.search import SearchSpace, run_search
 from ifsteer.generation import Sampling, generate
 from ifsteer.instructions import get_instruction

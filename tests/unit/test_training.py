@@ -11,6 +11,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from ifsteer.batcher import Batcher
 from ifsteer.calibration import Point, steerings_for
 from ifsteer.errors import InvalidSteering
 from ifsteer.instructions import get_instruction
@@ -177,8 +178,10 @@ def test_the_competition_ships_the_trained_vector_only_where_it_scores_higher(
         lambda _id, _kw, _prompt, response: _Verdict(response != "UNSTEERED"),
     )
     real_answer_jobs = scoring.answer_jobs
+    engines = []
 
     def answer_jobs(lm_, jobs, **kwargs):
+        engines.append(kwargs["engine"])
         done = real_answer_jobs(lm_, jobs, **kwargs)
         return [
             c if job.steering else replace(c, text="UNSTEERED")
@@ -187,11 +190,17 @@ def test_the_competition_ships_the_trained_vector_only_where_it_scores_higher(
 
     monkeypatch.setattr(scoring, "answer_jobs", answer_jobs)
 
+    def engine(*args, **kwargs):  # the queue the build hands on (vLLM's, with --backend vllm)
+        return Batcher(*args, **kwargs)
+
     contest = compete(
         lm, iid, shipped, tmp_path / "work", config(), sampling=Sampling(max_new_tokens=4),
-        n_prompts=3,
+        n_prompts=3, engine=engine, setting=".vllm",
     )  # fmt: skip
     assert contest is not None and contest.winner == "trained"
+    assert set(engines) == {engine}  # validation answers on the engine given, logged apart
+    logs = [p.name for p in (tmp_path / "work").glob("*.jsonl")]
+    assert logs and all(name.endswith(".trained.vllm.jsonl") for name in logs), logs
     written = read_calibrated(shipped)
     assert written.calibration["method"] == "trained" and written.recommended
     competition = written.calibration["competition"]

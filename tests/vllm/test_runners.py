@@ -140,7 +140,9 @@ def test_a_sweep_on_vllm_picks_a_point_and_writes_it(lm, data, offline, tmp_path
         written.is_file() and json.loads(written.read_text())["chosen"] == ours.to_json()["chosen"]
     )
     extra = load_vector_files(root / "vectors")[CAPITAL].default.extra
-    assert extra["sweep"]["layer"] == ours.chosen.layer and list(updated) == [CAPITAL]
+    assert extra["sweep"]["layer"] == ours.chosen.point.coordinates[0] and list(updated) == [
+        CAPITAL
+    ]
     unsteered = [(r["response"], r["decided"]) for r in ours.responses if r["layer"] is None]
     assert unsteered == [(r["response"], r["decided"]) for r in hf.responses if r["layer"] is None]
     assert any(r["decided"] for r in hf.responses)  # the case does stop failures early
@@ -150,12 +152,12 @@ def test_a_sweep_on_vllm_picks_a_point_and_writes_it(lm, data, offline, tmp_path
     )
     print(
         f"sweep answers equal to the HF engine's: {agree} of {len(hf.responses)}; "
-        f"chosen {ours.chosen.layer} (HF: {hf.chosen.layer})"
+        f"chosen {ours.chosen.point.coordinates[0]} (HF: {hf.chosen.point.coordinates[0]})"
     )
     assert agree >= len(hf.responses) - 2
     if agree == len(hf.responses):  # the same answers and verdicts: the same grid and choice
         assert ours.grid == hf.grid and ours.chosen == hf.chosen
-    assert extra["sweep"]["recommended"] == ours.chosen.recommended
+    assert extra["sweep"]["recommended"] == ours.recommended
 
 
 def test_a_queue_checks_what_vllm_would_refuse_late(lm, offline):
@@ -163,3 +165,31 @@ def test_a_queue_checks_what_vllm_would_refuse_late(lm, offline):
     with pytest.raises(InvalidSteering, match="max_model_len 1024"):
         queue.submit(Job(lm.render("forest " * 1200).ids))
     assert not queue.busy
+
+
+def test_vectors_build_searches_on_vllm_with_early_stopping_into_its_own_log(
+    lm, offline, tmp_path, monkeypatch
+):
+    """`ifsteer vectors build --backend vllm --early-stop`: the search's answers come from
+    vLLM's queue and land in `<id>.vllm.early.jsonl`, never in the HF engine's `<id>.jsonl`."""
+    from ifsteer.calibration import SearchSpace
+    from ifsteer.shipped import build, read_calibrated
+
+    monkeypatch.setitem(build.TOKENS, "format", TOKENS)
+    monkeypatch.setitem(build.N_PAIRS, "format", 4)
+    builder = build.Builder(
+        lm, None, tmp_path / "out", tmp_path / "work", n_prompts=2, seed=0, batch_size=8,
+        engine=offline.queue, backend="vllm", early_stop=True,
+    )  # fmt: skip
+    builder.space = SearchSpace(
+        layers=(18, 26), projection_scales=(), additive_scales=(), multi_layer=0,
+        try_generated=False,
+    )  # fmt: skip
+    builder.run(["format"], only=[CAPITAL])
+    assert read_calibrated(builder.out / "change_case__english_capital.safetensors").status == (
+        "searched"
+    )
+    logs = sorted(p.name for p in builder.work.glob("*.jsonl"))
+    assert logs == ["change_case__english_capital.vllm.early.jsonl"]
+    lines = (builder.work / logs[0]).read_text().splitlines()
+    assert len(lines) == 2 * 3  # no steering and two layers, on two prompts

@@ -1,6 +1,7 @@
 """Calibration: where (layer), how hard (weight) and how to steer, on validation prompts.
 
-Two plans share one point contract, one choice rule, one fluency rule and one answer log:
+Two plans share one point type (`Point`, measured into a `PointResult`), one choice rule, one
+fluency rule and one answer log:
 
 - the paper's sweep (docs/method.md §3): "no steering", then every layer of
   `range(L//5, L, 2)` (and, for additive vectors, every weight), all points of all prompts in
@@ -16,7 +17,9 @@ Two plans share one point contract, one choice rule, one fluency rule and one an
 `choose` keeps "no steering" unless a steered point scores strictly higher, then prefers the
 higher accuracy and the simpler point.
 
-- `grid`: points, their scores and the choice (pure, torch-free);
+- `point`: a point (`Point`: layers, mode, a relative scale or an outright weight, positions)
+  and the one way it becomes steerings (`steerings_for`), for both plans;
+- `grid`: measured points, their scores and the choice (pure, torch-free);
 - `answers`: every answer on disk as it is made, so a killed calibration resumes;
 - `requests`: what a sweep runs (rows, vector files, the paper's grids);
 - `sweep`: running the paper's sweeps on a model;
@@ -25,8 +28,7 @@ higher accuracy and the simpler point.
   several groups in one job queue;
 - `runner`: the one way both plans make answers (`answer_jobs`: a job queue, the log);
 - `search`: the staged search (`run_search`) and `verify_point`, one point tried on another
-  instruction; `scoring`: how a search point steers (`steerings_for`) and how its answers
-  are checked, judged and scored.
+  instruction; `scoring`: how a search's answers are checked, judged and scored.
 
 Validation rows are the caller's (`ifsteer.splits.split_rows` sets some aside). Only rows every
 one of whose instructions a vector steers can calibrate (`Row.fully_served`). Figures of a
@@ -35,10 +37,6 @@ sweep are the report's (`ifsteer.report.plot_sweep`).
 
 from ifsteer.calibration.answers import AnswerLog
 from ifsteer.calibration.grid import (
-    Choice,
-    FluencyStats,
-    GridPoint,
-    Point,
     PointResult,
     SweepResult,
     best_steered,
@@ -47,6 +45,7 @@ from ifsteer.calibration.grid import (
     score_point,
     sweep_filename,
 )
+from ifsteer.calibration.point import FILE_WEIGHT, Point, steerings_for
 from ifsteer.calibration.record import (
     apply_choice,
     calibrate,
@@ -61,15 +60,12 @@ from ifsteer.calibration.requests import (
     validation_groups,
     weight_request,
 )
-from ifsteer.calibration.scoring import steerings_for
 from ifsteer.calibration.search import SearchResult, SearchSpace, run_search, verify_point
 from ifsteer.calibration.sweep import sweep, sweep_layers, sweep_weights, sweeps
 
 __all__ = [
+    "FILE_WEIGHT",
     "AnswerLog",
-    "Choice",
-    "FluencyStats",
-    "GridPoint",
     "Point",
     "PointResult",
     "SearchResult",

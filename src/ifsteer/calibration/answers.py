@@ -10,6 +10,10 @@ thresholds needs no generation either. The vectors are not in the key: a log bel
 
 A line cut short by a kill is dropped from the file when it is opened (`evaluation.store`'s
 `repair_log`, shared with evaluation's responses): that answer is made again.
+
+A log holds the answers of one *setting*, which its name carries (`setting_suffix`): an answer
+a decider stopped early is cut short, and vLLM's answers differ numerically from the HF
+engine's, so reusing one setting's answers under another would change later scores.
 """
 
 from __future__ import annotations
@@ -22,13 +26,29 @@ from typing import Any
 from ifsteer.evaluation.store import repair_log
 from ifsteer.jobs import Completion
 
-__all__ = ["AnswerLog", "search_key"]
+__all__ = ["AnswerLog", "made_as", "search_key", "setting_suffix"]
+
+_SETTING_TAGS = ("vllm", "early")
 
 Record = dict[str, Any]
 
 
 def _sweep_key(record: Record) -> Hashable:
     return record["key"]
+
+
+def setting_suffix(backend: str = "hf", early_stop: bool = False) -> str:
+    """What a log's name adds (before `.jsonl`) to say how its answers were made: nothing for
+    the HF engine run to the end (so the logs of earlier builds stay valid), else `.vllm`,
+    `.early` or `.vllm.early`."""
+    on = (backend == "vllm", early_stop)
+    return "".join(f".{tag}" for tag, used in zip(_SETTING_TAGS, on, strict=True) if used)
+
+
+def made_as(path: Path) -> str:
+    """The setting a log's name carries (`setting_suffix` of it)."""
+    parts = path.name.split(".")[1:-1]
+    return "".join(f".{tag}" for tag in _SETTING_TAGS if tag in parts)
 
 
 def search_key(record: Record) -> Hashable:

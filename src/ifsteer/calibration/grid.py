@@ -3,7 +3,8 @@
 A point's score is the share of responses that pass without degenerating, and zero when most
 of them pass only by degenerating. `choose` is the one choice rule of the paper's sweep and the
 staged search alike: "no steering" when nothing beats it, else the best point; ties go to the
-higher accuracy, then the simpler point (lowest layer, then smallest weight).
+higher accuracy, then the simpler point (`Point.rank`: for a sweep's points the lowest layer,
+then the smallest |weight|). Both plans measure `Point`s into `PointResult`s.
 """
 
 from __future__ import annotations
@@ -12,20 +13,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import Any
 
+from ifsteer.calibration.point import Point
 from ifsteer.errors import IfsteerError, InvalidSteering
 from ifsteer.instructions import Mode
 from ifsteer.quality import PAPER_FLUENCY, Fluency
 from ifsteer.rundir import file_stem
 
-if TYPE_CHECKING:
-    from ifsteer.steering import Positions
-
 __all__ = [
-    "Choice",
-    "FluencyStats",
-    "GridPoint",
     "Point",
     "PointResult",
     "SweepResult",
@@ -38,37 +34,13 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Point:
-    """One way to steer, as the staged search varies it: the layers (none: no steering), mode,
-    scale (`calibration.search`) and positions."""
-
-    layers: tuple[int, ...] = ()
-    mode: Mode = "projection"
-    scale: float = 1.0
-    positions: Positions = "all"
-
-    @property
-    def key(self) -> str:
-        if not self.layers:
-            return "none"
-        layers = "+".join(map(str, self.layers))
-        return f"L{layers}:{self.mode}:{self.scale:g}:{self.positions}"
-
-    def rank(self) -> tuple[Any, ...]:
-        """Simplicity, for ties: fewer layers, all positions, lower layer, paper-like scale."""
-        paper_scale = 1.0 if self.mode == "projection" else 0.0
-        return (
-            len(self.layers),
-            self.positions != "all",
-            self.layers,
-            self.mode != "projection",
-            abs(self.scale - paper_scale),
-        )
-
-
-@dataclass(frozen=True)
 class PointResult:
-    """A search point measured on validation prompts."""
+    """A point measured on validation prompts, by either plan.
+
+    `degenerate` is the share of degenerate answers as the plan judges them: the search's
+    answers that steering broke, the sweep's degenerate answers among those generated to the
+    end; `repetition` their mean trigram repetition, `perplexity` their median perplexity
+    (None where not measured)."""
 
     point: Point
     accuracy: float
@@ -83,7 +55,7 @@ class PointResult:
 
     @property
     def steered(self) -> bool:
-        return bool(self.point.layers)
+        return self.point.steered
 
     def rank(self) -> tuple[Any, ...]:
         return self.point.rank()
@@ -91,51 +63,23 @@ class PointResult:
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "point": {**asdict(self.point), "key": self.point.key}}
 
-
-@dataclass(frozen=True)
-class FluencyStats:
-    """How a grid point's responses read: mean trigram repetition, median perplexity under the
-    unsteered model (None when not measured), and the share of degenerate responses."""
-
-    repetition: float
-    perplexity: float | None
-    degenerate: float
-
-
-@dataclass(frozen=True)
-class GridPoint:
-    """One (layer, weight) of a sweep; layer None is "no steering", weight None the file's."""
-
-    layer: int | None
-    weight: float | None
-    accuracy: float
-    fluency: FluencyStats
-    score: float
-    n: int
-
-    @property
-    def steered(self) -> bool:
-        return self.layer is not None
-
-    def rank(self) -> tuple[Any, ...]:
-        """Simplicity, for ties: the lower layer, then the smaller |weight|."""
-        return (self.layer, abs(self.weight or 0.0))
-
-
-@dataclass(frozen=True)
-class Choice:
-    layer: int | None
-    weight: float | None
-    score: float
-
-    @property
-    def recommended(self) -> bool:
-        """Whether steering beat "no steering" on the validation prompts."""
-        return self.layer is not None
-
-    @classmethod
-    def of(cls, point: GridPoint) -> Choice:
-        return cls(point.layer, point.weight, point.score)
+    def sweep_entry(self) -> dict[str, Any]:
+        """As `sweeps/<id>.json` has always listed a grid point (`layer` null: no steering,
+        `weight` null: the file's own), read by the report and `draw_sweep`."""
+        layer, weight = self.point.coordinates
+        fluency = {
+            "repetition": self.repetition,
+            "perplexity": self.perplexity,
+            "degenerate": self.degenerate,
+        }
+        return {
+            "layer": layer,
+            "weight": weight,
+            "accuracy": self.accuracy,
+            "fluency": fluency,
+            "score": self.score,
+            "n": self.n,
+        }
 
 
 @dataclass(frozen=True)
@@ -146,22 +90,33 @@ class SweepResult:
     model: str
     with_instruction: bool
     mode: Mode
-    grid: list[GridPoint]
-    chosen: Choice
+    grid: list[PointResult]
+    chosen: PointResult
     rows: list[str] = field(default_factory=list)
     vector_ids: list[str] = field(default_factory=list)
     max_new_tokens: int = 0
     responses: list[dict[str, Any]] = field(default_factory=list, repr=False)
     fluency: Fluency = PAPER_FLUENCY  # the rule its responses were judged by
 
+    @property
+    def recommended(self) -> bool:
+        """Whether steering beat "no steering" on the validation prompts."""
+        return self.chosen.steered
+
     def to_json(self) -> dict[str, Any]:
+        layer, weight = self.chosen.point.coordinates
         return {
             "instruction_id": self.instruction_id,
             "model": self.model,
             "with_instruction": self.with_instruction,
             "mode": self.mode,
-            "grid": [asdict(p) for p in self.grid],
-            "chosen": {**asdict(self.chosen), "recommended": self.chosen.recommended},
+            "grid": [p.sweep_entry() for p in self.grid],
+            "chosen": {
+                "layer": layer,
+                "weight": weight,
+                "score": self.chosen.score,
+                "recommended": self.recommended,
+            },
             "rows": list(self.rows),
             "vector_ids": list(self.vector_ids),
             "max_new_tokens": self.max_new_tokens,
@@ -210,24 +165,7 @@ def score_point(
     return accuracy, sum(p and not d for p, d in zip(passed, degenerate, strict=True)) / n
 
 
-class Scored(Protocol):
-    """What the one choice rule reads of a measured point: a sweep's `GridPoint` or a search's
-    `PointResult`. `steered` is False for "no steering"; `rank()` orders steered points by
-    simplicity, for ties."""
-
-    @property
-    def score(self) -> float: ...
-    @property
-    def accuracy(self) -> float: ...
-    @property
-    def steered(self) -> bool: ...
-    def rank(self) -> tuple[Any, ...]: ...
-
-
-S = TypeVar("S", bound=Scored)
-
-
-def choose(results: Sequence[S]) -> S:
+def choose(results: Sequence[PointResult]) -> PointResult:
     """The point a sweep or a search settles on.
 
     "No steering" wins when its score is at least every steered point's: steering must earn
@@ -246,7 +184,7 @@ def choose(results: Sequence[S]) -> S:
     return baseline
 
 
-def best_steered(results: Sequence[S]) -> S:
+def best_steered(results: Sequence[PointResult]) -> PointResult:
     """The best steered point (what `choose` picks when "no steering" may not win): the highest
     score, then the higher accuracy (its extra passes degenerated, but it did steer), then the
     simplest (`rank`)."""

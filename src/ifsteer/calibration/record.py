@@ -1,8 +1,8 @@
 """Recording a sweep: its choice written into the vector files, the sweep saved beside them.
 
 The choice travels with the files: a winning layer (and weight) becomes the default, and
-`extra["sweep"]` records what was measured; a sweep where no steering wins records
-`recommended: false` and keeps the file's default layer.
+`extra["sweep"]` records what was measured (`vectors.records`, its one reader and writer); a
+sweep where no steering wins records `recommended: false` and keeps the file's default layer.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from ifsteer.calibration.sweep import sweeps
 from ifsteer.models import LoadedModel
 from ifsteer.rows import Row
 from ifsteer.rundir import sweep_path, write_json
-from ifsteer.vectors import Mode, VectorFile, update_defaults
+from ifsteer.vectors import Mode, VectorFile
+from ifsteer.vectors.records import SweepChoice, sweep_recommends, write_sweep_choice
 
 __all__ = [
     "apply_choice",
@@ -46,17 +47,6 @@ def _path(file: str | Path | VectorFile) -> Path:
     return file.path if isinstance(file, VectorFile) else Path(file)
 
 
-def _sweep_key(with_instruction: bool) -> str:
-    return "sweep_with_instruction" if with_instruction else "sweep"
-
-
-def sweep_recommends(file: VectorFile, with_instruction: bool = False) -> bool:
-    """Whether a file may steer after its sweep: False only where a sweep (of the same
-    setting) recorded that "no steering" won; a file no sweep wrote into may steer."""
-    record = file.default.extra.get(_sweep_key(with_instruction))
-    return not (isinstance(record, Mapping) and record.get("recommended") is False)
-
-
 def apply_choice(
     result: SweepResult,
     files: Sequence[str | Path | VectorFile] | Mapping[str, str | Path | VectorFile],
@@ -72,14 +62,12 @@ def apply_choice(
     """
     paths = [_path(f) for f in (files.values() if isinstance(files, Mapping) else files)]
     best = best_steered(result.grid) if any(p.steered for p in result.grid) else None
-    baseline = next((p for p in result.grid if p.layer is None), None)
-    record = {
-        "layer": result.chosen.layer,
-        "weight": result.chosen.weight,
-        "score": result.chosen.score,
-        "recommended": result.chosen.recommended,
-        "best_layer": None if best is None else best.layer,
-        "best_weight": None if best is None else best.weight,
+    baseline = next((p for p in result.grid if not p.steered), None)
+    layer, weight = result.chosen.point.coordinates
+    best_layer, best_weight = (None, None) if best is None else best.point.coordinates
+    measured = {
+        "best_layer": best_layer,
+        "best_weight": best_weight,
         "best_score": None if best is None else best.score,
         "no_steering_score": None if baseline is None else baseline.score,
         "with_instruction": result.with_instruction,
@@ -87,19 +75,13 @@ def apply_choice(
         "n_prompts": len(result.rows),
         "max_new_tokens": result.max_new_tokens,
     }
-    key = _sweep_key(result.with_instruction)
-    write = set_default and result.chosen.recommended
-    written = []
-    for path in paths:
-        written.append(
-            update_defaults(
-                path,
-                layer=result.chosen.layer if write else None,
-                weight=result.chosen.weight if write else None,
-                extra={key: record},
-            )
+    choice = SweepChoice(layer, weight, result.chosen.score, result.recommended, measured)
+    return [
+        write_sweep_choice(
+            path, choice, with_instruction=result.with_instruction, set_default=set_default
         )
-    return written
+        for path in paths
+    ]
 
 
 def save_sweep(result: SweepResult, directory: str | Path) -> Path:

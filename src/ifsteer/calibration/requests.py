@@ -1,4 +1,5 @@
-"""What a sweep runs: its rows, its vector files and its (layer, weight) points.
+"""What a sweep runs: its rows, its vector files and its points (`Point.swept`: a layer and a
+weight).
 
 A request is plain data (`SweepRequest`); `layer_request` and `weight_request` build the
 paper's grids from the layers the vector files hold, and `validation_groups` picks each
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ifsteer.calibration.point import Point
 from ifsteer.errors import InvalidSteering, VectorMismatch
 from ifsteer.models import LoadedModel
 from ifsteer.rows import Row, group_of
@@ -91,14 +93,15 @@ def _layers_for(
 
 @dataclass(frozen=True)
 class SweepRequest:
-    """One sweep to run: its rows, vectors and (layer, weight) points, and how it reads them.
+    """One sweep to run: its rows, vectors and points, and how it reads them.
 
-    `instruction_id` names the sweep (default: the group of its first row); `mode` None is the
-    vector files' own. Several requests run as one job queue (`sweeps`)."""
+    Its points are the paper's (`Point.swept`: "no steering", or one layer at a weight) in its
+    `mode`. `instruction_id` names the sweep (default: the group of its first row); `mode` None
+    is the vector files' own. Several requests run as one job queue (`sweeps`)."""
 
     vectors: VectorSource
     rows: Sequence[Row]
-    points: Sequence[tuple[int | None, float | None]]
+    points: Sequence[Point]
     instruction_id: str | None = None
     with_instruction: bool = False
     mode: Mode | None = None
@@ -131,7 +134,8 @@ def layer_request(
     `range(L//5, L, 2)` held by the vector files (or `layers`), at the files' default weight,
     on the first `n_prompts` rows."""
     mapping, rows, grid = _swept(lm, vectors, rows, layers, n_prompts)
-    points: list[tuple[int | None, float | None]] = [(None, None)] + [(la, None) for la in grid]
+    mode = options.get("mode")
+    points = [Point(), *(Point.swept(layer, None, mode) for layer in grid)]
     return SweepRequest(mapping, rows, points, **options)
 
 
@@ -152,9 +156,9 @@ def weight_request(
     if not weights:
         raise InvalidSteering("give at least one weight for a weight grid")
     mapping, rows, grid = _swept(lm, vectors, rows, layers, n_prompts)
-    points: list[tuple[int | None, float | None]] = [(None, None)]
-    points += [(la, float(w)) for la in grid for w in weights]
     options.setdefault("mode", "additive")
+    mode = options["mode"]
+    points = [Point()] + [Point.swept(la, float(w), mode) for la in grid for w in weights]
     return SweepRequest(mapping, rows, points, **options)
 
 

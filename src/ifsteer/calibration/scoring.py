@@ -1,7 +1,7 @@
 """How the staged search steers a point and scores its answers (`calibration.search`).
 
-A point's *target scale* and *additive scale* become steerings here (`steerings_for`). Its
-answers are made on the runner the paper's sweep uses too (`runner.answer_jobs`), checked with
+A point becomes steerings through `point.steerings_for`, as the sweep's do. Its answers are
+made on the runner the paper's sweep uses too (`runner.answer_jobs`), checked with
 IFEval's loose checker, judged for perplexity by another model when one is given, and logged
 (`search_log`) before they are scored, so a rerun with other fluency thresholds makes none
 again. An answer counts against a point only where steering *broke* it (`quality.Fluency`
@@ -14,13 +14,14 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ifsteer.batcher import Batcher
 from ifsteer.calibration.answers import AnswerLog, search_key
-from ifsteer.calibration.grid import Point, PointResult, score_point
+from ifsteer.calibration.grid import PointResult, score_point
+from ifsteer.calibration.point import Point, steerings_for
 from ifsteer.calibration.runner import answer_jobs
 from ifsteer.checks import check
 from ifsteer.deciders import row_failure
@@ -28,7 +29,6 @@ from ifsteer.errors import InvalidSteering
 from ifsteer.jobs import Decider, Job, QueueFactory, Sampling
 from ifsteer.models import LoadedModel
 from ifsteer.quality import Fluency, perplexities, repetition_rate, tail_compression
-from ifsteer.steering import Steering
 from ifsteer.validation import ValidationPrompt
 from ifsteer.vectors import SteeringVector
 
@@ -36,9 +36,7 @@ __all__ = [
     "Answering",
     "PromptVectors",
     "SearchRunner",
-    "projection_target",
     "search_log",
-    "steerings_for",
     "summarize",
 ]
 
@@ -51,28 +49,6 @@ Progress = Callable[[int], None]
 def search_log(path: str | Path | None) -> AnswerLog:
     """A search's scored responses, keyed by (point, prompt index)."""
     return AnswerLog(path, key=search_key)
-
-
-def projection_target(vector: SteeringVector, scale: float) -> float:
-    """c̄ + (scale − 1)·‖u‖: scale 1 is the paper's target, larger is more of the instruction."""
-    return vector.target + (scale - 1.0) * vector.norm
-
-
-def steerings_for(point: Point, vectors: Mapping[int, SteeringVector]) -> list[Steering]:
-    """The steerings that apply `point` with one prompt's vectors (none for "no steering")."""
-    missing = [layer for layer in point.layers if layer not in vectors]
-    if missing:
-        raise InvalidSteering(f"no vector at layer(s) {missing} for point {point.key}")
-    steerings = []
-    for layer in point.layers:
-        v = vectors[layer]
-        if point.mode == "projection":
-            v = replace(v, target=projection_target(v, point.scale))
-            steerings.append(Steering(v, mode="projection", weight=1.0, positions=point.positions))
-        else:
-            weight = point.scale * v.norm / len(point.layers)
-            steerings.append(Steering(v, mode="additive", weight=weight, positions=point.positions))
-    return steerings
 
 
 def _degenerate(record: dict[str, Any], fluency: Fluency) -> bool:

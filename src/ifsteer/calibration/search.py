@@ -36,7 +36,7 @@ stopped resumes where it was and a rerun with other fluency thresholds needs no 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,8 @@ from ifsteer.jobs import QueueFactory, Sampling
 from ifsteer.models import LoadedModel
 from ifsteer.quality import SEARCH_FLUENCY, Fluency
 from ifsteer.validation import ValidationPrompt
+from ifsteer.vectors import SteeringVector
+from ifsteer.vectors.records import point_record
 
 __all__ = [
     "FORMAT_SAMPLING",
@@ -115,6 +117,54 @@ class SearchResult:
     @property
     def recommended(self) -> bool:
         return bool(self.chosen.point.layers)
+
+    @property
+    def written(self) -> PointResult:
+        """The point a file keeps: the chosen one, or the best steered where none won."""
+        return self.chosen if self.recommended else self.best
+
+    def record(
+        self,
+        vectors: Mapping[int, SteeringVector],
+        space: SearchSpace,
+        seed: int,
+        status: str = "searched",
+    ) -> dict[str, Any]:
+        """The calibration record of the file written with `vectors` at the point it keeps
+        (`vectors.records.point_record`): its validation scores, the search and the rule."""
+        point = self.written
+        return point_record(
+            status=status,
+            recommended=self.recommended,
+            point=point.point.key,
+            mode=point.point.mode,
+            scale=point.point.scale,
+            validation={
+                "score": point.score,
+                "accuracy": point.accuracy,
+                "degenerate": point.degenerate,
+                "no_steering_score": self.baseline.score,
+                "no_steering_accuracy": self.baseline.accuracy,
+                "n_prompts": self.n_prompts,
+                "max_new_tokens": self.max_new_tokens,
+            },
+            paper_targets={layer: vectors[layer].target for layer in point.point.layers},
+            search={
+                "layers": list(space.layers),
+                "projection_scales": list(space.projection_scales),
+                "additive_scales": list(space.additive_scales),
+                "multi_layer": space.multi_layer,
+                "points": len(self.results),
+            },
+            fluency={
+                "max_repetition": self.fluency.max_repetition,
+                "min_perplexity": self.fluency.min_perplexity,
+                "max_perplexity": self.fluency.max_perplexity,
+                "min_tail_compression": self.fluency.min_tail_compression,
+                "max_degenerate": self.fluency.max_degenerate,
+            },
+            seed=seed,
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -1,4 +1,4 @@
-"""Running sweeps: every validation row at every (layer, weight) point, in one job queue.
+"""Running sweeps: every validation row at every point (a layer and a weight), in one job queue.
 
 All points of all prompts (of all the sweeps run together, `sweeps`) are jobs of one
 continuous `Batcher`, each row steered at its own layer by per-row steering; a row
@@ -22,14 +22,8 @@ from typing import Any
 from ifsteer import quality
 from ifsteer.batcher import Batcher
 from ifsteer.calibration.answers import AnswerLog
-from ifsteer.calibration.grid import (
-    Choice,
-    FluencyStats,
-    GridPoint,
-    SweepResult,
-    choose,
-    score_point,
-)
+from ifsteer.calibration.grid import PointResult, SweepResult, choose, score_point
+from ifsteer.calibration.point import Point, steerings_for
 from ifsteer.calibration.requests import (
     SweepRequest,
     VectorSource,
@@ -76,6 +70,16 @@ def _plan(lm: LoadedModel, request: SweepRequest) -> _Planned:
     """Check a request against the model and its files, and list its generations."""
     if not request.points:
         raise InvalidSteering("a sweep needs at least one (layer, weight) point")
+    odd = [
+        p.key
+        for p in request.points
+        if p.steered and (len(p.layers) != 1 or p.weight is None or p.mode != request.mode)
+    ]
+    if odd:
+        raise InvalidSteering(
+            f"a sweep's points are one layer at a weight in its mode ({request.mode}), "
+            f"made by Point.swept; not {', '.join(odd)}"
+        )
     mapping = vector_files(request.vectors, request.rows)
     usable = [(row, row.served_vectors()) for row in request.rows if row.fully_served(mapping)]
     if not usable:
@@ -88,13 +92,13 @@ def _plan(lm: LoadedModel, request: SweepRequest) -> _Planned:
     for loaded in files.values():
         any_vector = next(iter(loaded.values()))
         any_vector.check_fits(lm.model_id, lm.hidden_size, lm.n_layers)
-    for layer, _ in request.points:
-        if layer is not None and not all(layer in f for f in files.values()):
+    for layer in sorted({layer for point in request.points for layer in point.layers}):
+        if not all(layer in f for f in files.values()):
             raise VectorMismatch(
                 f"layer {layer} is missing from a vector file; re-extract with that layer"
             )
     jobs: list[tuple[int, int, str, list[Steering]]] = []
-    for p, (layer, weight) in enumerate(request.points):
+    for p, point in enumerate(request.points):
         for r, (row, served) in enumerate(usable):
             text = row.prompt if request.with_instruction else row.prompt_without_instruction
             if text is None:
@@ -102,11 +106,11 @@ def _plan(lm: LoadedModel, request: SweepRequest) -> _Planned:
                     f"{row.source}: row {row.key!r} has no prompt_without_instruction; "
                     "sweep it with --with-instruction"
                 )
-            steerings = []
-            for vector_id, negate in served if layer is not None else ():
-                vector = files[vector_id][layer]
-                w = vector.weight if weight is None else float(weight)
-                steerings.append(Steering(vector, mode=request.mode, weight=-w if negate else w))
+            steerings = [
+                s
+                for vector_id, negate in served
+                for s in steerings_for(point, files[vector_id], negate=negate)
+            ]
             jobs.append((p, r, text, steerings))
     return _Planned(request, usable, files, needed, jobs)
 
@@ -153,7 +157,7 @@ def sweeps(
                     plan.request.instruction_id or group_of(plan.usable[r][0]),
                     plan.request.with_instruction,
                     plan.request.mode,
-                    plan.request.points[p],
+                    plan.request.points[p].coordinates,
                     plan.usable[r][0].key,
                     text,
                     sampling,
@@ -177,17 +181,19 @@ def sweep(
     lm: LoadedModel,
     vectors: VectorSource,
     rows: Sequence[Row],
-    points: Sequence[tuple[int | None, float | None]],
+    points: Sequence[Point | tuple[int | None, float | None]],
     *,
     instruction_id: str | None = None,
     with_instruction: bool = False,
     mode: Mode | None = None,
     **options: Any,
 ) -> SweepResult:
-    """Answer every row at every (layer, weight) point in one job queue, and score it.
+    """Answer every row at every point in one job queue, and score it.
 
-    Rows without a vector are left out. Options as for `sweeps`."""
-    request = SweepRequest(vectors, rows, points, instruction_id, with_instruction, mode)
+    A point is a `Point.swept` or its (layer, weight): layer None is "no steering", weight None
+    each file's own. Rows without a vector are left out. Options as for `sweeps`."""
+    swept = [p if isinstance(p, Point) else Point.swept(*p, mode) for p in points]
+    request = SweepRequest(vectors, rows, swept, instruction_id, with_instruction, mode)
     return sweeps(lm, [request], **options)[0]
 
 
@@ -214,10 +220,11 @@ def _score(
     for (p, r, _, _), completion, x in zip(plan.jobs, completions, ppl, strict=True):
         row, text = usable[r][0], completion.text
         results = check_row(row.instruction_id_list, row.kwargs or (), row.prompt, text)
+        layer, weight = request.points[p].coordinates
         records.append(
             {
-                "layer": request.points[p][0],
-                "weight": request.points[p][1],
+                "layer": layer,
+                "weight": weight,
                 "key": row.key,
                 "response": text,
                 "loose": [c.loose for c in results],
@@ -239,7 +246,7 @@ def _score(
         with_instruction=request.with_instruction,
         mode=request.mode or first.mode,
         grid=grid,
-        chosen=Choice.of(choose(grid)),
+        chosen=choose(grid),
         rows=[str(row.key) for row, _ in usable],
         vector_ids=plan.needed,
         max_new_tokens=sampling.max_new_tokens,
@@ -248,21 +255,22 @@ def _score(
     )
 
 
-def _grid_point(
-    point: tuple[int | None, float | None], records: Sequence[dict[str, Any]], fluency: Fluency
-) -> GridPoint:
+def _grid_point(point: Point, records: Sequence[dict[str, Any]], fluency: Fluency) -> PointResult:
     passed = [all(r["loose"]) for r in records]
     degenerate = [bool(r["degenerate"]) for r in records]
     accuracy, score = score_point(passed, degenerate, max_degenerate=fluency.max_degenerate)
     # Fluency as read on the answers generated to the end (a decided failure is cut short).
     full = [r for r in records if not r.get("decided")] or list(records)
     measured = [r["perplexity"] for r in full if r["perplexity"] is not None]
-    stats = FluencyStats(
+    return PointResult(
+        point,
+        accuracy,
+        score,
+        degenerate=sum(bool(r["degenerate"]) for r in full) / len(full) if full else 0.0,
         repetition=statistics.fmean(r["repetition"] for r in full) if full else 0.0,
         perplexity=statistics.median(measured) if measured else None,
-        degenerate=sum(bool(r["degenerate"]) for r in full) / len(full) if full else 0.0,
+        n=len(records),
     )
-    return GridPoint(point[0], point[1], accuracy, stats, score, len(records))
 
 
 _REQUEST_OPTIONS = ("instruction_id", "with_instruction", "mode")

@@ -1,4 +1,5 @@
-"""`--backend hf|vllm`, shared by `serve`, `eval` and `sweep`: options, checks, engine settings.
+"""`--backend hf|vllm`, shared by `serve`, `eval`, `sweep` and `vectors build`: options, checks,
+engine settings.
 
 The vLLM settings are resolved here once for every command: the model as the HF backend names
 it (so vectors from `ifsteer extract` fit), a context no longer than needed (vLLM sizes its
@@ -137,9 +138,10 @@ def runner_backend(
     kv_cache_gib: float | None = None,
     enforce_eager: bool = False,
 ) -> Iterator[tuple[LoadedModel, QueueFactory]]:
-    """The model and job-queue factory `eval` and `sweep` run on: the HF model and its
-    `Batcher`, or a started `OfflineVLLM` (stopped on exit) with the HF model on the side
-    (`side_model`: tokenizing, vector checks, perplexity)."""
+    """The model and job-queue factory `eval`, `sweep` and `vectors build` run on: the HF model
+    and its `Batcher`, or a started `OfflineVLLM` (stopped on exit) with the HF model on the
+    side (`side_model`: tokenizing, vector checks, perplexity; extraction and training for
+    `vectors build`)."""
     check_backend(backend)
     if backend == "hf":
         from ifsteer.batcher import Batcher

@@ -352,10 +352,10 @@ def sweep_command(
     for group, (result, updated, written) in done.items():
         plot_sweep(result.to_json(), written.with_suffix(".png"))
         print_table(sweep_table(result), simple=False)
+        layer, weight = result.chosen.point.coordinates
         verdict = (
-            f"layer {result.chosen.layer}"
-            + ("" if result.chosen.weight is None else f", weight {result.chosen.weight:g}")
-            if result.chosen.recommended
+            f"layer {layer}" + ("" if weight is None else f", weight {weight:g}")
+            if result.recommended
             else "no steering: no layer beat the unsteered model (recorded as not recommended)"
         )
         out.print(f"{group}: {verdict}; updated {len(updated)} vector file(s), wrote {written}")

@@ -21,6 +21,15 @@ from ifsteer.cli.app import (
     set_threads,
     vectors_app,
 )
+from ifsteer.cli.backend import (
+    BackendOption,
+    EnforceEagerOption,
+    KvCacheOption,
+    MaxModelLenOption,
+    TensorParallelOption,
+    check_backend,
+    runner_backend,
+)
 from ifsteer.errors import InvalidSteering
 
 LayersOption = Annotated[
@@ -165,8 +174,23 @@ def vectors_build(
     train_max_target_tokens: int = 64,
     train_loss: LossOption = "likelihood",
     threads: ThreadsOption = None,
+    early_stop: Annotated[
+        bool,
+        typer.Option(
+            help="Stop a steered validation answer once its check has failed for good (no "
+            "score changes; logged apart from answers run to the end)."
+        ),
+    ] = False,
+    backend: BackendOption = "hf",
+    tensor_parallel_size: TensorParallelOption = 1,
+    max_model_len: MaxModelLenOption = None,
+    kv_cache_gib: KvCacheOption = None,
+    enforce_eager: EnforceEagerOption = False,
 ) -> None:
-    """Rebuild calibrated vectors (seeded, resumable: rerun the same command to continue)."""
+    """Rebuild calibrated vectors (seeded, resumable: rerun the same command to continue).
+
+    `--backend vllm` makes the validation answers on vLLM (extraction, training and the judge
+    stay on the HF model); its answers are logged apart from the HF engine's."""
     from dataclasses import replace
 
     from ifsteer.paths import cache_home
@@ -185,43 +209,55 @@ def vectors_build(
     unknown = [g for g in chosen if g not in GROUPS]
     if unknown:
         raise InvalidSteering(f"unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
+    check_backend(backend)
     set_threads(threads)
-    lm = load(model, "float32")
-    judge_lm = None if judge == "none" else load(judge, "float32")
-    builder = Builder(
-        lm,
-        judge_lm,
-        out_dir or shipped_dir(lm.model_id),
-        work or cache_home() / "build" / lm.model_id,
-        n_prompts=n_prompts,
-        seed=seed,
-        batch_size=batch_size,
-        bars=progress_bar,
-    )
-    space = builder.space
-    if layers:
-        space = replace(space, layers=tuple(csv_ints(layers) or ()))
-    if projection_scales is not None:
-        space = replace(
-            space, projection_scales=tuple(csv_floats(projection_scales, "--projection-scales"))
+    with runner_backend(
+        backend,
+        model,
+        "float32",
+        tensor_parallel_size=tensor_parallel_size,
+        max_model_len=max_model_len,
+        kv_cache_gib=kv_cache_gib,
+        enforce_eager=enforce_eager,
+    ) as (lm, engine):
+        judge_lm = None if judge == "none" else load(judge, "float32")
+        builder = Builder(
+            lm,
+            judge_lm,
+            out_dir or shipped_dir(lm.model_id),
+            work or cache_home() / "build" / lm.model_id,
+            n_prompts=n_prompts,
+            seed=seed,
+            batch_size=batch_size,
+            bars=progress_bar,
+            engine=engine,
+            backend=backend,
+            early_stop=early_stop,
         )
-    if additive_scales is not None:
-        space = replace(
-            space, additive_scales=tuple(csv_floats(additive_scales, "--additive-scales"))
-        )
-    if layers_only:
-        space = replace(
-            space, projection_scales=(), additive_scales=(), multi_layer=0, try_generated=False
-        )
-    builder.space = space
-    ids = [i for i in only.split(",") if i]
-    builder.run(chosen, ids, quick=quick, pending_only=pending_only)
-    if trained:
-        config = TrainConfig(
-            layers=tuple(csv_ints(train_layers) or ()),
-            steps=train_steps,
-            lr=train_lr,
-            max_target_tokens=train_max_target_tokens,
-            loss=train_loss,
-        )
-        builder.trained(chosen, ids, config)
+        space = builder.space
+        if layers:
+            space = replace(space, layers=tuple(csv_ints(layers) or ()))
+        if projection_scales is not None:
+            space = replace(
+                space, projection_scales=tuple(csv_floats(projection_scales, "--projection-scales"))
+            )
+        if additive_scales is not None:
+            space = replace(
+                space, additive_scales=tuple(csv_floats(additive_scales, "--additive-scales"))
+            )
+        if layers_only:
+            space = replace(
+                space, projection_scales=(), additive_scales=(), multi_layer=0, try_generated=False
+            )
+        builder.space = space
+        ids = [i for i in only.split(",") if i]
+        builder.run(chosen, ids, quick=quick, pending_only=pending_only)
+        if trained:
+            config = TrainConfig(
+                layers=tuple(csv_ints(train_layers) or ()),
+                steps=train_steps,
+                lr=train_lr,
+                max_target_tokens=train_max_target_tokens,
+                loss=train_loss,
+            )
+            builder.trained(chosen, ids, config)

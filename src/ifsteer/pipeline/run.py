@@ -195,7 +195,8 @@ def run_paper(
         )
         for group, (result, _, written) in done.items():
             plot_sweep(result.to_json(), written.with_suffix(".png"))
-            verdict = f"layer {result.chosen.layer}" if result.chosen.recommended else "no steering"
+            layer = result.chosen.point.coordinates[0]
+            verdict = f"layer {layer}" if result.recommended else "no steering"
             stages.message(f"sweep {group}: {verdict} (score {result.chosen.score:.2f})")
             entry["items"] += 1
     write_json(out / RUN, run_record)

@@ -141,16 +141,17 @@ def sweep_table(result: Any) -> TextTable:
         ],
     )
     for p in result.grid:
-        chosen = (p.layer, p.weight) == (result.chosen.layer, result.chosen.weight)
+        layer, weight = p.point.coordinates
+        chosen = p.point == result.chosen.point
         table.rows.append(
             [
-                ("none" if p.layer is None else str(p.layer)) + (" ←" if chosen else ""),
-                "–" if p.weight is None else f"{p.weight:g}",
+                ("none" if layer is None else str(layer)) + (" ←" if chosen else ""),
+                "–" if weight is None else f"{weight:g}",
                 f"{p.accuracy:.2f}",
                 f"{p.score:.2f}",
-                f"{p.fluency.repetition:.2f}",
-                f"{p.fluency.degenerate:.2f}",
-                "–" if p.fluency.perplexity is None else f"{p.fluency.perplexity:.2f}",
+                f"{p.repetition:.2f}",
+                f"{p.degenerate:.2f}",
+                "–" if p.perplexity is None else f"{p.perplexity:.2f}",
             ]
         )
     return table

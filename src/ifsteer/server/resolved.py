@@ -48,7 +48,7 @@ class Resolved:
 
 def kind_of(point: ShippedVector) -> str:
     """`group` for an id with no file, steered at its group's point; else `shipped`."""
-    return "group" if point.calibration.get("group") else "shipped"
+    return "group" if point.calibration.group else "shipped"
 
 
 def point_echo(point: ShippedVector, kind: str) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 Extraction is cheap but calibration is not (it generates hundreds of answers per instruction),
 so the embedded model's vectors come already calibrated: `ifsteer generate --instruction-id ID`
 steers with no extraction and no sweep. Each file holds only the layer(s) the search chose and
-records, in its metadata (`extra["calibration"]`), the chosen point, its validation scores and
+records, in its metadata (`extra["calibration"]`, read and written by `ifsteer.vectors.records`),
+the chosen point, its validation scores and
 those of "no steering". A file is shipped also when "no steering" won its search, with
 `recommended: false`: the user sees that steering did not help on validation instead of
 finding no file.
@@ -19,8 +20,7 @@ Several chosen layers keep their per-layer weights in `weights`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,9 @@ from typing import Any
 from ifsteer.errors import IfsteerError
 from ifsteer.models import DEFAULT_MODEL
 from ifsteer.steering import Steering
-from ifsteer.vectors import SteeringVector, VectorFile, read_vector_file, save_vectors
+from ifsteer.vectors import SteeringVector, VectorFile, read_vector_file
+from ifsteer.vectors.records import Calibration, calibration_of
+from ifsteer.vectors.records import write_calibration as write_calibrated
 
 __all__ = [
     "NotShipped",
@@ -57,7 +59,7 @@ class ShippedVector:
     vectors: tuple[SteeringVector, ...]
     weights: tuple[float, ...]
     positions: str
-    calibration: Mapping[str, Any]
+    calibration: Calibration
 
     @property
     def instruction_id(self) -> str:
@@ -65,17 +67,17 @@ class ShippedVector:
 
     @property
     def recommended(self) -> bool:
-        return bool(self.calibration.get("recommended", False))
+        return self.calibration.recommended
 
     @property
     def method(self) -> str:
         """How the vectors were made: "mean_difference" (the paper's) or "trained"."""
-        return str(self.calibration.get("method", "mean_difference"))
+        return self.calibration.method
 
     @property
     def status(self) -> str:
         """`searched`, `verified`, `pending`, or `unverified` (a group's point, `points`)."""
-        return str(self.calibration.get("status", "searched"))
+        return self.calibration.status
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -88,13 +90,13 @@ class ShippedVector:
             "status": self.status,
             "recommended": self.recommended,
             "method": self.method,
-            "point": self.calibration.get("point", ""),
+            "point": self.calibration.point,
             "layers": list(self.layers),
             "mode": self.vectors[0].mode,
             "weights": list(self.weights),
             "positions": self.positions,
         }
-        group = self.calibration.get("group")
+        group = self.calibration.group
         if group:
             described["group_of"] = group.get("donor")
         return described
@@ -163,51 +165,22 @@ def read_calibrated(path: Path) -> ShippedVector:
 
 def is_calibrated(file: VectorFile) -> bool:
     """Whether a vector file records a calibrated point (`write_calibrated` wrote it)."""
-    return bool(file.default.extra.get("calibration"))
+    return bool(calibration_of(file))
 
 
 def calibrated(file: VectorFile) -> ShippedVector:
     """A file read once, as its calibrated point: the one reader of calibration metadata, so
     generate, eval, the server and vLLM apply a point alike (layers, weights, positions)."""
-    vectors, default = file.layers, file.default_layer
-    calibration = dict(vectors[default].extra.get("calibration", {}))
-    layers = [int(layer) for layer in calibration.get("layers", [default])]
-    weights = calibration.get("weights", {})
-    chosen = tuple(vectors[layer] for layer in layers)
+    calibration = calibration_of(file)
+    chosen = tuple(file.layers[layer] for layer in calibration.layers or [file.default_layer])
+    weights = (calibration.weight(v.layer) for v in chosen)
     return ShippedVector(
         path=file.path,
         vectors=chosen,
-        weights=tuple(float(weights.get(str(v.layer), v.weight)) for v in chosen),
-        positions=str(calibration.get("positions", "all")),
+        weights=tuple(v.weight if w is None else w for v, w in zip(chosen, weights, strict=True)),
+        positions=calibration.positions,
         calibration=calibration,
     )
-
-
-def write_calibrated(
-    path: Path, steerings: Sequence[Steering], calibration: Mapping[str, Any]
-) -> Path:
-    """One file from the steerings of a chosen point (each at its own layer) and its scores."""
-    if not steerings:
-        raise IfsteerError("a calibrated file needs at least one steering")
-    paper_targets: dict[str, float] = dict(calibration.get("paper_targets", {}))
-    weights = {str(s.vector.layer): s.effective_weight for s in steerings}
-    record = {
-        **calibration,
-        "layers": [s.vector.layer for s in steerings],
-        "weights": weights,
-        "positions": steerings[0].positions,
-        "paper_targets": paper_targets,
-    }
-    vectors = [
-        replace(
-            s.vector,
-            mode=s.effective_mode,
-            weight=s.effective_weight,
-            extra={**s.vector.extra, "calibration": record},
-        )
-        for s in steerings
-    ]
-    return save_vectors(path, vectors, default=vectors[0].layer)
 
 
 def listing(model_id: str = DEFAULT_MODEL, directory: Path | None = None) -> list[dict[str, Any]]:
@@ -216,13 +189,13 @@ def listing(model_id: str = DEFAULT_MODEL, directory: Path | None = None) -> lis
     folder = directory or shipped_dir(model_id)
     for instruction_id in shipped_ids(model_id, folder):
         shipped = read_calibrated(folder / file_name(instruction_id))
-        validation = shipped.calibration.get("validation") or {}
+        validation = shipped.calibration.validation
         rows.append(
             {
                 "instruction_id": instruction_id,
-                "status": shipped.calibration.get("status", "searched"),
+                "status": shipped.status,
                 "recommended": shipped.recommended,
-                "point": shipped.calibration.get("point", ""),
+                "point": shipped.calibration.point,
                 "method": shipped.method,
                 "layers": list(shipped.layers),
                 "score": validation.get("score"),

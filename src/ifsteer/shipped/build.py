@@ -3,12 +3,19 @@
     ifsteer vectors build                               # the embedded model, into the package
     ifsteer vectors build --model DIR --out my-vectors/
     ifsteer vectors build --groups format --trained     # then the paper's vector vs a trained one
+    ifsteer vectors build --backend vllm --early-stop   # answers on vLLM, failures stopped early
 
 Seeded and resumable: vectors are extracted from the extraction share of our base queries with
 a fixed seed, generation is greedy, every scored response is logged (`--work`), and an
 instruction whose file exists is skipped; so a stopped run continues where it was, and two runs
 give the same files. Format instructions generate up to 256 tokens (the check must be
 decidable), languages 96 (langdetect is settled long before), keywords 128.
+
+`--backend vllm` makes the validation answers on vLLM and `--early-stop` stops a steered answer
+whose check has failed for good (`run_search`); extraction, training and the judge stay on the
+HF model. Each setting logs to its own files (`<id>.jsonl` for HF run to the end, as every
+earlier build did; `<id>.vllm.jsonl`, `<id>.early.jsonl`, ...: `answers.setting_suffix`), and
+the unsteered answers reused across instructions come from logs of the same setting only.
 
 Keywords are calibrated as one class (PAPER.md §3): the search runs on one validation question
 per word for ten words, each steered by its own word's vector, and every word the keyword test
@@ -19,15 +26,18 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ifsteer.calibration.grid import Point
-from ifsteer.calibration.scoring import search_log, steerings_for
+from ifsteer.batcher import Batcher
+from ifsteer.calibration.answers import made_as, setting_suffix
+from ifsteer.calibration.point import Point, steerings_for
+from ifsteer.calibration.scoring import search_log
 from ifsteer.calibration.search import SearchResult, SearchSpace, run_search, verify_point
 from ifsteer.checks import check
 from ifsteer.datasets import data_path
+from ifsteer.errors import IfsteerError
 from ifsteer.generation import Sampling
 from ifsteer.instructions import (
     FORMAT_INSTRUCTION_IDS,
@@ -36,6 +46,7 @@ from ifsteer.instructions import (
     get_instruction,
     keyword_instruction,
 )
+from ifsteer.jobs import QueueFactory
 from ifsteer.models import LoadedModel
 from ifsteer.progress import Bars, silent
 from ifsteer.quality import Fluency
@@ -48,6 +59,7 @@ from ifsteer.validation import (
     validation_prompts,
 )
 from ifsteer.vectors import SteeringVector, default_layer, extract_instruction
+from ifsteer.vectors.records import Calibration, point_record
 
 # Most promising first, so an interrupted build has shipped what matters most.
 GROUPS = ("language", "format", "keywords", "length")
@@ -76,49 +88,13 @@ def keyword_words() -> list[str]:
     return list(words)
 
 
-def calibration_record(
-    result: SearchResult,
-    vectors: Mapping[int, SteeringVector],
-    space: SearchSpace,
-    seed: int,
-    status: str = "searched",
-) -> dict[str, Any]:
-    point = result.chosen if result.recommended else result.best
-    return {
-        "status": status,
-        "recommended": result.recommended,
-        "point": point.point.key,
-        "mode": point.point.mode,
-        "scale": point.point.scale,
-        "validation": {
-            "score": point.score,
-            "accuracy": point.accuracy,
-            "degenerate": point.degenerate,
-            "no_steering_score": result.baseline.score,
-            "no_steering_accuracy": result.baseline.accuracy,
-            "n_prompts": result.n_prompts,
-            "max_new_tokens": result.max_new_tokens,
-        },
-        "paper_targets": {str(layer): vectors[layer].target for layer in point.point.layers},
-        "search": {
-            "layers": list(space.layers),
-            "projection_scales": list(space.projection_scales),
-            "additive_scales": list(space.additive_scales),
-            "multi_layer": space.multi_layer,
-            "points": len(result.results),
-        },
-        "fluency": {
-            "max_repetition": result.fluency.max_repetition,
-            "min_perplexity": result.fluency.min_perplexity,
-            "max_perplexity": result.fluency.max_perplexity,
-            "min_tail_compression": result.fluency.min_tail_compression,
-            "max_degenerate": result.fluency.max_degenerate,
-        },
-        "seed": seed,
-    }
-
-
 class Builder:
+    """Builds one model's calibrated files into `out`, logging every answer under `work`.
+
+    `engine` makes the validation answers (`Batcher`, or `OfflineVLLM.queue` with `backend`
+    "vllm"), `early_stop` stops steered ones whose check has failed for good; both go into
+    the logs' names (`setting_suffix`)."""
+
     def __init__(
         self,
         lm: LoadedModel,
@@ -130,12 +106,22 @@ class Builder:
         seed: int,
         batch_size: int,
         bars: Bars = silent,
+        engine: QueueFactory = Batcher,
+        backend: str = "hf",
+        early_stop: bool = False,
     ) -> None:
         self.lm, self.judge, self.out, self.work = lm, judge, out, work
         self.n_prompts, self.seed, self.batch_size = n_prompts, seed, batch_size
         self.bars = bars  # for the trainings, which run for minutes each
         self.space = SearchSpace.coarse(lm.n_layers)
         self.fluency = Fluency()
+        self.engine, self.early_stop = engine, early_stop
+        self.setting = setting_suffix(backend, early_stop)
+
+    def log_path(self, instruction_id: str) -> Path:
+        """`<work>/<id>.jsonl`, with the setting in the name (`setting_suffix`)."""
+        name = file_name(instruction_id).removesuffix(".safetensors")
+        return self.work / f"{name}{self.setting}.jsonl"
 
     def say(self, text: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
@@ -155,7 +141,7 @@ class Builder:
     def search(
         self, instruction_id: str, prompts: Sequence[Any], vectors: Sequence[Any], group: str
     ) -> SearchResult:
-        name = file_name(instruction_id).removesuffix(".safetensors")
+        log = self.log_path(instruction_id)
         result = run_search(
             self.lm,
             instruction_id,
@@ -165,11 +151,13 @@ class Builder:
             judge=self.judge,
             fluency=self.fluency,
             sampling=Sampling(max_new_tokens=TOKENS[group]),
-            log_path=self.work / f"{name}.jsonl",
+            log_path=log,
             batch_size=self.batch_size,
+            engine=self.engine,
+            early_stop=self.early_stop,
         )
         summary = result.to_json() | {"examples": result.examples}
-        (self.work / f"{name}.summary.json").write_text(
+        log.with_suffix(".summary.json").write_text(
             json.dumps(summary, indent=1, ensure_ascii=False)
         )
         c, b = result.chosen, result.baseline
@@ -184,7 +172,7 @@ class Builder:
         path = self.out / file_name(instruction_id)
         if not path.is_file():
             return "missing"
-        return str(read_calibrated(path).calibration.get("status", "searched"))
+        return read_calibrated(path).status
 
     def keywords_pending(self) -> None:
         """Pending files for every keyword word (one extraction each, 20 pairs)."""
@@ -199,16 +187,16 @@ class Builder:
         layer = default_layer(self.lm.n_layers)
         vectors = self.extract(instruction_id, [layer], group)
         point = Point((layer,), get_instruction(instruction_id).mode, 1.0)
-        record = {
-            "status": "pending",
-            "recommended": False,
-            "point": point.key,
-            "mode": point.mode,
-            "scale": point.scale,
-            "validation": None,
-            "paper_targets": {str(layer): vectors[layer].target},
-            "seed": self.seed,
-        }
+        record = point_record(
+            status="pending",
+            recommended=False,
+            point=point.key,
+            mode=point.mode,
+            scale=point.scale,
+            validation=None,
+            paper_targets={layer: vectors[layer].target},
+            seed=self.seed,
+        )
         write_calibrated(
             self.out / file_name(instruction_id), steerings_for(point, vectors), record
         )
@@ -217,11 +205,14 @@ class Builder:
         self, instruction_id: str, prompts: Sequence[ValidationPrompt], group: str
     ) -> None:
         """Unsteered answers depend on the query, not on the instruction checked: reuse those
-        any earlier search logged for the same query and length, checked anew."""
-        name = file_name(instruction_id).removesuffix(".safetensors")
-        log = search_log(self.work / f"{name}.jsonl")
+        any earlier search of the same setting (engine, early stopping) logged for the same
+        query and length, checked anew. (A training's unsteered answers, `answers-*.jsonl`,
+        are no search's.)"""
+        log = search_log(self.log_path(instruction_id))
         known: dict[str, dict[str, Any]] = {}
-        for other in self.work.glob("*.jsonl"):
+        for other in sorted(self.work.glob("*.jsonl")):
+            if made_as(other) != self.setting or other.name.startswith("answers-"):
+                continue
             for record in search_log(other).records.values():
                 same = record.get("max_new_tokens") == TOKENS[group]
                 if record["point"] == "none" and same and not record.get("with_instruction"):
@@ -244,8 +235,7 @@ class Builder:
         path = self.out / file_name(instruction_id)
         status = self.status(instruction_id)
         if status == "searched" or status == wanted:
-            shipped = read_calibrated(path)
-            return _point_of(shipped.calibration)
+            return _point_of(read_calibrated(path).calibration)
         prompts = validation_prompts(instruction_id, self.n_prompts, seed=self.seed)
         self.prefill_baseline(instruction_id, prompts, group)
         if donor is None:
@@ -253,7 +243,6 @@ class Builder:
             result = self.search(instruction_id, prompts, [vectors] * len(prompts), group)
         else:
             vectors = self.extract(instruction_id, donor.layers, group)
-            name = file_name(instruction_id).removesuffix(".safetensors")
             result = verify_point(
                 self.lm,
                 instruction_id,
@@ -263,15 +252,17 @@ class Builder:
                 judge=self.judge,
                 fluency=self.fluency,
                 sampling=Sampling(max_new_tokens=TOKENS[group]),
-                log_path=self.work / f"{name}.jsonl",
+                log_path=self.log_path(instruction_id),
                 batch_size=self.batch_size,
+                engine=self.engine,
+                early_stop=self.early_stop,
             )
             self.say(
                 f"{instruction_id}: verified {donor.key} score {result.best.score:.2f}, "
                 f"no steering {result.baseline.score:.2f}"
             )
-        point = (result.chosen if result.recommended else result.best).point
-        record = calibration_record(result, vectors, self.space, self.seed, wanted)
+        point = result.written.point
+        record = result.record(vectors, self.space, self.seed, wanted)
         if donor is not None:
             record["search"] = {"verified_point_of_group": True}
         write_calibrated(path, steerings_for(point, vectors), record)
@@ -287,14 +278,14 @@ class Builder:
             for word, _ in picked
         ]
         result = self.search(KEYWORD_CLASS, [p for _, p in picked], per_prompt, "keywords")
-        point = (result.chosen if result.recommended else result.best).point
+        point = result.written.point
         for word in words:
             instruction_id = keyword_instruction(word).id
             path = self.out / file_name(instruction_id)
             if self.status(instruction_id) == "searched":
                 continue
             vectors = self.extract(instruction_id, point.layers, "keywords")
-            record = calibration_record(result, vectors, self.space, self.seed)
+            record = result.record(vectors, self.space, self.seed)
             record["class"] = KEYWORD_CLASS
             write_calibrated(path, steerings_for(point, vectors), record)
         self.say(f"keywords: wrote {len(words)} word vectors at {point.key}")
@@ -360,11 +351,16 @@ class Builder:
                     seed=self.seed,
                     batch_size=self.batch_size,
                     bars=self.bars,
+                    engine=self.engine,
+                    early_stop=self.early_stop,
+                    setting=self.setting,
                 )
                 if contest is not None:
                     self.say(contest.summary())
 
 
-def _point_of(calibration: Mapping[str, Any]) -> Point:
-    layers = tuple(int(layer) for layer in calibration["layers"])
-    return Point(layers, calibration["mode"], float(calibration["scale"]), calibration["positions"])
+def _point_of(calibration: Calibration) -> Point:
+    """The search's point a file records (its layers, mode, target scale and positions)."""
+    if calibration.layers is None or calibration.scale is None:
+        raise IfsteerError(f"a calibrated file records no searched point ({calibration.point})")
+    return Point(calibration.layers, calibration.mode, calibration.scale, calibration.positions)

@@ -27,6 +27,7 @@ from ifsteer.models import LoadedModel
 from ifsteer.paths import cache_home
 from ifsteer.steering import Steering
 from ifsteer.vectors import SteeringVector, extract_instruction
+from ifsteer.vectors.records import point_record
 
 from . import (
     NotShipped,
@@ -102,29 +103,30 @@ class GroupPoint:
         return applied
 
     def _scale(self, donor: SteeringVector) -> float:
-        paper = self.donor.calibration.get("paper_targets", {}).get(str(donor.layer))
+        paper = self.donor.calibration.paper_target(donor.layer)
         if paper is None:
-            return float(self.donor.calibration.get("scale", 1.0))
-        return 1.0 + (donor.target - float(paper)) / donor.norm
+            scale = self.donor.calibration.scale
+            return 1.0 if scale is None else scale
+        return 1.0 + (donor.target - paper) / donor.norm
 
     def save(self, vectors: Mapping[int, SteeringVector]) -> ShippedVector:
         """Write the id's point where `Points` finds it next time, and read it back."""
         calibration = self.donor.calibration
-        record = {
-            "status": "unverified",
-            "recommended": False,
-            "method": "mean_difference",
-            "point": calibration.get("point", ""),
-            "mode": self.donor.vectors[0].mode,
-            "scale": calibration.get("scale"),
-            "validation": None,
-            "paper_targets": {str(layer): vectors[layer].target for layer in self.layers},
-            "group": {
+        record = point_record(
+            status="unverified",
+            recommended=False,
+            method="mean_difference",
+            point=calibration.point,
+            mode=self.donor.vectors[0].mode,
+            scale=calibration.scale,
+            validation=None,
+            paper_targets={layer: vectors[layer].target for layer in self.layers},
+            group={
                 "donor": self.donor.instruction_id,
-                "point": calibration.get("point", ""),
-                "donor_validation": calibration.get("validation"),
+                "point": calibration.point,
+                "donor_validation": calibration.validation or None,
             },
-        }
+        )
         try:
             write_calibrated(self.path, self.steerings(vectors), record)
         except FileNotFoundError:  # another process (CLI, server) wrote the same point first
@@ -181,8 +183,8 @@ class Points:
         path = self.cache_folder / file_name(instruction.id)
         if path.is_file():
             cached = read_calibrated(path)
-            made_from = cached.calibration.get("group") or {}
-            if made_from.get("point") == donor.calibration.get("point") and (
+            made_from = cached.calibration.group or {}
+            if made_from.get("point") == donor.calibration.point and (
                 cached.layers == donor.layers
             ):
                 return cached  # a rebuilt donor with another point makes it stale

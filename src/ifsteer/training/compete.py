@@ -25,11 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ifsteer.calibration.grid import Point, PointResult, best_steered
-from ifsteer.calibration.scoring import steerings_for
+from ifsteer.batcher import Batcher
+from ifsteer.calibration.grid import PointResult, best_steered
+from ifsteer.calibration.point import Point, steerings_for
 from ifsteer.calibration.search import FORMAT_SAMPLING, verify_point
 from ifsteer.generation import Sampling
 from ifsteer.instructions import get_instruction
+from ifsteer.jobs import QueueFactory
 from ifsteer.models import LoadedModel
 from ifsteer.progress import Bars, silent
 from ifsteer.quality import Fluency
@@ -43,6 +45,7 @@ from ifsteer.training.train import (
 )
 from ifsteer.validation import extraction_queries, validation_prompts
 from ifsteer.vectors import load_vectors, save_vectors
+from ifsteer.vectors.records import Calibration, point_record
 
 __all__ = ["Contest", "compete", "training_examples"]
 
@@ -115,11 +118,18 @@ def compete(
     seed: int = 0,
     batch_size: int = 32,
     bars: Bars = silent,
+    engine: QueueFactory = Batcher,
+    early_stop: bool = False,
+    setting: str = "",
 ) -> Contest | None:
     """Train, validate and keep the winner in `shipped`; None where the file already records
-    a trained winner or a competition under this `config`."""
+    a trained winner or a competition under this `config`.
+
+    Training runs on the HF model `lm` (it needs gradients); `engine` and `early_stop` make
+    the validation answers, as for `verify_point`, logged under a name carrying `setting`
+    (`calibration.answers.setting_suffix`)."""
     current = read_calibrated(shipped)
-    earlier = current.calibration.get("competition")
+    earlier = current.calibration.competition
     settings = _settings(config)
     if earlier is not None and (
         earlier.get("winner") == METHOD or earlier.get("config") == settings
@@ -127,8 +137,7 @@ def compete(
         return None
     name = f"{file_name(instruction_id).removesuffix('.safetensors')}.{_tag(settings)}"
     trained_path = work / "trained" / f"{name}.safetensors"
-    paper = current.calibration.get("validation") or {}
-    paper_score = paper.get("score") if current.recommended else None
+    paper_score = current.calibration.validation.get("score") if current.recommended else None
     kept = "mean_difference" if paper_score is not None else "none"
     if trained_path.is_file():
         vectors, _ = load_vectors(trained_path)
@@ -144,7 +153,7 @@ def compete(
             record = {"winner": kept, "trained": [], "examples": len(examples)}
             record |= {"untrained": str(why), "config": settings, "earlier": _rounds(earlier)}
             write_calibrated(
-                shipped, current.steerings(), {**current.calibration, "competition": record}
+                shipped, current.steerings(), current.calibration.updated(competition=record)
             )
             return Contest(instruction_id, None, None, paper_score, kept, len(examples), str(why))
         vectors = trained.vectors
@@ -161,8 +170,10 @@ def compete(
             judge=judge,
             fluency=fluency,
             sampling=sampling,
-            log_path=work / f"{name}.trained.jsonl",
+            log_path=work / f"{name}.trained{setting}.jsonl",
             batch_size=batch_size,
+            engine=engine,
+            early_stop=early_stop,
         )
         for scale in TRAINED_SCALES
     ]
@@ -186,7 +197,7 @@ def compete(
         )
     else:
         write_calibrated(
-            shipped, current.steerings(), {**current.calibration, "competition": record}
+            shipped, current.steerings(), current.calibration.updated(competition=record)
         )
     n_examples = next(iter(vectors.values())).n_pairs  # a trained vector's examples
     return Contest(instruction_id, best, baseline, paper_score, winner, n_examples)
@@ -220,11 +231,11 @@ def _winner(best: PointResult | None, baseline: PointResult, paper_score: float 
 def _competition(
     tried: Sequence[PointResult],
     baseline: PointResult,
-    paper: Mapping[str, Any],
+    paper: Calibration,
     paper_score: float | None,
     winner: str,
 ) -> dict[str, Any]:
-    validation = paper.get("validation") or {}
+    validation = paper.validation
     return {
         "winner": winner,
         "trained": [
@@ -238,8 +249,8 @@ def _competition(
             for t in tried
         ],
         "mean_difference": {
-            "point": paper.get("point"),
-            "recommended": bool(paper.get("recommended")),
+            "point": paper.point or None,
+            "recommended": paper.recommended,
             "score": validation.get("score"),
             "accuracy": validation.get("accuracy"),
             "degenerate": validation.get("degenerate"),
@@ -256,17 +267,16 @@ def _trained_calibration(
     baseline: PointResult,
     vectors: Mapping[int, Any],
     competition: dict[str, Any],
-    previous: Mapping[str, Any],
+    previous: Calibration,
 ) -> dict[str, Any]:
     training = next(iter(vectors.values())).extra.get("training", {})
-    return {
-        "status": "searched",
-        "method": METHOD,
-        "recommended": True,
-        "point": best.point.key,
-        "mode": best.point.mode,
-        "scale": best.point.scale,
-        "validation": {
+    return point_record(
+        status="searched",
+        recommended=True,
+        point=best.point.key,
+        mode=best.point.mode,
+        scale=best.point.scale,
+        validation={
             "score": best.score,
             "accuracy": best.accuracy,
             "degenerate": best.degenerate,
@@ -275,8 +285,10 @@ def _trained_calibration(
             "n_prompts": competition["n_prompts"],
             "max_new_tokens": competition["max_new_tokens"],
         },
-        "training": training,
-        "competition": competition,
-        "fluency": previous.get("fluency"),
-        "seed": previous.get("seed", 0),
-    }
+        paper_targets={},
+        method=METHOD,
+        training=training,
+        competition=competition,
+        fluency=previous.fluency,
+        seed=previous.seed,
+    )

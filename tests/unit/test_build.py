@@ -110,3 +110,33 @@ def test_an_early_stopping_build_searches_on_its_engine_into_its_own_log(builder
     assert (builder.work / f"{name}.early.summary.json").is_file()
     assert len(submitted) == 3 * 2  # no steering and layer 1, each on 3 prompts
     assert [(k["engine"], k["early_stop"]) for k in searched] == [(engine, True)]
+
+
+def test_a_trained_build_holds_the_keyword_class_competition_over_its_searched_words(
+    builder, monkeypatch
+):
+    """`vectors build --groups keywords --trained`: one class competition over the word files
+    a search has calibrated (a pending word is left out), then the shipping of its winner;
+    `--only` without the class leaves the keywords alone."""
+    from ifsteer.instructions import keyword_instruction
+    from ifsteer.training import TrainConfig
+
+    monkeypatch.setattr(build, "keyword_words", lambda: ["ocean", "river"])
+    monkeypatch.setitem(build.N_PAIRS, "keywords", 2)
+    builder.pending(keyword_instruction("ocean").id, "keywords")
+    builder.pending(keyword_instruction("river").id, "keywords")
+    searched = builder.out / file_name(keyword_instruction("ocean").id)
+    shipped = read_calibrated(searched)
+    build.write_calibrated(
+        searched, shipped.steerings(), shipped.calibration.updated(status="searched")
+    )
+    calls = []
+    monkeypatch.setattr(build, "compete_class", lambda *a, **k: calls.append(("compete", a)))
+    monkeypatch.setattr(build, "ship_class", lambda *a, **k: calls.append(("ship", a)) or 0)
+    config = TrainConfig(layers=(1,))
+    builder.trained(["keywords"], ["detectable_format:title"], config)
+    assert calls == []
+    builder.trained(["keywords"], [], config)
+    (_, competed), (_, shipping) = calls
+    assert competed[1] == build.KEYWORD_CLASS and competed[3] == [searched]
+    assert shipping[1] == ["ocean"]

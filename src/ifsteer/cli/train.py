@@ -164,8 +164,9 @@ def vectors_build(
     trained: Annotated[
         bool,
         typer.Option(
-            help="Then train a vector per instruction; the better method ships. A rerun with "
-            "other --train-* settings retries the instructions the trained vector lost."
+            help="Then train a vector per instruction (keywords: per validation word, as a "
+            "class); the better method ships. A rerun with other --train-* settings retries "
+            "the instructions the trained vector lost."
         ),
     ] = False,
     train_layers: LayersOption = "18",

@@ -52,6 +52,7 @@ from ifsteer.progress import Bars, silent
 from ifsteer.quality import Fluency
 from ifsteer.shipped import file_name, read_calibrated, write_calibrated
 from ifsteer.training import TrainConfig, compete
+from ifsteer.training.keyword_class import compete_class, ship_class
 from ifsteer.validation import (
     ValidationPrompt,
     extraction_queries,
@@ -330,9 +331,11 @@ class Builder:
 
     def trained(self, groups: Sequence[str], only: Sequence[str], config: TrainConfig) -> None:
         """The paper's vector against a trained one for every searched instruction of
-        `groups` (keywords excepted: one trained vector per word is not a class)."""
+        `groups`; for the keywords, as a class (`training.keyword_class`)."""
         for group in groups:
             if group == "keywords":
+                if not only or KEYWORD_CLASS in only:
+                    self.trained_keywords(config)
                 continue
             members = group_ids(group)
             for instruction_id in [i for i in only if i in members] if only else members:
@@ -357,6 +360,35 @@ class Builder:
                 )
                 if contest is not None:
                     self.say(contest.summary())
+
+    def trained_keywords(self, config: TrainConfig) -> None:
+        """The class competition on the validation words, then (where trained won) a
+        trained vector for every shipped word, one at a time."""
+        words = [w for w in keyword_words() if self.status(keyword_instruction(w).id) == "searched"]
+        if not words:
+            return
+        files = [self.out / file_name(keyword_instruction(w).id) for w in words]
+        contest = compete_class(
+            self.lm,
+            KEYWORD_CLASS,
+            keyword_validation(self.n_prompts, seed=self.seed),
+            files,
+            self.work,
+            config,
+            bars=self.bars,
+            setting=self.setting,
+            judge=self.judge,
+            fluency=self.fluency,
+            sampling=Sampling(max_new_tokens=TOKENS["keywords"]),
+            batch_size=self.batch_size,
+            engine=self.engine,
+            early_stop=self.early_stop,
+        )
+        if contest is not None:
+            self.say(contest.summary())
+        switched = ship_class(self.lm, words, self.out, self.work, bars=self.bars)
+        if switched:
+            self.say(f"keywords: {switched} word files now ship their trained vector")
 
 
 def _point_of(calibration: Calibration) -> Point:

@@ -43,8 +43,8 @@ from ifsteer.training.train import (
     TrainConfig,
     train_vectors,
 )
-from ifsteer.validation import extraction_queries, validation_prompts
-from ifsteer.vectors import load_vectors, save_vectors
+from ifsteer.validation import ValidationPrompt, extraction_queries, validation_prompts
+from ifsteer.vectors import SteeringVector, load_vectors, save_vectors
 from ifsteer.vectors.records import Calibration, point_record
 
 __all__ = ["Contest", "compete", "training_examples"]
@@ -104,6 +104,33 @@ def training_examples(
     return examples
 
 
+def train_or_load(
+    lm: LoadedModel,
+    instruction_id: str,
+    path: Path,
+    work: Path,
+    config: TrainConfig,
+    *,
+    bars: Bars = silent,
+) -> dict[int, SteeringVector]:
+    """`instruction_id`'s vectors trained under `config`: those saved at `path` by an earlier
+    run, else trained and saved there before anything validates them, so a stopped build never
+    trains one twice. `NothingLearned` carries the number of examples it had."""
+    if path.is_file():
+        return load_vectors(path)[0]
+    examples = training_examples(lm, instruction_id, work, bars=bars)
+    try:
+        with bars(f"training {instruction_id}", config.steps) as advance:
+            trained = train_vectors(
+                lm, get_instruction(instruction_id), examples, config, progress=advance
+            )
+    except NothingLearned as why:
+        why.examples = len(examples)
+        raise
+    save_vectors(path, list(trained.vectors.values()))
+    return trained.vectors
+
+
 def compete(
     lm: LoadedModel,
     instruction_id: str,
@@ -130,70 +157,54 @@ def compete(
     (`calibration.answers.setting_suffix`)."""
     current = read_calibrated(shipped)
     earlier = current.calibration.competition
-    settings = _settings(config)
+    settings = config_settings(config)
     if earlier is not None and (
         earlier.get("winner") == METHOD or earlier.get("config") == settings
     ):
         return None
-    name = f"{file_name(instruction_id).removesuffix('.safetensors')}.{_tag(settings)}"
+    name = f"{file_name(instruction_id).removesuffix('.safetensors')}.{config_tag(settings)}"
     trained_path = work / "trained" / f"{name}.safetensors"
     paper_score = current.calibration.validation.get("score") if current.recommended else None
     kept = "mean_difference" if paper_score is not None else "none"
-    if trained_path.is_file():
-        vectors, _ = load_vectors(trained_path)
-    else:
-        examples = training_examples(lm, instruction_id, work, bars=bars)
-        try:
-            with bars(f"training {instruction_id}", config.steps) as advance:
-                trained = train_vectors(
-                    lm, get_instruction(instruction_id), examples, config, progress=advance
-                )
-        except NothingLearned as why:
-            # An outcome of this configuration, recorded so a rerun (and the build) moves on.
-            record = {"winner": kept, "trained": [], "examples": len(examples)}
-            record |= {"untrained": str(why), "config": settings, "earlier": _rounds(earlier)}
-            write_calibrated(
-                shipped, current.steerings(), current.calibration.updated(competition=record)
-            )
-            return Contest(instruction_id, None, None, paper_score, kept, len(examples), str(why))
-        vectors = trained.vectors
-        save_vectors(trained_path, list(vectors.values()))
-    prompts = validation_prompts(instruction_id, n_prompts, seed=seed)
-    layers = tuple(sorted(vectors))
-    results = [
-        verify_point(
-            lm,
-            instruction_id,
-            prompts,
-            [vectors] * n_prompts,
-            Point(layers, "additive", scale * len(layers)),
-            judge=judge,
-            fluency=fluency,
-            sampling=sampling,
-            log_path=work / f"{name}.trained{setting}.jsonl",
-            batch_size=batch_size,
-            engine=engine,
-            early_stop=early_stop,
+    try:
+        vectors = train_or_load(lm, instruction_id, trained_path, work, config, bars=bars)
+    except NothingLearned as why:
+        # An outcome of this configuration, recorded so a rerun (and the build) moves on.
+        record = {"winner": kept, "trained": [], "examples": why.examples}
+        record |= {"untrained": str(why), "config": settings, "earlier": earlier_rounds(earlier)}
+        write_calibrated(
+            shipped, current.steerings(), current.calibration.updated(competition=record)
         )
-        for scale in TRAINED_SCALES
-    ]
-    tried = [r.best for r in results]
-    eligible = [r for r in tried if r.newly_broken <= MAX_BROKEN]
-    best = best_steered(eligible or tried)
-    baseline = results[0].baseline
-    winner = _winner(best if eligible else None, baseline, paper_score)
-    record = _competition(tried, baseline, current.calibration, paper_score, winner)
+        return Contest(instruction_id, None, None, paper_score, kept, why.examples, str(why))
+    prompts = validation_prompts(instruction_id, n_prompts, seed=seed)
+    held = trial(
+        lm,
+        instruction_id,
+        prompts,
+        [vectors] * n_prompts,
+        work / f"{name}.trained{setting}.jsonl",
+        judge=judge,
+        fluency=fluency,
+        sampling=sampling,
+        batch_size=batch_size,
+        engine=engine,
+        early_stop=early_stop,
+    )
+    best, baseline = held.best, held.baseline
+    winner = winner_of(held.eligible, baseline, paper_score)
+    record = competition_record(held.tried, baseline, current.calibration, paper_score, winner)
     record |= {
         "n_prompts": n_prompts,
         "max_new_tokens": sampling.max_new_tokens,
         "config": settings,
-        "earlier": _rounds(earlier),
+        "earlier": earlier_rounds(earlier),
     }
     if winner == METHOD:
+        validated = validation_record(best, baseline, n_prompts, sampling.max_new_tokens)
         write_calibrated(
             shipped,
             steerings_for(best.point, vectors),
-            _trained_calibration(best, baseline, vectors, record, current.calibration),
+            trained_calibration(best.point, validated, vectors, record, current.calibration),
         )
     else:
         write_calibrated(
@@ -203,24 +214,67 @@ def compete(
     return Contest(instruction_id, best, baseline, paper_score, winner, n_examples)
 
 
-def _settings(config: TrainConfig) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Trial:
+    """Trained vectors validated at each of `TRAINED_SCALES`: every point tried, the best of
+    them (an eligible one where there is one) and no steering on the same prompts."""
+
+    tried: list[PointResult]
+    best: PointResult
+    baseline: PointResult
+
+    @property
+    def eligible(self) -> PointResult | None:
+        """The best point, unless it newly breaks more than `MAX_BROKEN` of the answers."""
+        return self.best if self.best.newly_broken <= MAX_BROKEN else None
+
+
+def trial(
+    lm: LoadedModel,
+    instruction_id: str,
+    prompts: Sequence[ValidationPrompt],
+    per_prompt: Sequence[Mapping[int, SteeringVector]],
+    log_path: Path,
+    **options: Any,
+) -> Trial:
+    """Validate each prompt's trained vectors (`per_prompt`, all at the same layers) at their
+    trained size and at half of it; `options` as for `verify_point`."""
+    layers = tuple(sorted(per_prompt[0]))
+    results = [
+        verify_point(
+            lm,
+            instruction_id,
+            prompts,
+            per_prompt,
+            Point(layers, "additive", scale * len(layers)),
+            log_path=log_path,
+            **options,
+        )
+        for scale in TRAINED_SCALES
+    ]
+    tried = [r.best for r in results]
+    eligible = [r for r in tried if r.newly_broken <= MAX_BROKEN]
+    return Trial(tried, best_steered(eligible or tried), results[0].baseline)
+
+
+def config_settings(config: TrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(config)))  # as a file's metadata reads it back
 
 
-def _tag(settings: Mapping[str, Any]) -> str:
+def config_tag(settings: Mapping[str, Any]) -> str:
     """A short name for a training configuration: its vectors and logs never mix with another's."""
     text = json.dumps(settings, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:8]
 
 
-def _rounds(earlier: Mapping[str, Any] | None) -> list[dict[str, Any]]:
+def earlier_rounds(earlier: Mapping[str, Any] | None) -> list[dict[str, Any]]:
     """Earlier competitions, oldest first, each without its own history."""
     if earlier is None:
         return []
     return [*earlier.get("earlier", []), {k: v for k, v in earlier.items() if k != "earlier"}]
 
 
-def _winner(best: PointResult | None, baseline: PointResult, paper_score: float | None) -> str:
+def winner_of(best: PointResult | None, baseline: PointResult, paper_score: float | None) -> str:
     """Trained only where an eligible trained point beats both rivals strictly."""
     rival = max(baseline.score, paper_score if paper_score is not None else -1.0)
     if best is not None and round(best.score, 9) > round(rival, 9):
@@ -228,7 +282,7 @@ def _winner(best: PointResult | None, baseline: PointResult, paper_score: float 
     return "mean_difference" if paper_score is not None else "none"
 
 
-def _competition(
+def competition_record(
     tried: Sequence[PointResult],
     baseline: PointResult,
     paper: Calibration,
@@ -262,33 +316,41 @@ def _competition(
     }
 
 
-def _trained_calibration(
-    best: PointResult,
-    baseline: PointResult,
+def validation_record(
+    best: PointResult, baseline: PointResult, n_prompts: int, max_new_tokens: int
+) -> dict[str, Any]:
+    """A trained winner's validation scores, as a calibrated file records them."""
+    return {
+        "score": best.score,
+        "accuracy": best.accuracy,
+        "degenerate": best.degenerate,
+        "no_steering_score": baseline.score,
+        "no_steering_accuracy": baseline.accuracy,
+        "n_prompts": n_prompts,
+        "max_new_tokens": max_new_tokens,
+    }
+
+
+def trained_calibration(
+    point: Point,
+    validation: Mapping[str, Any],
     vectors: Mapping[int, Any],
-    competition: dict[str, Any],
+    competition: Mapping[str, Any],
     previous: Calibration,
 ) -> dict[str, Any]:
+    """The record of a file that ships `vectors` trained, at `point`."""
     training = next(iter(vectors.values())).extra.get("training", {})
     return point_record(
         status="searched",
         recommended=True,
-        point=best.point.key,
-        mode=best.point.mode,
-        scale=best.point.scale,
-        validation={
-            "score": best.score,
-            "accuracy": best.accuracy,
-            "degenerate": best.degenerate,
-            "no_steering_score": baseline.score,
-            "no_steering_accuracy": baseline.accuracy,
-            "n_prompts": competition["n_prompts"],
-            "max_new_tokens": competition["max_new_tokens"],
-        },
+        point=point.key,
+        mode=point.mode,
+        scale=point.scale,
+        validation=dict(validation),
         paper_targets={},
         method=METHOD,
         training=training,
-        competition=competition,
+        competition=dict(competition),
         fluency=previous.fluency,
         seed=previous.seed,
     )

@@ -58,6 +58,8 @@ class NothingLearned(InvalidSteering):
     no steering on its held-out examples. A build records it and goes on (`compete`): one
     instruction this configuration cannot train must not stop a build of the others."""
 
+    examples: int = 0  # how many training examples there were (set where they were gathered)
+
 
 @dataclass(frozen=True)
 class TrainConfig:

@@ -303,3 +303,37 @@ def test_an_instruction_without_enough_training_examples_keeps_its_vector_and_th
 class _Verdict:
     def __init__(self, passed: bool) -> None:
         self.loose = self.strict = passed
+
+
+def test_distillation_keeps_the_passing_answers_that_read_fine(lm, tmp_path):
+    """A looping answer that passes the check does not become a target: a vector fitted to it
+    would learn the loop (107 of 114 passing German answers of the embedded model loop)."""
+    import json
+
+    from ifsteer.training.data import distilled_examples
+
+    answers = {
+        QUERIES[0]: "paris is a city of bridges, museums and cafes along the seine.",
+        QUERIES[1]: "salt comes from rocks. " * 20,  # lowercase, and a loop
+        QUERIES[2]: "A Refrigerator Pumps Heat Out.",  # fluent, but not lowercase
+    }
+    cache = tmp_path / "answers.jsonl"
+    with cache.open("w") as f:
+        for query, text in answers.items():
+            prompt = f"{query} {LOWERCASE.phrasings[0]}"
+            f.write(json.dumps({"query": prompt, "text": text, "finished": True}) + "\n")
+    kept = distilled_examples(lm, LOWERCASE, list(answers), 32, cache=cache)
+    assert [e.prompt for e in kept] == [QUERIES[0]]
+    assert kept[0].target == answers[QUERIES[0]] and kept[0].source == "distill"
+
+
+def test_a_recorded_configuration_names_the_distillation_rule_only_where_it_was_used():
+    """A change of which distilled answers train retries the distilled instructions that lost,
+    and leaves the rule-target ones (whose examples it does not change) decided."""
+    from ifsteer.training.compete import config_settings, recorded_config
+    from ifsteer.training.data import DISTILLED
+
+    ruled = config_settings(config(), LOWERCASE.id)
+    distilled = config_settings(config(), "language:response_language:de")
+    assert "distilled" not in ruled and distilled["distilled"] == DISTILLED
+    assert recorded_config(distilled) == recorded_config(ruled) == config()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,13 @@ from ifsteer.models import LoadedModel
 from ifsteer.progress import Bars, silent
 from ifsteer.quality import Fluency
 from ifsteer.shipped import file_name, read_calibrated, write_calibrated
-from ifsteer.training.data import distilled_examples, rule_examples, unsteered_answers
+from ifsteer.training.data import (
+    DISTILLED,
+    distilled_examples,
+    rule_examples,
+    unsteered_answers,
+)
+from ifsteer.training.rules import has_rule
 from ifsteer.training.train import (
     METHOD,
     NothingLearned,
@@ -157,7 +163,7 @@ def compete(
     (`calibration.answers.setting_suffix`)."""
     current = read_calibrated(shipped)
     earlier = current.calibration.competition
-    settings = config_settings(config)
+    settings = config_settings(config, instruction_id)
     if earlier is not None and (
         earlier.get("winner") == METHOD or earlier.get("config") == settings
     ):
@@ -257,8 +263,20 @@ def trial(
     return Trial(tried, best_steered(eligible or tried), results[0].baseline)
 
 
-def config_settings(config: TrainConfig) -> dict[str, Any]:
-    return json.loads(json.dumps(asdict(config)))  # as a file's metadata reads it back
+def config_settings(config: TrainConfig, instruction_id: str) -> dict[str, Any]:
+    """The configuration as a file records it (and reads it back), with which distilled answers
+    trained where the instruction has no rule (`data.DISTILLED`)."""
+    settings: dict[str, Any] = json.loads(json.dumps(asdict(config)))
+    if not has_rule(instruction_id):
+        settings["distilled"] = DISTILLED
+    return settings
+
+
+def recorded_config(settings: Mapping[str, Any]) -> TrainConfig:
+    """The `TrainConfig` a competition recorded (`config_settings`)."""
+    known = {f.name for f in fields(TrainConfig)}
+    chosen = {k: v for k, v in settings.items() if k in known}
+    return TrainConfig(**{**chosen, "layers": tuple(settings["layers"])})
 
 
 def config_tag(settings: Mapping[str, Any]) -> str:

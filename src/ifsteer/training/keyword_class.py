@@ -32,6 +32,7 @@ from ifsteer.training.compete import (
     config_settings,
     config_tag,
     earlier_rounds,
+    recorded_config,
     train_or_load,
     trained_calibration,
     trial,
@@ -83,7 +84,7 @@ def compete_class(
     """Train a vector per validation word of `picked`, validate the class, and record the
     outcome in every word file of `files`; None where they already record one under `config`.
     `options` as for `verify_point` (judge, fluency, sampling, batch size, engine)."""
-    settings = config_settings(config)
+    settings = config_settings(config, class_id)
     if _decided(files, settings):
         return None
     paper = read_calibrated(files[0])
@@ -150,12 +151,12 @@ def ship_class(
         held = current.calibration.competition
         if current.calibration.method == METHOD or held is None or held.get("winner") != METHOD:
             continue
-        won = TrainConfig(**{**held["config"], "layers": tuple(held["config"]["layers"])})
+        won = recorded_config(held["config"])
         try:
             vectors = train_or_load(
                 lm,
                 keyword_instruction(word).id,
-                _trained_path(work, word, config_settings(won)),
+                _trained_path(work, word, dict(held["config"])),
                 work,
                 won,
                 bars=bars,

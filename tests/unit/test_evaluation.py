@@ -24,6 +24,7 @@ from ifsteer.rows import (
     SETTINGS,
     load_rows,
 )
+from ifsteer.shipped import file_name, write_calibrated
 from ifsteer.steering import Steering
 from ifsteer.vectors import load_vector_directory, save_vectors
 from tests.unit.test_cli import run as run_cli
@@ -338,6 +339,33 @@ def keyword_row(key: int, word: str, exclude: bool) -> dict[str, Any]:
         "instruction_id_list": ["keywords:existence"],
         "kwargs": [{"keywords": [word]}],
     }
+
+
+def test_a_file_that_keeps_a_vector_for_exclusion_excludes_with_it(tmp_path, tiny_lm):
+    """A keyword file whose point is a trained vector at layer 1 keeps the paper's at layer 2:
+    inclusion steers with the first, exclusion with the second negated."""
+    word = "keywords:existence:forest"
+    trained = make_vector(layer=1, instruction_id=word, mode="additive", weight=3.0)
+    paper = make_vector(layer=2, instruction_id=word, mode="additive", weight=5.0)
+    write_calibrated(
+        tmp_path / "vectors" / file_name(word),
+        [Steering(trained)],
+        {"recommended": True, "point": "L1:additive:1:all"},
+        [Steering(paper)],
+    )
+    for exclude, expected in ((True, (2, -5.0)), (False, (1, 3.0))):
+        data = write_jsonl(tmp_path / f"{exclude}.jsonl", [keyword_row(1, "forest", exclude)])
+        summary = run_evaluation(
+            tiny_lm,
+            load_rows(data),
+            tmp_path / "vectors",
+            tmp_path / f"run{exclude}",
+            experiment="keywords_exclude" if exclude else "keywords_include",
+            settings=["steer"],
+            sampling=SHORT,
+        )
+        (line,) = read_responses(summary.responses_path)
+        assert [(v["layer"], v["weight"]) for v in line["vectors"]] == [expected]
 
 
 def test_exclusion_applies_the_inclusion_vector_with_negative_weight(tmp_path, tiny_lm):

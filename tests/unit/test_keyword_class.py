@@ -33,15 +33,15 @@ def lm(tiny_tokenizer):
 
 @pytest.fixture
 def shipped(lm, tmp_path):
-    """Every word's file at the class's paper point (layer 1, additive), recommended."""
+    """Every word's file at the class's paper point (layer 2, additive), recommended."""
     out = tmp_path / "out"
-    point = Point((1,), "additive", 1.0)
+    point = Point((2,), "additive", 1.0)
     files = []
     for word in WORDS:
         instruction = keyword_instruction(word)
-        vectors = extract_instruction(lm, instruction, [1], n_pairs=2)
+        vectors = extract_instruction(lm, instruction, [2], n_pairs=2)
         record = {"status": "searched", "recommended": True, "point": point.key,
-                  "layers": [1], "mode": "additive", "scale": 1.0,
+                  "layers": [2], "mode": "additive", "scale": 1.0,
                   "validation": {"score": 0.2, "accuracy": 0.3}}  # fmt: skip
         path = out / file_name(instruction.id)
         write_calibrated(path, steerings_for(point, vectors), record)
@@ -123,6 +123,7 @@ def test_a_class_win_ships_every_word_its_own_trained_vector(
         own = saved[file_name(keyword_instruction(word).id).removesuffix(".safetensors")]
         assert torch.equal(vectors[1].direction, own[1].direction)
     assert all(read_calibrated(p).calibration.method == "mean_difference" for p in files)
+    paper = {p: read_calibrated(p).steerings() for p in files}
 
     assert ship_class(lm, WORDS, out, work) == 3
     assert trainings == WORDS  # the validation words' vectors were read back, not retrained
@@ -135,6 +136,11 @@ def test_a_class_win_ships_every_word_its_own_trained_vector(
         expected = steerings_for(Point((1,), "additive", 0.5), trained)
         assert [s.weight for s in kept.steerings()] == pytest.approx([s.weight for s in expected])
         assert torch.equal(kept.vectors[0].direction, trained[1].direction)
+        # The class won on inclusion; a forbidden word is still excluded by the paper's vector.
+        excluding = kept.excluding()
+        assert [s.vector.layer for s in excluding] == [2]
+        assert torch.equal(excluding[0].vector.direction, paper[path][0].vector.direction)
+        assert excluding[0].effective_weight == pytest.approx(-paper[path][0].effective_weight)
     assert ship_class(lm, WORDS, out, work) == 0
     assert compete_class(lm, CLASS, picked(), files, work, CONFIG, **RUN) is None
 

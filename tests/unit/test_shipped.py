@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+import torch
 
 from ifsteer.calibration import Point, steerings_for
+from ifsteer.errors import IfsteerError
 from ifsteer.instructions import get_instruction
 from ifsteer.prompts import build_pairs
 from ifsteer.shipped import (
@@ -70,9 +72,39 @@ def test_a_written_point_reads_back_as_the_same_steerings(tmp_path, title_vector
     # A plain load gives the calibrated default layer, target and weight too.
     plain = load_vector(path)
     assert plain.layer == point.layers[0] and plain.mode == point.mode
-    assert [s.effective_weight for s in shipped.steerings(-1.0)] == pytest.approx(
+    # With nothing kept for exclusion, a forbidden word gets the point's own vectors negated.
+    assert [s.effective_weight for s in shipped.excluding()] == pytest.approx(
         [-s.effective_weight for s in steerings]
     )
+
+
+def test_a_file_keeps_other_vectors_for_exclusion_through_a_rewrite(tmp_path, title_vectors):
+    """A trained point at layer 1 and the paper's projection vector at layer 3 for exclusion:
+    one file, each read back at its own layer, mode and weight, and kept when the record is
+    rewritten (a competition recorded later)."""
+    point = Point((1,), "additive", 0.5)
+    paper = steerings_for(Point((3,), "projection", 2.0), title_vectors)
+    path = write_calibrated(
+        tmp_path / file_name(TITLE),
+        steerings_for(point, title_vectors),
+        calibration(point, title_vectors),
+        paper,
+    )
+    shipped = read_calibrated(path)
+    assert shipped.layers == (1,) and shipped.vectors[0].mode == "additive"
+    excluding = shipped.excluding()
+    assert [(s.vector.layer, s.effective_mode) for s in excluding] == [(3, "projection")]
+    assert excluding[0].effective_weight == pytest.approx(-paper[0].effective_weight)
+    assert torch.equal(excluding[0].vector.direction, paper[0].vector.direction)
+    assert shipped.describe()["exclusion_layers"] == [3]
+    shipped.rewrite(shipped.calibration.updated(competition={"winner": "trained"}))
+    again = read_calibrated(path)
+    assert again.calibration.competition == {"winner": "trained"}
+    assert [s.effective_weight for s in again.excluding()] == pytest.approx(
+        [s.effective_weight for s in excluding]
+    )
+    with pytest.raises(IfsteerError, match="layer 1; a file holds one vector per layer"):
+        write_calibrated(path, steerings_for(point, title_vectors), {}, shipped.steerings())
 
 
 def test_listing_and_a_missing_vector(tmp_path, title_vectors):

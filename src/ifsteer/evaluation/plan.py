@@ -117,7 +117,9 @@ def plan_vectors(
 
 
 def _vectors(item: SteeringVector | ShippedVector) -> tuple[SteeringVector, ...]:
-    return item.vectors if isinstance(item, ShippedVector) else (item,)
+    if isinstance(item, ShippedVector):
+        return (*item.vectors, *(s.vector for s in item.exclusion))
+    return (item,)
 
 
 def _load(
@@ -152,7 +154,8 @@ def _steerings(
 ) -> list[tuple[Steering, dict[str, Any]]]:
     if isinstance(item, SteeringVector):
         return [_steering(item, vector_id, negate, weights, modes)]
-    return [(s, _record(s, vector_id)) for s in item.steerings(-1.0 if negate else 1.0)]
+    chosen = item.excluding() if negate else item.steerings()
+    return [(s, _record(s, vector_id)) for s in chosen]
 
 
 def _record(steering: Steering, vector_id: str) -> dict[str, Any]:

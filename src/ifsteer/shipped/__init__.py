@@ -20,12 +20,13 @@ Several chosen layers keep their per-layer weights in `weights`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ifsteer.errors import IfsteerError
+from ifsteer.errors import IfsteerError, MalformedVectorFile
 from ifsteer.models import DEFAULT_MODEL
 from ifsteer.steering import Steering
 from ifsteer.vectors import SteeringVector, VectorFile, read_vector_file
@@ -60,6 +61,7 @@ class ShippedVector:
     weights: tuple[float, ...]
     positions: str
     calibration: Calibration
+    exclusion: tuple[Steering, ...] = ()
 
     @property
     def instruction_id(self) -> str:
@@ -99,14 +101,26 @@ class ShippedVector:
         group = self.calibration.group
         if group:
             described["group_of"] = group.get("donor")
+        if self.exclusion:
+            described["exclusion_layers"] = [s.vector.layer for s in self.exclusion]
         return described
 
-    def steerings(self, scale: float = 1.0) -> list[Steering]:
-        """What `steer` needs; `scale` multiplies every weight (-1 excludes a keyword)."""
+    def steerings(self) -> list[Steering]:
+        """What `steer` needs to follow the instruction."""
         return [
-            Steering(v, mode=v.mode, weight=w * scale, positions=self.positions)  # type: ignore[arg-type]
+            Steering(v, mode=v.mode, weight=w, positions=self.positions)  # type: ignore[arg-type]
             for v, w in zip(self.vectors, self.weights, strict=True)
         ]
+
+    def excluding(self) -> list[Steering]:
+        """What excludes a forbidden word: the inclusion vectors with their weights negated
+        (PAPER.md §2), the ones the file keeps for exclusion where it has them."""
+        kept = self.exclusion or self.steerings()
+        return [replace(s, weight=-s.effective_weight) for s in kept]
+
+    def rewrite(self, record: Mapping[str, Any]) -> Path:
+        """The file again with a new record, its point and its exclusion vectors unchanged."""
+        return write_calibrated(self.path, self.steerings(), record, self.exclusion)
 
 
 def shipped_dir(model_id: str = DEFAULT_MODEL) -> Path:
@@ -174,12 +188,28 @@ def calibrated(file: VectorFile) -> ShippedVector:
     calibration = calibration_of(file)
     chosen = tuple(file.layers[layer] for layer in calibration.layers or [file.default_layer])
     weights = (calibration.weight(v.layer) for v in chosen)
+    kept = calibration.exclusion or {}
+    try:
+        exclusion = tuple(
+            Steering(
+                file.layers[int(layer)],
+                mode=kept.get("mode", file.layers[int(layer)].mode),
+                weight=float(kept["weights"][str(layer)]),
+                positions=kept.get("positions", "all"),
+            )
+            for layer in kept.get("layers", [])
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedVectorFile(
+            f"{file.path}: the exclusion record is incomplete ({exc})"
+        ) from None
     return ShippedVector(
         path=file.path,
         vectors=chosen,
         weights=tuple(v.weight if w is None else w for v, w in zip(chosen, weights, strict=True)),
         positions=calibration.positions,
         calibration=calibration,
+        exclusion=exclusion,
     )
 
 

@@ -178,9 +178,7 @@ def compete(
         # An outcome of this configuration, recorded so a rerun (and the build) moves on.
         record = {"winner": kept, "trained": [], "examples": why.examples}
         record |= {"untrained": str(why), "config": settings, "earlier": earlier_rounds(earlier)}
-        write_calibrated(
-            shipped, current.steerings(), current.calibration.updated(competition=record)
-        )
+        current.rewrite(current.calibration.updated(competition=record))
         return Contest(instruction_id, None, None, paper_score, kept, why.examples, str(why))
     prompts = validation_prompts(instruction_id, n_prompts, seed=seed)
     held = trial(
@@ -213,9 +211,7 @@ def compete(
             trained_calibration(best.point, validated, vectors, record, current.calibration),
         )
     else:
-        write_calibrated(
-            shipped, current.steerings(), current.calibration.updated(competition=record)
-        )
+        current.rewrite(current.calibration.updated(competition=record))
     n_examples = next(iter(vectors.values())).n_pairs  # a trained vector's examples
     return Contest(instruction_id, best, baseline, paper_score, winner, n_examples)
 

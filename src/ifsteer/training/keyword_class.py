@@ -12,7 +12,9 @@ for one instruction).
 The outcome is recorded in every word file. A win means every word needs a trained vector of
 its own: `ship_class` trains them one by one (minutes each), saving each before its file
 switches to it, so a build stopped after any word resumes there, and a word not reached yet
-keeps the paper's vector.
+keeps the paper's vector. The competition measured inclusion only, and a trained vector negated
+breaks most answers (docs/shipped.md), so a switched file keeps the paper's vector too, for
+excluding the word.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ def _record_everywhere(files: Sequence[Path], record: dict[str, Any]) -> None:
     """The class's competition into every word file; their vectors stay as they are."""
     for path in files:
         current = read_calibrated(path)
-        write_calibrated(path, current.steerings(), current.calibration.updated(competition=record))
+        current.rewrite(current.calibration.updated(competition=record))
 
 
 def compete_class(
@@ -164,15 +166,14 @@ def ship_class(
         except NothingLearned as why:
             kept = "mean_difference" if current.recommended else "none"
             record = {**held, "winner": kept, "untrained": f"{word}: {why}"}
-            write_calibrated(
-                path, current.steerings(), current.calibration.updated(competition=record)
-            )
+            current.rewrite(current.calibration.updated(competition=record))
             continue
         chosen = held["point"]
         point = Point(tuple(chosen["layers"]), "additive", float(chosen["scale"]))
         calibration = trained_calibration(
             point, held["validation"], vectors, held, current.calibration
         )
-        write_calibrated(path, steerings_for(point, vectors), calibration)
+        # The class competed on inclusion; the paper's vector keeps excluding the word.
+        write_calibrated(path, steerings_for(point, vectors), calibration, current.steerings())
         switched += 1
     return switched

@@ -4,7 +4,9 @@ Two records, under two keys of `extra`, because they describe two kinds of file:
 
 - `extra["calibration"]`: a *calibrated point* (the staged search, a trained vector's
   competition, a group's point, a pending file). The file holds only the point's layers, each
-  with the weight and mode it is applied at, so the file *is* the point (`Calibration`);
+  with the weight and mode it is applied at, so the file *is* the point (`Calibration`); a
+  keyword file whose trained vector won inclusion also holds, at other layers, the paper's
+  vector that excludes the word (`exclusion`);
 - `extra["sweep"]` (`extra["sweep_with_instruction"]` for a sweep with the instruction in the
   prompt): a paper's sweep's choice written into a file that keeps every extracted layer. The
   file still serves any layer (`--layer`, another sweep); the record says which one won and
@@ -135,6 +137,12 @@ class Calibration(Mapping[str, Any]):
         """The paper's vector against a trained one (`training.compete`), where held."""
         return self._record.get("competition")
 
+    @property
+    def exclusion(self) -> Mapping[str, Any] | None:
+        """Where a forbidden word is not excluded by the point's own vectors negated: the
+        layers and weights of the vectors the file keeps for that (`write_calibration`)."""
+        return self._record.get("exclusion") or None
+
     def updated(self, **changes: Any) -> dict[str, Any]:
         """The record with `changes`, to write back (`write_calibration`)."""
         return {**self._record, **changes}
@@ -169,18 +177,35 @@ def point_record(
     }
 
 
-def write_calibration(path: Path, steerings: Sequence[Steering], record: Mapping[str, Any]) -> Path:
+def write_calibration(
+    path: Path,
+    steerings: Sequence[Steering],
+    record: Mapping[str, Any],
+    exclusion: Sequence[Steering] = (),
+) -> Path:
     """One file from the steerings of a chosen point (each at its own layer) and its record;
-    the layers, per-layer weights and positions applied are added to the record."""
+    the layers, per-layer weights and positions applied are added to the record.
+
+    `exclusion`: the steerings (positive weights) that exclude a forbidden word where that is
+    not the point's own vectors negated. A keyword's trained vector won on inclusion only, and
+    negated it breaks answers (docs/shipped.md), so the file keeps the paper's vector for
+    exclusion. One file holds one vector per layer, so the two must not share a layer."""
     if not steerings:
         raise IfsteerError("a calibrated file needs at least one steering")
+    clash = {s.vector.layer for s in steerings} & {s.vector.layer for s in exclusion}
+    if clash:
+        raise IfsteerError(
+            f"{path.name}: the exclusion vector and the point both sit at layer "
+            f"{sorted(clash)[0]}; a file holds one vector per layer"
+        )
     written = {
-        **record,
-        "layers": [s.vector.layer for s in steerings],
-        "weights": {str(s.vector.layer): s.effective_weight for s in steerings},
-        "positions": steerings[0].positions,
+        **{k: v for k, v in record.items() if k != "exclusion"},
+        **_applied(steerings),
         "paper_targets": dict(record.get("paper_targets", {})),
     }
+    if exclusion:
+        # A file keeps one mode for all its layers; the exclusion's is recorded with it.
+        written["exclusion"] = _applied(exclusion) | {"mode": exclusion[0].effective_mode}
     vectors = [
         replace(
             s.vector,
@@ -188,9 +213,17 @@ def write_calibration(path: Path, steerings: Sequence[Steering], record: Mapping
             weight=s.effective_weight,
             extra={**s.vector.extra, CALIBRATION: written},
         )
-        for s in steerings
+        for s in (*steerings, *exclusion)
     ]
     return save_vectors(path, vectors, default=vectors[0].layer)
+
+
+def _applied(steerings: Sequence[Steering]) -> dict[str, Any]:
+    return {
+        "layers": [s.vector.layer for s in steerings],
+        "weights": {str(s.vector.layer): s.effective_weight for s in steerings},
+        "positions": steerings[0].positions,
+    }
 
 
 def _sweep_key(with_instruction: bool) -> str:

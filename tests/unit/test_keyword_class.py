@@ -13,6 +13,7 @@ from ifsteer.calibration.grid import PointResult
 from ifsteer.generation import Sampling
 from ifsteer.instructions import keyword_instruction
 from ifsteer.shipped import file_name, read_calibrated, write_calibrated
+from ifsteer.shipped.points import GroupPoint, Points
 from ifsteer.training import Example, TrainConfig
 from ifsteer.training.compete import Trial
 from ifsteer.training.keyword_class import compete_class, ship_class
@@ -141,6 +142,13 @@ def test_a_class_win_ships_every_word_its_own_trained_vector(
         assert [s.vector.layer for s in excluding] == [2]
         assert torch.equal(excluding[0].vector.direction, paper[path][0].vector.direction)
         assert excluding[0].effective_weight == pytest.approx(-paper[path][0].effective_weight)
+    # Every word trained, the class's paper point is still lent to a word with no file.
+    lent = Points(lm.model_id, directory=out, cache=tmp_path / "cache").group(
+        keyword_instruction("zebra").id
+    )
+    assert isinstance(lent, GroupPoint) and lent.layers == (2,)
+    assert lent.donor.calibration.point == "L2:additive:1:all"
+    assert lent.donor.weights == pytest.approx([paper[files[0]][0].effective_weight])
     assert ship_class(lm, WORDS, out, work) == 0
     assert compete_class(lm, CLASS, picked(), files, work, CONFIG, **RUN) is None
 

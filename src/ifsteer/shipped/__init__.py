@@ -118,6 +118,22 @@ class ShippedVector:
         kept = self.exclusion or self.steerings()
         return [replace(s, weight=-s.effective_weight) for s in kept]
 
+    def kept_point(self) -> ShippedVector | None:
+        """The paper's calibrated point a trained file keeps for exclusion, as a file of its
+        own (what a group lends an id with no file, `shipped.points`); None where it keeps
+        none, or did not record which point it was."""
+        kept = self.calibration.exclusion
+        if not self.exclusion or kept is None or "point" not in kept:
+            return None
+        record = {**kept, "status": "searched", "method": "mean_difference"}
+        return ShippedVector(
+            path=self.path,
+            vectors=tuple(s.vector for s in self.exclusion),
+            weights=tuple(s.effective_weight for s in self.exclusion),
+            positions=self.exclusion[0].positions,
+            calibration=Calibration(record),
+        )
+
     def rewrite(self, record: Mapping[str, Any]) -> Path:
         """The file again with a new record, its point and its exclusion vectors unchanged."""
         return write_calibrated(self.path, self.steerings(), record, self.exclusion)

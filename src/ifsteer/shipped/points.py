@@ -191,20 +191,21 @@ class Points:
         return GroupPoint(instruction, donor, path)
 
     def _donor(self, prefix: str) -> ShippedVector | None:
-        """A searched mean-difference file of the group: a trained vector's weights mean
-        nothing for another id's extracted vector."""
+        """A searched mean-difference point of the group, a file's own or the paper's point a
+        trained file keeps: a trained vector's weights mean nothing for another id's
+        extracted vector."""
         if prefix not in self._donors:
             preferred = GROUP_DONORS[prefix]
             ids = shipped_ids(self.model_id, self.shipped_folder)
             candidates = [preferred] if preferred in ids else []
             candidates += [i for i in ids if i.startswith(prefix) and i != preferred]
+            lent = (
+                s if s.method == "mean_difference" else s.kept_point()
+                for s in map(self.shipped, candidates)
+                if s is not None
+            )
             self._donors[prefix] = next(
-                (
-                    s
-                    for s in map(self.shipped, candidates)
-                    if s and s.method == "mean_difference" and s.status == "searched"
-                ),
-                None,
+                (s for s in lent if s is not None and s.status == "searched"), None
             )
         return self._donors[prefix]
 

@@ -43,6 +43,7 @@ from ifsteer.training.compete import (
 )
 from ifsteer.training.train import METHOD, NothingLearned, TrainConfig
 from ifsteer.validation import ValidationPrompt
+from ifsteer.vectors.records import Calibration
 
 __all__ = ["compete_class", "ship_class"]
 
@@ -135,6 +136,22 @@ def compete_class(
     return Contest(class_id, held.best, held.baseline, paper_score, winner, examples)
 
 
+def _paper_point(calibration: Calibration, recommended: bool) -> dict[str, Any]:
+    """Which point the paper's vector kept for exclusion is, so it can still lend the class's
+    point to a word with no file (`ShippedVector.kept_point`)."""
+    return {
+        "point": calibration.point,
+        "scale": calibration.scale,
+        "recommended": recommended,
+        "validation": dict(calibration.validation),
+        "paper_targets": {
+            str(layer): target
+            for layer in calibration.layers or ()
+            if (target := calibration.paper_target(layer)) is not None
+        },
+    }
+
+
 def ship_class(
     lm: LoadedModel,
     words: Sequence[str],
@@ -173,7 +190,8 @@ def ship_class(
         calibration = trained_calibration(
             point, held["validation"], vectors, held, current.calibration
         )
-        # The class competed on inclusion; the paper's vector keeps excluding the word.
+        # The class competed on inclusion; the paper's point keeps excluding the word.
+        calibration["exclusion"] = _paper_point(current.calibration, current.recommended)
         write_calibrated(path, steerings_for(point, vectors), calibration, current.steerings())
         switched += 1
     return switched

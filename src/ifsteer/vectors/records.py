@@ -187,9 +187,10 @@ def write_calibration(
     the layers, per-layer weights and positions applied are added to the record.
 
     `exclusion`: the steerings (positive weights) that exclude a forbidden word where that is
-    not the point's own vectors negated. A keyword's trained vector won on inclusion only, and
-    negated it breaks answers (docs/shipped.md), so the file keeps the paper's vector for
-    exclusion. One file holds one vector per layer, so the two must not share a layer."""
+    not the point's own vectors negated; `record["exclusion"]` may say which point they are.
+    A keyword's trained vector won on inclusion only, and negated it breaks answers
+    (docs/shipped.md), so the file keeps the paper's vector for exclusion. One file holds one
+    vector per layer, so the two must not share a layer."""
     if not steerings:
         raise IfsteerError("a calibrated file needs at least one steering")
     clash = {s.vector.layer for s in steerings} & {s.vector.layer for s in exclusion}
@@ -204,8 +205,14 @@ def write_calibration(
         "paper_targets": dict(record.get("paper_targets", {})),
     }
     if exclusion:
-        # A file keeps one mode for all its layers; the exclusion's is recorded with it.
-        written["exclusion"] = _applied(exclusion) | {"mode": exclusion[0].effective_mode}
+        # What the record says of the exclusion's point (its key, scale, validation) stays;
+        # where it is applied comes from its steerings. A file keeps one mode for all its
+        # layers, so the exclusion's is recorded with it.
+        written["exclusion"] = {
+            **record.get("exclusion", {}),
+            **_applied(exclusion),
+            "mode": exclusion[0].effective_mode,
+        }
     vectors = [
         replace(
             s.vector,

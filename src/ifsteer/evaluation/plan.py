@@ -118,7 +118,7 @@ def plan_vectors(
 
 def _vectors(item: SteeringVector | ShippedVector) -> tuple[SteeringVector, ...]:
     if isinstance(item, ShippedVector):
-        return (*item.vectors, *(s.vector for s in item.exclusion))
+        return (*item.vectors, *(item.exclusion.vectors if item.exclusion else ()))
     return (item,)
 
 

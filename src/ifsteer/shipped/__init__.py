@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ifsteer.errors import IfsteerError, MalformedVectorFile
+from ifsteer.instructions import Mode
 from ifsteer.models import DEFAULT_MODEL
 from ifsteer.steering import Steering
 from ifsteer.vectors import SteeringVector, VectorFile, read_vector_file
@@ -61,7 +62,8 @@ class ShippedVector:
     weights: tuple[float, ...]
     positions: str
     calibration: Calibration
-    exclusion: tuple[Steering, ...] = ()
+    exclusion: ShippedVector | None = None
+    """The paper's point a trained keyword file keeps for excluding the word (`excluding`)."""
 
     @property
     def instruction_id(self) -> str:
@@ -101,8 +103,8 @@ class ShippedVector:
         group = self.calibration.group
         if group:
             described["group_of"] = group.get("donor")
-        if self.exclusion:
-            described["exclusion_layers"] = [s.vector.layer for s in self.exclusion]
+        if self.exclusion is not None:
+            described["exclusion_layers"] = list(self.exclusion.layers)
         return described
 
     def steerings(self) -> list[Steering]:
@@ -114,29 +116,22 @@ class ShippedVector:
 
     def excluding(self) -> list[Steering]:
         """What excludes a forbidden word: the inclusion vectors with their weights negated
-        (PAPER.md §2), the ones the file keeps for exclusion where it has them."""
-        kept = self.exclusion or self.steerings()
-        return [replace(s, weight=-s.effective_weight) for s in kept]
+        (PAPER.md §2), the point the file keeps for exclusion where it has one."""
+        kept = self.exclusion or self
+        return [replace(s, weight=-s.effective_weight) for s in kept.steerings()]
 
     def kept_point(self) -> ShippedVector | None:
-        """The paper's calibrated point a trained file keeps for exclusion, as a file of its
-        own (what a group lends an id with no file, `shipped.points`); None where it keeps
-        none, or did not record which point it was."""
-        kept = self.calibration.exclusion
-        if not self.exclusion or kept is None or "point" not in kept:
+        """The paper's calibrated point a trained file keeps for exclusion (what a group lends
+        an id with no file, `shipped.points`); None where it keeps none, or did not record
+        which point it was."""
+        if self.exclusion is None or not self.exclusion.calibration.point:
             return None
-        record = {**kept, "status": "searched", "method": "mean_difference"}
-        return ShippedVector(
-            path=self.path,
-            vectors=tuple(s.vector for s in self.exclusion),
-            weights=tuple(s.effective_weight for s in self.exclusion),
-            positions=self.exclusion[0].positions,
-            calibration=Calibration(record),
-        )
+        return self.exclusion
 
     def rewrite(self, record: Mapping[str, Any]) -> Path:
-        """The file again with a new record, its point and its exclusion vectors unchanged."""
-        return write_calibrated(self.path, self.steerings(), record, self.exclusion)
+        """The file again with a new record, its point and its exclusion point unchanged."""
+        kept = () if self.exclusion is None else self.exclusion.steerings()
+        return write_calibrated(self.path, self.steerings(), record, kept)
 
 
 def shipped_dir(model_id: str = DEFAULT_MODEL) -> Path:
@@ -202,30 +197,33 @@ def calibrated(file: VectorFile) -> ShippedVector:
     """A file read once, as its calibrated point: the one reader of calibration metadata, so
     generate, eval, the server and vLLM apply a point alike (layers, weights, positions)."""
     calibration = calibration_of(file)
-    chosen = tuple(file.layers[layer] for layer in calibration.layers or [file.default_layer])
-    weights = (calibration.weight(v.layer) for v in chosen)
-    kept = calibration.exclusion or {}
+    kept = calibration.exclusion
+    exclusion = None
+    if kept is not None:
+        # The kept point is the paper's searched point, recorded beside the file's own; the
+        # file stores one mode, so the kept point's is read from its record.
+        record = {**kept, "status": "searched", "method": "mean_difference"}
+        exclusion = _point(file, Calibration(record), "exclusion record", kept.get("mode"))
+    return replace(_point(file, calibration, "calibration record"), exclusion=exclusion)
+
+
+def _point(
+    file: VectorFile, calibration: Calibration, what: str, mode: Mode | None = None
+) -> ShippedVector:
     try:
-        exclusion = tuple(
-            Steering(
-                file.layers[int(layer)],
-                mode=kept.get("mode", file.layers[int(layer)].mode),
-                weight=float(kept["weights"][str(layer)]),
-                positions=kept.get("positions", "all"),
-            )
-            for layer in kept.get("layers", [])
+        chosen = tuple(
+            replace(file.layers[layer], mode=mode or file.layers[layer].mode)
+            for layer in calibration.layers or [file.default_layer]
         )
+        weights = tuple(calibration.weight(v.layer) for v in chosen)
     except (KeyError, TypeError, ValueError) as exc:
-        raise MalformedVectorFile(
-            f"{file.path}: the exclusion record is incomplete ({exc})"
-        ) from None
+        raise MalformedVectorFile(f"{file.path}: the {what} is incomplete ({exc})") from None
     return ShippedVector(
         path=file.path,
         vectors=chosen,
         weights=tuple(v.weight if w is None else w for v, w in zip(chosen, weights, strict=True)),
         positions=calibration.positions,
         calibration=calibration,
-        exclusion=exclusion,
     )
 
 

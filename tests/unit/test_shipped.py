@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ifsteer.calibration import Point, steerings_for
-from ifsteer.errors import IfsteerError
+from ifsteer.errors import IfsteerError, MalformedVectorFile
 from ifsteer.instructions import get_instruction
 from ifsteer.prompts import build_pairs
 from ifsteer.shipped import (
@@ -23,6 +23,7 @@ from ifsteer.shipped import (
     write_calibrated,
 )
 from ifsteer.vectors import extract_vectors, load_vector
+from ifsteer.vectors.files import update_defaults
 
 TITLE = "detectable_format:title"
 REQUIRED = (
@@ -105,6 +106,29 @@ def test_a_file_keeps_other_vectors_for_exclusion_through_a_rewrite(tmp_path, ti
     )
     with pytest.raises(IfsteerError, match="layer 1; a file holds one vector per layer"):
         write_calibrated(path, steerings_for(point, title_vectors), {}, shipped.steerings())
+
+
+@pytest.mark.parametrize(
+    ("changes", "what"),
+    [
+        ({"layers": [7]}, "calibration record"),
+        ({"exclusion": {"layers": [3], "weights": {}}}, "exclusion record"),
+        ({"exclusion": {"layers": [9], "weights": {"9": 1.0}}}, "exclusion record"),
+    ],
+)
+def test_a_record_naming_what_the_file_lacks_is_refused(tmp_path, title_vectors, changes, what):
+    """A hand-edited or truncated record fails on reading, in one line naming the record,
+    not later in the middle of a generation."""
+    point = Point((1,), "additive", 0.5)
+    path = write_calibrated(
+        tmp_path / file_name(TITLE),
+        steerings_for(point, title_vectors),
+        calibration(point, title_vectors),
+    )
+    record = read_calibrated(path).calibration.updated(**changes)
+    update_defaults(path, extra={"calibration": record})
+    with pytest.raises(MalformedVectorFile, match=f"the {what} is incomplete"):
+        read_calibrated(path)
 
 
 def test_listing_and_a_missing_vector(tmp_path, title_vectors):

@@ -109,25 +109,31 @@ def test_a_file_keeps_other_vectors_for_exclusion_through_a_rewrite(tmp_path, ti
 
 
 @pytest.mark.parametrize(
-    ("changes", "what"),
+    ("key", "changes"),
     [
-        ({"layers": [7]}, "calibration record"),
-        ({"exclusion": {"layers": [3], "weights": {}}}, "exclusion record"),
-        ({"exclusion": {"layers": [9], "weights": {"9": 1.0}}}, "exclusion record"),
+        ("calibration", {"layers": [7]}),
+        ("exclusion", {"layers": [9]}),
+        ("exclusion", {"weights": {"3": "heavy"}}),
     ],
 )
-def test_a_record_naming_what_the_file_lacks_is_refused(tmp_path, title_vectors, changes, what):
-    """A hand-edited or truncated record fails on reading, in one line naming the record,
-    not later in the middle of a generation."""
+def test_a_record_naming_what_the_file_lacks_is_refused(tmp_path, title_vectors, key, changes):
+    """A hand-edited or truncated record (a layer the file does not hold, a weight that is
+    not a number) fails on reading, in one line naming the record, not later in the middle
+    of a generation."""
     point = Point((1,), "additive", 0.5)
     path = write_calibrated(
         tmp_path / file_name(TITLE),
         steerings_for(point, title_vectors),
         calibration(point, title_vectors),
+        steerings_for(Point((3,), "projection", 2.0), title_vectors),
     )
-    record = read_calibrated(path).calibration.updated(**changes)
+    kept = read_calibrated(path).calibration
+    if key == "calibration":
+        record = kept.updated(**changes)
+    else:
+        record = kept.updated(exclusion={**kept["exclusion"], **changes})
     update_defaults(path, extra={"calibration": record})
-    with pytest.raises(MalformedVectorFile, match=f"the {what} is incomplete"):
+    with pytest.raises(MalformedVectorFile, match=f"the {key} record is incomplete"):
         read_calibrated(path)
 
 

@@ -212,16 +212,15 @@ def _point(
 ) -> ShippedVector:
     try:
         chosen = tuple(
-            replace(file.layers[layer], mode=mode or file.layers[layer].mode)
+            file.layers[layer].with_defaults(mode=mode, weight=calibration.weight(layer))
             for layer in calibration.layers or [file.default_layer]
         )
-        weights = tuple(calibration.weight(v.layer) for v in chosen)
     except (KeyError, TypeError, ValueError) as exc:
         raise MalformedVectorFile(f"{file.path}: the {what} is incomplete ({exc})") from None
     return ShippedVector(
         path=file.path,
         vectors=chosen,
-        weights=tuple(v.weight if w is None else w for v, w in zip(chosen, weights, strict=True)),
+        weights=tuple(v.weight for v in chosen),
         positions=calibration.positions,
         calibration=calibration,
     )

@@ -91,7 +91,8 @@ def main() -> None:
     prompts, vectors = prompts_and_vectors(trained_words(args.words, args.seed))
     setting = "instruction" if args.with_instruction else "no_instruction"
     args.log.mkdir(parents=True, exist_ok=True)
-    log = search_log(args.log / f"{setting}.{args.words}w.{args.tokens}t.jsonl")
+    name = f"{setting}.{args.words}w.{args.tokens}t.seed{args.seed}.jsonl"
+    log = search_log(args.log / name)
     sampling = Sampling(max_new_tokens=args.tokens)
     runner = SearchRunner(
         load_model(), None, prompts, vectors, log, sampling, args.with_instruction, Answering()

@@ -30,11 +30,11 @@ import torch
 from ifsteer import load_model
 from ifsteer.calibration.point import Point
 from ifsteer.calibration.scoring import Answering, SearchRunner, search_log
-from ifsteer.datasets import data_path
+from ifsteer.datasets import INCLUSION_WORDS, keyword_words
 from ifsteer.generation import Sampling
 from ifsteer.instructions import keyword_instruction
 from ifsteer.quality import SEARCH_FLUENCY
-from ifsteer.shipped import file_name, read_calibrated, shipped_dir
+from ifsteer.shipped import load_shipped
 from ifsteer.training.compete import MAX_BROKEN
 from ifsteer.training.train import METHOD
 from ifsteer.validation import ValidationPrompt, validation_queries
@@ -52,10 +52,9 @@ POINTS = (
 def trained_words(words: int, seed: int) -> list[tuple[str, SteeringVector, SteeringVector]]:
     """(word, trained vector, the paper's kept vector) for a seeded draw of `words` of the
     inclusion rows' words: the build trained those first, so the draw never changes."""
-    inclusion = data_path("ifeval_keywords_include.txt").read_text("utf-8").split()
     drawn = []
-    for word in dict.fromkeys(w.lower() for w in inclusion):
-        shipped = read_calibrated(shipped_dir() / file_name(keyword_instruction(word).id))
+    for word in keyword_words([INCLUSION_WORDS]):
+        shipped = load_shipped(keyword_instruction(word).id)
         if shipped.method != METHOD or shipped.exclusion is None:
             raise SystemExit(f"{word}: its shipped file holds no trained vector yet")
         drawn.append((word, shipped.vectors[0], shipped.exclusion.vectors[0]))

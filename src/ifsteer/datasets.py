@@ -8,13 +8,23 @@ Torch-free: the CLI resolves names before it loads a model.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from ifsteer.errors import IfsteerError
 
-__all__ = ["DATASETS", "Dataset", "UnknownDataset", "data_path", "resolve_data"]
+__all__ = [
+    "DATASETS",
+    "EXCLUSION_WORDS",
+    "INCLUSION_WORDS",
+    "Dataset",
+    "UnknownDataset",
+    "data_path",
+    "keyword_words",
+    "resolve_data",
+]
 
 
 class UnknownDataset(IfsteerError):
@@ -78,6 +88,20 @@ def data_path(filename: str) -> Path:
     if not path.is_file():
         raise UnknownDataset(f"ifsteer/data/{filename} is missing: reinstall ifsteer")
     return path
+
+
+INCLUSION_WORDS, EXCLUSION_WORDS = "ifeval_keywords_include.txt", "ifeval_keywords_exclude.txt"
+
+
+def keyword_words(lists: Sequence[str] = (INCLUSION_WORDS, EXCLUSION_WORDS)) -> list[str]:
+    """Every word the keyword test sets `lists` name, lowercased, in file order: the order the
+    shipped build trains them in."""
+    words: dict[str, None] = {}
+    for name in lists:
+        for line in data_path(name).read_text("utf-8").splitlines():
+            if line.strip():
+                words[line.strip().lower()] = None
+    return list(words)
 
 
 def resolve_data(name_or_path: str | Path) -> Path:

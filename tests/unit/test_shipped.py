@@ -127,11 +127,11 @@ def test_a_record_naming_what_the_file_lacks_is_refused(tmp_path, title_vectors,
         calibration(point, title_vectors),
         steerings_for(Point((3,), "projection", 2.0), title_vectors),
     )
-    kept = read_calibrated(path).calibration
+    written = read_calibrated(path).calibration
     if key == "calibration":
-        record = kept.updated(**changes)
+        record = written.updated(**changes)
     else:
-        record = kept.updated(exclusion={**kept["exclusion"], **changes})
+        record = written.updated(exclusion={**written["exclusion"], **changes})
     update_defaults(path, extra={"calibration": record})
     with pytest.raises(MalformedVectorFile, match=f"the {key} record is incomplete"):
         read_calibrated(path)

@@ -36,7 +36,7 @@ from ifsteer.calibration.point import Point, steerings_for
 from ifsteer.calibration.scoring import search_log
 from ifsteer.calibration.search import SearchResult, SearchSpace, run_search, verify_point
 from ifsteer.checks import check
-from ifsteer.datasets import data_path
+from ifsteer.datasets import keyword_words
 from ifsteer.errors import IfsteerError
 from ifsteer.generation import Sampling
 from ifsteer.instructions import (
@@ -77,16 +77,6 @@ def group_ids(group: str) -> list[str]:
     if group == "length":
         return [f"length:{level}" for level in LENGTH_LEVELS]
     raise ValueError(group)
-
-
-def keyword_words() -> list[str]:
-    """Every word the keyword include/exclude test sets name, lowercased, in file order."""
-    words: dict[str, None] = {}
-    for name in ("ifeval_keywords_include.txt", "ifeval_keywords_exclude.txt"):
-        for line in data_path(name).read_text("utf-8").splitlines():
-            if line.strip():
-                words[line.strip().lower()] = None
-    return list(words)
 
 
 class Builder:

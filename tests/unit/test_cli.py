@@ -8,9 +8,17 @@ import sys
 
 import pytest
 
+from ifsteer import load_model
+from ifsteer.calibration import Point, steerings_for
 from ifsteer.cli import main, parse_vector_spec
 from ifsteer.errors import InvalidSteering
-from ifsteer.vectors import load_vector, load_vectors, save_vectors
+from ifsteer.generation import Sampling, generate
+from ifsteer.instructions import get_instruction
+from ifsteer.prompts import build_pairs
+from ifsteer.shipped import file_steerings, read_calibrated, write_calibrated
+from ifsteer.training import ANSWER_TOKENS
+from ifsteer.validation import extraction_queries
+from ifsteer.vectors import extract_vectors, load_vector, load_vectors, save_vectors
 from tests.unit.test_vectors import make_vector
 
 
@@ -233,6 +241,45 @@ def test_training_options_are_checked_before_any_model_loads(monkeypatch, capsys
     assert ("unknown loss 'hinge'" in err) or ("must be positive" in err)
 
 
+def test_a_vector_trained_at_several_layers_is_applied_at_all_of_them(
+    monkeypatch, capsys, tmp_path, model_dir
+):
+    """`ifsteer train` writes its layers as one point, so `generate -v` (and eval, the server,
+    the GGUF export) apply them together, each at its trained size, as training did."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("IFSTEER_HOME", str(home))
+    cache = home / "build" / "tiny" / f"answers-{ANSWER_TOKENS}.jsonl"
+    cache.parent.mkdir(parents=True)
+    answers = [{"query": q, "text": "The Answer Is Plain.", "finished": True} for q in
+               extraction_queries()]  # fmt: skip
+    cache.write_text("".join(json.dumps(a) + "\n" for a in answers))
+    out = tmp_path / "lower.safetensors"
+    code, _, err = run(
+        monkeypatch,
+        capsys,
+        "train",
+        "--model",
+        str(model_dir),
+        "--instruction-id",
+        "change_case:english_lowercase",
+        "--layers",
+        "1,3",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    point = read_calibrated(out)
+    assert point.method == "trained" and point.status == "unverified" and not point.recommended
+    assert point.layers == (1, 3)
+    assert [s.effective_weight for s in file_steerings(out)] == pytest.approx(
+        [v.norm for v in point.vectors]
+    )
+
+
 def _no_model_may_load(*_args: object) -> None:
     raise AssertionError("a model loaded before the options were checked")
 
@@ -276,6 +323,43 @@ def test_vectors_list_is_readable_in_80_columns(monkeypatch, capsys):
     code, stdout, _ = run(monkeypatch, capsys, "vectors", "list", "--wide")
     assert code == 0 and "…" not in stdout and rows[0]["point"] in stdout
     assert rows[0]["status"] in stdout and rows[0]["method"] in stdout
+
+
+def test_generate_steers_a_calibrated_file_at_its_whole_point(
+    monkeypatch, capsys, tmp_path, model_dir
+):
+    """A vector trained at several layers jointly was validated at all of them; a file given
+    by path must steer there, as the server and eval apply it, not at its first layer only."""
+    lm = load_model(str(model_dir))
+    instruction = get_instruction("detectable_format:title")
+    pairs = build_pairs(instruction, 8, seed=0)
+    vectors = extract_vectors(lm, pairs, [1, 3], instruction="t", instruction_id=instruction.id)
+    point = Point((1, 3), "additive", 4.0)
+    record = {"recommended": True, "point": point.key, "validation": {"score": 0.5}}
+    path = write_calibrated(tmp_path / "title.safetensors", steerings_for(point, vectors), record)
+    code, printed, err = run(
+        monkeypatch,
+        capsys,
+        "generate",
+        "--model",
+        str(model_dir),
+        "-p",
+        "Plan a picnic.",
+        "-v",
+        str(path),
+        "--max-new-tokens",
+        "8",
+        "--json",
+    )
+    assert code == 0, err
+    steered = json.loads(printed.splitlines()[-1])["steered"]
+    sampling = Sampling(max_new_tokens=8)
+    whole = read_calibrated(path).steerings()
+    first_only = whole[:1]
+    assert steered == generate(lm, ["Plan a picnic."], steering=whole, sampling=sampling)[0].text
+    assert (
+        steered != generate(lm, ["Plan a picnic."], steering=first_only, sampling=sampling)[0].text
+    )
 
 
 def test_generate_refuses_an_instruction_that_ships_no_vector(monkeypatch, capsys):

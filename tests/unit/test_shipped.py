@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from ifsteer.calibration import Point, steerings_for
-from ifsteer.errors import IfsteerError, MalformedVectorFile
+from ifsteer.cli import app
+from ifsteer.errors import IfsteerError, InvalidSteering, MalformedVectorFile
+from ifsteer.gguf_export import read_gguf
 from ifsteer.instructions import get_instruction
 from ifsteer.prompts import build_pairs
 from ifsteer.shipped import (
     NotShipped,
     file_name,
+    file_steerings,
     listing,
     load_shipped,
     read_calibrated,
@@ -77,6 +82,50 @@ def test_a_written_point_reads_back_as_the_same_steerings(tmp_path, title_vector
     assert [s.effective_weight for s in shipped.excluding()] == pytest.approx(
         [-s.effective_weight for s in steerings]
     )
+
+
+def test_a_calibrated_file_given_by_path_steers_at_its_whole_point(tmp_path, title_vectors):
+    point = Point((1, 3), "additive", 4.0)
+    steerings = steerings_for(point, title_vectors)
+    path = write_calibrated(
+        tmp_path / file_name(TITLE), steerings, calibration(point, title_vectors)
+    )
+    whole = file_steerings(path)
+    assert [(s.vector.layer, s.effective_mode) for s in whole] == [(1, "additive"), (3, "additive")]
+    assert [s.effective_weight for s in whole] == pytest.approx(
+        [s.effective_weight for s in steerings]
+    )
+    # A layer, mode or weight of one's own steers the one vector, as eval takes an override.
+    assert [s.vector.layer for s in file_steerings(path, layer=3)] == [3]
+    alone = file_steerings(path, weight=2.0)
+    assert [(s.vector.layer, s.effective_weight) for s in alone] == [(1, 2.0)]
+    assert [s.effective_mode for s in file_steerings(path, mode="projection")] == ["projection"]
+
+
+def test_a_calibrated_file_exports_every_layer_of_its_point_to_gguf(tmp_path, title_vectors):
+    point = Point((1, 3), "additive", 4.0)
+    steerings = steerings_for(point, title_vectors)
+    path = write_calibrated(
+        tmp_path / file_name(TITLE), steerings, calibration(point, title_vectors)
+    )
+    out = tmp_path / "point.gguf"
+    result = CliRunner().invoke(app, ["vectors", "export-gguf", str(path), str(out)])
+    assert result.exit_code == 0, result.output
+    exported = read_gguf(out)
+    assert sorted(exported) == [1, 3]
+    for s in steerings:
+        expected = s.effective_weight * s.vector.direction.numpy()
+        np.testing.assert_allclose(exported[s.vector.layer], expected, rtol=1e-5)
+    # Steering only the generated tokens has no control-vector form: refused, nothing written.
+    generated = Point((1, 3), "additive", 4.0, "generated")
+    write_calibrated(
+        path, steerings_for(generated, title_vectors), calibration(generated, title_vectors)
+    )
+    refused = CliRunner().invoke(
+        app, ["vectors", "export-gguf", str(path), str(tmp_path / "g.gguf")]
+    )
+    assert isinstance(refused.exception, InvalidSteering)
+    assert "generated tokens" in str(refused.exception) and not (tmp_path / "g.gguf").exists()
 
 
 def test_a_file_keeps_other_vectors_for_exclusion_through_a_rewrite(tmp_path, title_vectors):

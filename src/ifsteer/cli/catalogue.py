@@ -172,24 +172,34 @@ def vectors_export_gguf(
     path: Annotated[Path, typer.Argument(metavar="FILE", help="ifsteer vector file.")],
     out_path: Annotated[Path, typer.Argument(metavar="OUT", help="GGUF file to write.")],
     layer: Annotated[
-        int | None, typer.Option(help="Layer to export (default: the file's default layer).")
+        int | None,
+        typer.Option(
+            help="Layer to export (default: a calibrated file's point, every layer of it; "
+            "else the file's default layer)."
+        ),
     ] = None,
     weight: Annotated[
-        float | None, typer.Option(help="Weight in the vector's own mode (default: stored).")
+        float | None,
+        typer.Option(help="Weight in the vector's own mode, for one layer (default: stored)."),
     ] = None,
 ) -> None:
     """Write a vector as a llama.cpp control vector (use with --control-vector)."""
     from ifsteer.gguf_export import additive_coefficient, to_gguf
-    from ifsteer.vectors import load_vector
+    from ifsteer.shipped import file_steerings
 
-    vector = load_vector(path, layer)
-    if weight is not None:
-        if not math.isfinite(weight):
-            raise InvalidSteering(f"--weight must be finite, got {weight}")
-        vector = vector.with_defaults(weight=weight)
-    to_gguf([vector], out_path)
-    how = "additive" if vector.mode == "additive" else "projection as its additive equivalent"
-    out.print(
-        f"wrote {out_path}: direction.{vector.layer} = {additive_coefficient(vector):.4g}·û "
-        f"({how}); llama.cpp: --control-vector {out_path}"
-    )
+    if weight is not None and not math.isfinite(weight):
+        raise InvalidSteering(f"--weight must be finite, got {weight}")
+    steerings = file_steerings(path, layer, weight=weight)
+    if any(s.positions != "all" for s in steerings):
+        raise InvalidSteering(
+            f"{path}: its point steers only the {steerings[0].positions} tokens, and a llama.cpp "
+            "control vector steers every token; pass --layer to export the vector alone"
+        )
+    vectors = [
+        s.vector.with_defaults(mode=s.effective_mode, weight=s.effective_weight) for s in steerings
+    ]
+    to_gguf(vectors, out_path)
+    written = ", ".join(f"direction.{v.layer} = {additive_coefficient(v):.4g}·û" for v in vectors)
+    modes = {v.mode for v in vectors}
+    how = "additive" if modes == {"additive"} else "projection as its additive equivalent"
+    out.print(f"wrote {out_path}: {written} ({how}); llama.cpp: --control-vector {out_path}")

@@ -142,7 +142,12 @@ def generate(
     ] = None,
     vector: Annotated[
         list[str] | None,
-        typer.Option("--vector", "-v", help="PATH[:mode[:weight]] (repeatable; vectors compose)."),
+        typer.Option(
+            "--vector",
+            "-v",
+            help="PATH[:mode[:weight]] (repeatable; vectors compose). A calibrated file steers "
+            "at its point, every layer of it, unless a mode, a weight or --layer is given.",
+        ),
     ] = None,
     layer: Annotated[int | None, typer.Option(help="Apply every vector at this layer.")] = None,
     instruction_id: Annotated[
@@ -180,8 +185,8 @@ def generate(
     from ifsteer.generation import generate as run
     from ifsteer.progress import progress_bar
     from ifsteer.prompts import load_queries
-    from ifsteer.steering import Steering, check_steering
-    from ifsteer.vectors import load_vector
+    from ifsteer.shipped import file_steerings
+    from ifsteer.steering import check_steering
 
     check_batch_size(batch_size)
     texts = list(prompt or []) + (load_queries(prompts_file) if prompts_file else [])
@@ -190,7 +195,7 @@ def generate(
     steering = []
     for spec in [] if no_steer else vector or []:
         path, mode, weight = parse_vector_spec(spec)
-        steering.append(Steering(load_vector(path, layer), mode=mode, weight=weight))  # type: ignore[arg-type]
+        steering += file_steerings(path, layer, mode, weight)  # type: ignore[arg-type]
     found = [] if no_steer else _points(model, instruction_id or [])  # before a slow load
     lm = load(model, dtype)
     for shipped_id, point in found:

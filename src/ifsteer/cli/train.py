@@ -74,14 +74,17 @@ def train(
     dtype: DtypeOption = "float32",
 ) -> None:
     """Train an additive steering vector with the model frozen (docs/method.md)."""
+    from ifsteer.calibration.point import FILE_WEIGHT, Point, steerings_for
     from ifsteer.instructions import custom_instruction, get_instruction
     from ifsteer.paths import cache_home
     from ifsteer.progress import progress_bar
     from ifsteer.training import ANSWER_TOKENS, TrainConfig, train_vectors
     from ifsteer.training.data import distilled_examples, rule_examples, unsteered_answers
     from ifsteer.training.objective import check_loss
+    from ifsteer.training.train import METHOD
     from ifsteer.validation import extraction_queries
     from ifsteer.vectors import save_vectors
+    from ifsteer.vectors.records import point_record, write_calibration
 
     if (instruction is None) == (instruction_id is None):
         raise InvalidSteering("give exactly one of --instruction-id and --instruction")
@@ -122,7 +125,25 @@ def train(
     started = time.perf_counter()
     with progress_bar(f"training {spec.id}", config.steps) as advance:
         trained = train_vectors(lm, spec, examples, config, progress=advance)
-    save_vectors(out_path, list(trained.vectors.values()))
+    vectors = list(trained.vectors.values())
+    if len(vectors) == 1:
+        save_vectors(out_path, vectors)  # read plainly, it is its point; a sweep may move it
+    else:
+        # Layers trained jointly are one vector: recorded as one point, unverified (no
+        # validation ran), so that every reader of a file given by path (generate, eval, the
+        # server, the GGUF export) applies them together, each at its trained size.
+        point = Point(tuple(trained.vectors), "additive", weight=FILE_WEIGHT)
+        record = point_record(
+            status="unverified",
+            recommended=False,
+            point=point.key,
+            mode="additive",
+            scale=None,
+            validation=None,
+            paper_targets={},
+            method=METHOD,
+        )
+        write_calibration(out_path, steerings_for(point, trained.vectors), record)
     curve = trained.record["loss"]
     out.print(
         f"wrote {out_path}: layers {list(trained.vectors)}, {len(examples)} examples "

@@ -19,7 +19,7 @@ from typing import Any
 from ifsteer.errors import EvaluationError, InvalidSteering
 from ifsteer.models import LoadedModel
 from ifsteer.rows import Row
-from ifsteer.shipped import ShippedVector, calibrated, is_calibrated
+from ifsteer.shipped import ShippedVector, applied
 from ifsteer.steering import Steering
 from ifsteer.vectors import (
     MODES,
@@ -139,10 +139,7 @@ def _load(
                 f"choose layer {layer}"
             )
         return item
-    file = item if isinstance(item, VectorFile) else read_vector_file(item)
-    if layer is None and not plain and is_calibrated(file):
-        return calibrated(file)
-    return file.at(layer)
+    return applied(item if isinstance(item, VectorFile) else read_vector_file(item), layer, plain)
 
 
 def _steerings(

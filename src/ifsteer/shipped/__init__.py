@@ -10,10 +10,10 @@ those of "no steering". A file is shipped also when "no steering" won its search
 finding no file.
 
 The search's projection *target scale* is stored as the target itself (`c̄ + (s−1)·‖u‖`, see
-`ifsteer.calibration.search`), with the paper's c̄ per layer kept in `paper_targets`; so any
-code that loads the file with `ifsteer.vectors.load_vector` and steers with it applies the
-calibrated point.
-Several chosen layers keep their per-layer weights in `weights`.
+`ifsteer.calibration.search`), with the paper's c̄ per layer kept in `paper_targets`; so code
+that loads the file with `ifsteer.vectors.load_vector` and steers with it applies the
+calibrated point at its first layer. Several chosen layers keep their per-layer weights in
+`weights`, and `applied` (or `file_steerings`) gives the whole point.
 
 `ifsteer vectors build` rebuilds the files (`shipped/build.py`).
 """
@@ -37,8 +37,10 @@ from ifsteer.vectors.records import write_calibration as write_calibrated
 __all__ = [
     "NotShipped",
     "ShippedVector",
+    "applied",
     "calibrated",
     "file_name",
+    "file_steerings",
     "is_calibrated",
     "listing",
     "load_shipped",
@@ -80,7 +82,8 @@ class ShippedVector:
 
     @property
     def status(self) -> str:
-        """`searched`, `verified`, `pending`, or `unverified` (a group's point, `points`)."""
+        """`searched`, `verified`, `pending`, or `unverified`: no validation ran (a group's
+        point, `points`; layers `ifsteer train` fitted jointly)."""
         return self.calibration.status
 
     @property
@@ -205,6 +208,32 @@ def calibrated(file: VectorFile) -> ShippedVector:
         record = {**kept, "status": "searched", "method": "mean_difference"}
         exclusion = _point(file, Calibration(record), "exclusion record", kept.get("mode"))
     return replace(_point(file, calibration, "calibration record"), exclusion=exclusion)
+
+
+def applied(
+    file: VectorFile, layer: int | None = None, plain: bool = False
+) -> SteeringVector | ShippedVector:
+    """What steering with a file applies, wherever a file is given by path (generate, eval,
+    the server, the GGUF export): a calibrated file is its whole point, so a vector trained at
+    three layers jointly steers at the three, as it was validated. Choosing a layer, or a mode
+    or weight of one's own (`plain`), steers the one vector at that layer instead."""
+    if layer is None and not plain and is_calibrated(file):
+        return calibrated(file)
+    return file.at(layer)
+
+
+def file_steerings(
+    path: str | Path,
+    layer: int | None = None,
+    mode: Mode | None = None,
+    weight: float | None = None,
+) -> list[Steering]:
+    """A vector file given by path as `steer` takes it (`applied`); `mode` and `weight`
+    override the file's own."""
+    item = applied(read_vector_file(path), layer, plain=mode is not None or weight is not None)
+    if isinstance(item, ShippedVector):
+        return item.steerings()
+    return [Steering(item, mode=mode, weight=weight)]
 
 
 def _point(

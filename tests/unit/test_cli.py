@@ -33,6 +33,16 @@ def run(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
+def generate_json(monkeypatch, capsys, model_dir, vector: str, tokens: int) -> dict:
+    """`ifsteer generate --json` of "Plan a picnic." with one `--vector`, its last row."""
+    args = ["--model", str(model_dir), "-p", "Plan a picnic.", "-v", vector]
+    code, printed, err = run(
+        monkeypatch, capsys, "generate", *args, "--max-new-tokens", str(tokens), "--json"
+    )
+    assert code == 0, err
+    return json.loads(printed.splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, tiny_lm):
     path = tmp_path_factory.mktemp("models") / "tiny"
@@ -73,22 +83,7 @@ def test_extract_show_generate(monkeypatch, capsys, tmp_path, model_dir):
     info = json.loads(shown)
     assert code == 0 and info["default_layer"] == 2 and set(info["layers"]) == {"1", "2"}
 
-    code, printed, err = run(
-        monkeypatch,
-        capsys,
-        "generate",
-        "--model",
-        str(model_dir),
-        "-p",
-        "Plan a picnic.",
-        "-v",
-        f"{out}:additive:30",
-        "--max-new-tokens",
-        "4",
-        "--json",
-    )
-    assert code == 0, err
-    row = json.loads(printed.splitlines()[-1])
+    row = generate_json(monkeypatch, capsys, model_dir, f"{out}:additive:30", 4)
     assert row["prompt"] == "Plan a picnic." and {"unsteered", "steered"} <= row.keys()
 
 
@@ -254,23 +249,9 @@ def test_a_vector_trained_at_several_layers_is_applied_at_all_of_them(
                extraction_queries()]  # fmt: skip
     cache.write_text("".join(json.dumps(a) + "\n" for a in answers))
     out = tmp_path / "lower.safetensors"
-    code, _, err = run(
-        monkeypatch,
-        capsys,
-        "train",
-        "--model",
-        str(model_dir),
-        "--instruction-id",
-        "change_case:english_lowercase",
-        "--layers",
-        "1,3",
-        "--steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--out",
-        str(out),
-    )
+    lowercase = ["--instruction-id", "change_case:english_lowercase", "--layers", "1,3"]
+    budget = ["--steps", "2", "--batch-size", "2", "--out", str(out)]
+    code, _, err = run(monkeypatch, capsys, "train", "--model", str(model_dir), *lowercase, *budget)
     assert code == 0, err
     point = read_calibrated(out)
     assert point.method == "trained" and point.status == "unverified" and not point.recommended
@@ -337,22 +318,7 @@ def test_generate_steers_a_calibrated_file_at_its_whole_point(
     point = Point((1, 3), "additive", 4.0)
     record = {"recommended": True, "point": point.key, "validation": {"score": 0.5}}
     path = write_calibrated(tmp_path / "title.safetensors", steerings_for(point, vectors), record)
-    code, printed, err = run(
-        monkeypatch,
-        capsys,
-        "generate",
-        "--model",
-        str(model_dir),
-        "-p",
-        "Plan a picnic.",
-        "-v",
-        str(path),
-        "--max-new-tokens",
-        "8",
-        "--json",
-    )
-    assert code == 0, err
-    steered = json.loads(printed.splitlines()[-1])["steered"]
+    steered = generate_json(monkeypatch, capsys, model_dir, str(path), 8)["steered"]
     sampling = Sampling(max_new_tokens=8)
     whole = read_calibrated(path).steerings()
     first_only = whole[:1]

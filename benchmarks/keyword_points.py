@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import argparse
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -77,6 +77,18 @@ def prompts_and_vectors(
     return prompts, vectors
 
 
+def result_lines(runner: SearchRunner, points: Sequence[Point]) -> list[str]:
+    """Each point's accuracy, score and newly broken share, and whether it is eligible."""
+    lines = []
+    for result in runner.results(points, SEARCH_FLUENCY):
+        eligible = "yes" if result.newly_broken <= MAX_BROKEN else "no"
+        lines.append(
+            f"{result.point.key:24} {result.accuracy:8.3f} {result.score:6.3f}"
+            f" {result.newly_broken:12.3f}  {eligible}"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--words", type=int, default=len(validation_queries()))
@@ -99,12 +111,7 @@ def main() -> None:
     runner.run(POINTS)
     print(f"{len(prompts)} words, {setting}, {args.tokens} tokens, greedy")
     print(f"{'point':24} {'accuracy':>8} {'score':>6} {'newly broken':>12}  eligible")
-    for result in runner.results(POINTS, SEARCH_FLUENCY):
-        eligible = "yes" if result.newly_broken <= MAX_BROKEN else "no"
-        print(
-            f"{result.point.key:24} {result.accuracy:8.3f} {result.score:6.3f}"
-            f" {result.newly_broken:12.3f}  {eligible}"
-        )
+    print("\n".join(result_lines(runner, POINTS)))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from keyword_points import trained_words
+from keyword_points import result_lines, trained_words
 
 from ifsteer import load_model
 from ifsteer.calibration.point import Point
@@ -32,9 +32,8 @@ from ifsteer.generation import Sampling
 from ifsteer.instructions import keyword_instruction
 from ifsteer.models import LoadedModel
 from ifsteer.paths import cache_home
-from ifsteer.quality import SEARCH_FLUENCY
 from ifsteer.training import Example, TrainConfig, train_vectors
-from ifsteer.training.compete import MAX_BROKEN, training_examples
+from ifsteer.training.compete import training_examples
 from ifsteer.validation import ValidationPrompt, validation_queries
 from ifsteer.vectors import SteeringVector, load_vectors, save_vectors
 
@@ -89,19 +88,14 @@ def main() -> None:
     setting = "instr" if args.with_instruction else "noinstr"
     sampling = Sampling(max_new_tokens=128)
     print(f"{args.words} words × {args.per_word} queries, {setting}, 128 tokens, greedy")
-    print(f"{'vectors':8} {'point':22} {'accuracy':>8} {'score':>6} {'newly broken':>12}  eligible")
+    print(f"{'vectors':8} {'point':24} {'accuracy':>8} {'score':>6} {'newly broken':>12}  eligible")
     for name, vectors, points in (("shipped", shipped, SHIPPED_POINTS), ("cut", cut, CUT_POINTS)):
         log = search_log(args.log / f"{name}.{setting}.{args.words}w.jsonl")
         runner = SearchRunner(
             lm, None, prompts, vectors, log, sampling, args.with_instruction, Answering()
         )
         runner.run(points)
-        for result in runner.results(points, SEARCH_FLUENCY):
-            eligible = "yes" if result.newly_broken <= MAX_BROKEN else "no"
-            print(
-                f"{name:8} {result.point.key:22} {result.accuracy:8.3f} {result.score:6.3f}"
-                f" {result.newly_broken:12.3f}  {eligible}"
-            )
+        print("\n".join(f"{name:8} {line}" for line in result_lines(runner, points)))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from ifsteer.calibration.scoring import Answering, SearchRunner, search_log
 from ifsteer.generation import Sampling
 from ifsteer.instructions import keyword_instruction
 from ifsteer.models import LoadedModel
-from ifsteer.paths import cache_home
+from ifsteer.paths import build_home
 from ifsteer.training import Example, TrainConfig, train_vectors
 from ifsteer.training.compete import training_examples
 from ifsteer.validation import ValidationPrompt, validation_queries
@@ -56,7 +56,7 @@ def cut_vector(lm: LoadedModel, word: str, log: Path) -> SteeringVector:
     path = log / f"{word}.cut.L{LAYER}.safetensors"
     if not path.is_file():
         instruction = keyword_instruction(word)
-        work = cache_home() / "build" / lm.model_id  # the build's distilled answers
+        work = build_home(lm.model_id)  # the build's distilled answers
         examples = [cut_at_word(e, word) for e in training_examples(lm, instruction.id, work)]
         trained = train_vectors(lm, instruction, [e for e in examples if e], CLASS_BUDGET)
         save_vectors(path, list(trained.vectors.values()))

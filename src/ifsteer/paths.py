@@ -12,3 +12,9 @@ from pathlib import Path
 
 def cache_home() -> Path:
     return Path(os.environ.get("IFSTEER_HOME", Path.home() / ".cache" / "ifsteer"))
+
+
+def build_home(model_id: str) -> Path:
+    """Where `ifsteer vectors build` keeps a model's answers and trained vectors by default;
+    `ifsteer train` and the keyword benchmarks read the same answers there."""
+    return cache_home() / "build" / model_id

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -84,12 +85,18 @@ def test_a_written_point_reads_back_as_the_same_steerings(tmp_path, title_vector
     )
 
 
-def test_a_calibrated_file_given_by_path_steers_at_its_whole_point(tmp_path, title_vectors):
+def two_layer_point(tmp_path, title_vectors) -> tuple[list, Path]:
+    """A calibrated file whose point steers at layers 1 and 3 together, and its steerings."""
     point = Point((1, 3), "additive", 4.0)
     steerings = steerings_for(point, title_vectors)
     path = write_calibrated(
         tmp_path / file_name(TITLE), steerings, calibration(point, title_vectors)
     )
+    return steerings, path
+
+
+def test_a_calibrated_file_given_by_path_steers_at_its_whole_point(tmp_path, title_vectors):
+    steerings, path = two_layer_point(tmp_path, title_vectors)
     whole = file_steerings(path)
     assert [(s.vector.layer, s.effective_mode) for s in whole] == [(1, "additive"), (3, "additive")]
     assert [s.effective_weight for s in whole] == pytest.approx(
@@ -103,11 +110,7 @@ def test_a_calibrated_file_given_by_path_steers_at_its_whole_point(tmp_path, tit
 
 
 def test_a_calibrated_file_exports_every_layer_of_its_point_to_gguf(tmp_path, title_vectors):
-    point = Point((1, 3), "additive", 4.0)
-    steerings = steerings_for(point, title_vectors)
-    path = write_calibrated(
-        tmp_path / file_name(TITLE), steerings, calibration(point, title_vectors)
-    )
+    steerings, path = two_layer_point(tmp_path, title_vectors)
     out = tmp_path / "point.gguf"
     result = CliRunner().invoke(app, ["vectors", "export-gguf", str(path), str(out)])
     assert result.exit_code == 0, result.output

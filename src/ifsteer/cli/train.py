@@ -76,7 +76,7 @@ def train(
     """Train an additive steering vector with the model frozen (docs/method.md)."""
     from ifsteer.calibration.point import FILE_WEIGHT, Point, steerings_for
     from ifsteer.instructions import custom_instruction, get_instruction
-    from ifsteer.paths import cache_home
+    from ifsteer.paths import build_home
     from ifsteer.progress import progress_bar
     from ifsteer.training import ANSWER_TOKENS, TrainConfig, train_vectors
     from ifsteer.training.data import distilled_examples, rule_examples, unsteered_answers
@@ -112,7 +112,7 @@ def train(
         raise InvalidSteering("--layers needs at least one layer")
     queries = extraction_queries()
     examples = []
-    cache = cache_home() / "build" / lm.model_id / f"answers-{ANSWER_TOKENS}.jsonl"
+    cache = build_home(lm.model_id) / f"answers-{ANSWER_TOKENS}.jsonl"
     if targets in ("rule", "auto") and instruction_id:
         with progress_bar("unsteered answers", len(queries)) as advance:
             answers = unsteered_answers(lm, queries, ANSWER_TOKENS, cache, advance)
@@ -215,7 +215,7 @@ def vectors_build(
     stay on the HF model); its answers are logged apart from the HF engine's."""
     from dataclasses import replace
 
-    from ifsteer.paths import cache_home
+    from ifsteer.paths import build_home
     from ifsteer.progress import progress_bar
     from ifsteer.shipped import shipped_dir
     from ifsteer.shipped.build import GROUPS, Builder
@@ -247,7 +247,7 @@ def vectors_build(
             lm,
             judge_lm,
             out_dir or shipped_dir(lm.model_id),
-            work or cache_home() / "build" / lm.model_id,
+            work or build_home(lm.model_id),
             n_prompts=n_prompts,
             seed=seed,
             batch_size=batch_size,

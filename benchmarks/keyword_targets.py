@@ -57,7 +57,7 @@ def cut_vector(lm: LoadedModel, word: str, log: Path) -> SteeringVector:
     if not path.is_file():
         instruction = keyword_instruction(word)
         work = build_home(lm.model_id)  # the build's distilled answers
-        examples = [cut_at_word(e, word) for e in training_examples(lm, instruction.id, work)]
+        examples = [cut_at_word(e, word) for e in training_examples(lm, instruction, work)]
         trained = train_vectors(lm, instruction, [e for e in examples if e], CLASS_BUDGET)
         save_vectors(path, list(trained.vectors.values()))
     return load_vectors(path)[0][LAYER]

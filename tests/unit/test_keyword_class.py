@@ -69,8 +69,8 @@ def trainings(monkeypatch):
     competing = sys.modules["ifsteer.training.compete"]
     trained: list[str] = []
 
-    def fixed(_lm, instruction_id, _work, **_k):
-        word = instruction_id.rsplit(":", 1)[-1]
+    def fixed(_lm, instruction, _work, **_k):
+        word = instruction.id.rsplit(":", 1)[-1]
         trained.append(word)
         return examples(word=word)
 

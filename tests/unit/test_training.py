@@ -14,7 +14,7 @@ import torch
 from ifsteer.batcher import Batcher
 from ifsteer.calibration import Point, steerings_for
 from ifsteer.errors import InvalidSteering
-from ifsteer.instructions import get_instruction
+from ifsteer.instructions import custom_instruction, get_instruction
 from ifsteer.shipped import read_calibrated, write_calibrated
 from ifsteer.steering import Steering
 from ifsteer.training import Example, TrainConfig, compete, objective, train_vectors
@@ -337,3 +337,55 @@ def test_a_recorded_configuration_names_the_distillation_rule_only_where_it_was_
     distilled = config_settings(config(), "language:response_language:de")
     assert "distilled" not in ruled and distilled["distilled"] == DISTILLED
     assert recorded_config(distilled) == recorded_config(ruled) == config()
+
+
+@pytest.mark.parametrize(
+    ("instruction", "targets", "source"),
+    [
+        (LOWERCASE, "auto", "rule"),
+        (LOWERCASE, "rule", "rule"),
+        (LOWERCASE, "distill", "distill"),
+        (custom_instruction("Answer like a pirate."), "auto", "distill"),
+    ],
+)
+def test_examples_come_from_the_rule_unless_distillation_is_asked_for_or_no_rule_exists(
+    lm, tmp_path, monkeypatch, instruction, targets, source
+):
+    """The build and `ifsteer train` share this choice; the unsteered answers are generated
+    only where a rule will rewrite them."""
+    from ifsteer.training.data import Answer, Example
+
+    competing = sys.modules["ifsteer.training.compete"]
+    asked = []
+
+    def unsteered(_lm, queries, *_a, **_k):
+        asked.append("unsteered")
+        return [Answer(q, f"{q} It Is Warm.", True) for q in queries]
+
+    def distilled(_lm, spec, queries, *_a, **_k):
+        asked.append("distill")
+        return [Example(q, "a passing answer.", True, "distill") for q in queries]
+
+    monkeypatch.setattr(competing, "unsteered_answers", unsteered)
+    monkeypatch.setattr(competing, "distilled_examples", distilled)
+    got = competing.training_examples(lm, instruction, tmp_path, targets=targets)
+    assert got and {e.source for e in got} == {source}
+    assert asked == (["unsteered"] if source == "rule" else ["distill"])
+    if source == "rule":
+        assert all(e.target == e.target.lower() != e.rejected for e in got)
+
+
+@pytest.mark.parametrize(
+    ("instruction", "targets", "message"),
+    [
+        (custom_instruction("Answer like a pirate."), "rule", "no rule writes targets"),
+        (LOWERCASE, "rules", "unknown targets 'rules'"),
+    ],
+)
+def test_targets_that_cannot_be_had_are_refused_before_anything_generates(
+    lm, tmp_path, monkeypatch, instruction, targets, message
+):
+    competing = sys.modules["ifsteer.training.compete"]
+    monkeypatch.setattr(competing, "distilled_examples", pytest.fail)
+    with pytest.raises(InvalidSteering, match=message):
+        competing.training_examples(lm, instruction, tmp_path, targets=targets)

@@ -78,19 +78,18 @@ def train(
     from ifsteer.instructions import custom_instruction, get_instruction
     from ifsteer.paths import build_home
     from ifsteer.progress import progress_bar
-    from ifsteer.training import ANSWER_TOKENS, TrainConfig, train_vectors
-    from ifsteer.training.data import distilled_examples, rule_examples, unsteered_answers
+    from ifsteer.training import TrainConfig, train_vectors
+    from ifsteer.training.compete import TARGETS, training_examples
     from ifsteer.training.objective import check_loss
     from ifsteer.training.train import METHOD
-    from ifsteer.validation import extraction_queries
     from ifsteer.vectors import save_vectors
     from ifsteer.vectors.records import point_record, write_calibration
 
     if (instruction is None) == (instruction_id is None):
         raise InvalidSteering("give exactly one of --instruction-id and --instruction")
     check_loss(loss)  # before the model loads: a typo costs a second, not a minute
-    if targets not in ("rule", "distill", "auto"):
-        raise InvalidSteering(f"unknown --targets {targets!r}; choose rule, distill or auto")
+    if targets not in TARGETS:
+        raise InvalidSteering(f"unknown --targets {targets!r}; choose {', '.join(TARGETS)}")
     if min(steps, batch_size, max_target_tokens) < 1 or not lr > 0 or not max_norm_ratio > 0:
         raise InvalidSteering(
             "--steps, --batch-size, --lr, --max-target-tokens and --max-norm-ratio must be positive"
@@ -110,18 +109,9 @@ def train(
     )
     if not config.layers:
         raise InvalidSteering("--layers needs at least one layer")
-    queries = extraction_queries()
-    examples = []
-    cache = build_home(lm.model_id) / f"answers-{ANSWER_TOKENS}.jsonl"
-    if targets in ("rule", "auto") and instruction_id:
-        with progress_bar("unsteered answers", len(queries)) as advance:
-            answers = unsteered_answers(lm, queries, ANSWER_TOKENS, cache, advance)
-        examples = rule_examples(spec.id, answers)
-        if targets == "rule" and not examples:
-            raise InvalidSteering(f"no rule writes targets for {spec.id!r}; use --targets distill")
-    if not examples:
-        with progress_bar("answers with the instruction", len(queries)) as advance:
-            examples = distilled_examples(lm, spec, queries, ANSWER_TOKENS, advance, cache)
+    examples = training_examples(
+        lm, spec, build_home(lm.model_id), targets=targets, bars=progress_bar
+    )
     started = time.perf_counter()
     with progress_bar(f"training {spec.id}", config.steps) as advance:
         trained = train_vectors(lm, spec, examples, config, progress=advance)

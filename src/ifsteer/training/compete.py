@@ -29,8 +29,9 @@ from ifsteer.batcher import Batcher
 from ifsteer.calibration.grid import PointResult, best_steered
 from ifsteer.calibration.point import Point, steerings_for
 from ifsteer.calibration.search import FORMAT_SAMPLING, verify_point
+from ifsteer.errors import InvalidSteering
 from ifsteer.generation import Sampling
-from ifsteer.instructions import get_instruction
+from ifsteer.instructions import Instruction, get_instruction
 from ifsteer.jobs import QueueFactory
 from ifsteer.models import LoadedModel
 from ifsteer.progress import Bars, silent
@@ -53,9 +54,10 @@ from ifsteer.validation import ValidationPrompt, extraction_queries, validation_
 from ifsteer.vectors import SteeringVector, load_vectors, save_vectors
 from ifsteer.vectors.records import Calibration, point_record
 
-__all__ = ["Contest", "compete", "training_examples"]
+__all__ = ["TARGETS", "Contest", "compete", "training_examples"]
 
 FLUENCY = Fluency()
+TARGETS = ("auto", "rule", "distill")  # where training examples come from
 ANSWER_TOKENS = 160  # the unsteered answers the rules rewrite (targets are cut at training)
 # A trained vector is validated at its trained size and at half of it: where the full vector
 # breaks answers, half of it may still steer. No point that newly breaks more than MAX_BROKEN
@@ -90,21 +92,29 @@ class Contest:
 
 def training_examples(
     lm: LoadedModel,
-    instruction_id: str,
+    instruction: Instruction,
     work: Path,
     *,
+    targets: str = "auto",
     bars: Bars = silent,
 ) -> list[Any]:
-    """Rule targets where a rule exists, else the model's own passing answers."""
+    """Rule targets where a rule exists (`targets` "auto" or "rule"), else the model's own
+    passing answers: one recipe for the build and for `ifsteer train`, so that a vector a user
+    trains by hand learns from the same examples as the shipped one."""
+    if targets not in TARGETS:
+        raise InvalidSteering(f"unknown targets {targets!r}; choose {', '.join(TARGETS)}")
     queries = extraction_queries()
     # Greedy answers keyed by their prompt: the plain queries' and, for distillation, the
     # queries' with the instruction appended share one file.
     cache = work / f"answers-{ANSWER_TOKENS}.jsonl"
-    with bars("unsteered answers", len(queries)) as advance:
-        answers = unsteered_answers(lm, queries, ANSWER_TOKENS, cache, advance)
-    examples = rule_examples(instruction_id, answers)
+    examples = []
+    if targets != "distill" and has_rule(instruction.id):
+        with bars("unsteered answers", len(queries)) as advance:
+            answers = unsteered_answers(lm, queries, ANSWER_TOKENS, cache, advance)
+        examples = rule_examples(instruction.id, answers)
+    if targets == "rule" and not examples:
+        raise InvalidSteering(f"no rule writes targets for {instruction.id!r}; use distill")
     if not examples:
-        instruction = get_instruction(instruction_id)
         with bars("answers with the instruction", len(queries)) as advance:
             examples = distilled_examples(lm, instruction, queries, ANSWER_TOKENS, advance, cache)
     return examples
@@ -124,12 +134,11 @@ def train_or_load(
     trains one twice. `NothingLearned` carries the number of examples it had."""
     if path.is_file():
         return load_vectors(path)[0]
-    examples = training_examples(lm, instruction_id, work, bars=bars)
+    instruction = get_instruction(instruction_id)
+    examples = training_examples(lm, instruction, work, bars=bars)
     try:
         with bars(f"training {instruction_id}", config.steps) as advance:
-            trained = train_vectors(
-                lm, get_instruction(instruction_id), examples, config, progress=advance
-            )
+            trained = train_vectors(lm, instruction, examples, config, progress=advance)
     except NothingLearned as why:
         why.examples = len(examples)
         raise

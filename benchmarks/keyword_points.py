@@ -40,13 +40,15 @@ from ifsteer.training.train import METHOD
 from ifsteer.validation import ValidationPrompt, validation_queries
 from ifsteer.vectors import SteeringVector
 
-TRAINED, PAPER = 18, 26
-POINTS = (
-    Point(),
-    Point((PAPER,), "additive", 1.0),
-    *(Point((TRAINED,), "additive", scale) for scale in (1.0, 1.25, 1.5, 2.0)),
-    Point((TRAINED, PAPER), "additive", 2.0),  # each vector at 1 × ‖u‖
-)
+
+def points(trained: int, paper: int) -> tuple[Point, ...]:
+    """The points compared, at the layers the shipped files hold (trained, paper's kept)."""
+    return (
+        Point(),
+        Point((paper,), "additive", 1.0),
+        *(Point((trained,), "additive", scale) for scale in (1.0, 1.25, 1.5, 2.0)),
+        Point((trained, paper), "additive", 2.0),  # each vector at 1 × ‖u‖
+    )
 
 
 def trained_words(words: int, seed: int) -> list[tuple[str, SteeringVector, SteeringVector]]:
@@ -59,6 +61,8 @@ def trained_words(words: int, seed: int) -> list[tuple[str, SteeringVector, Stee
             raise SystemExit(f"{word}: its shipped file holds no trained vector yet")
         drawn.append((word, shipped.vectors[0], shipped.exclusion.vectors[0]))
     random.Random(seed).shuffle(drawn)
+    if len({(trained.layer, paper.layer) for _, trained, paper in drawn}) > 1:
+        raise SystemExit("the words' files hold their vectors at different layers")
     return drawn[:words]
 
 
@@ -99,7 +103,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    prompts, vectors = prompts_and_vectors(trained_words(args.words, args.seed))
+    drawn = trained_words(args.words, args.seed)
+    prompts, vectors = prompts_and_vectors(drawn)
+    compared = points(drawn[0][1].layer, drawn[0][2].layer)
     setting = "instruction" if args.with_instruction else "no_instruction"
     args.log.mkdir(parents=True, exist_ok=True)
     name = f"{setting}.{args.words}w.{args.tokens}t.seed{args.seed}.jsonl"
@@ -108,10 +114,10 @@ def main() -> None:
     runner = SearchRunner(
         load_model(), None, prompts, vectors, log, sampling, args.with_instruction, Answering()
     )
-    runner.run(POINTS)
+    runner.run(compared)
     print(f"{len(prompts)} words, {setting}, {args.tokens} tokens, greedy")
     print(f"{'point':24} {'accuracy':>8} {'score':>6} {'newly broken':>12}  eligible")
-    print("\n".join(result_lines(runner, POINTS)))
+    print("\n".join(result_lines(runner, compared)))
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def train(
     from ifsteer.paths import build_home
     from ifsteer.progress import progress_bar
     from ifsteer.training import TrainConfig, train_vectors
-    from ifsteer.training.compete import TARGETS, training_examples
+    from ifsteer.training.compete import check_targets, training_examples
     from ifsteer.training.objective import check_loss
     from ifsteer.training.train import METHOD
     from ifsteer.vectors import save_vectors
@@ -88,8 +88,7 @@ def train(
     if (instruction is None) == (instruction_id is None):
         raise InvalidSteering("give exactly one of --instruction-id and --instruction")
     check_loss(loss)  # before the model loads: a typo costs a second, not a minute
-    if targets not in TARGETS:
-        raise InvalidSteering(f"unknown --targets {targets!r}; choose {', '.join(TARGETS)}")
+    check_targets(targets)
     if min(steps, batch_size, max_target_tokens) < 1 or not lr > 0 or not max_norm_ratio > 0:
         raise InvalidSteering(
             "--steps, --batch-size, --lr, --max-target-tokens and --max-norm-ratio must be positive"

@@ -54,7 +54,7 @@ from ifsteer.validation import ValidationPrompt, extraction_queries, validation_
 from ifsteer.vectors import SteeringVector, load_vectors, save_vectors
 from ifsteer.vectors.records import Calibration, point_record
 
-__all__ = ["TARGETS", "Contest", "compete", "training_examples"]
+__all__ = ["TARGETS", "Contest", "check_targets", "compete", "training_examples"]
 
 FLUENCY = Fluency()
 TARGETS = ("auto", "rule", "distill")  # where training examples come from
@@ -90,6 +90,13 @@ class Contest:
         )
 
 
+def check_targets(targets: str) -> None:
+    """The one check of a targets name: `training_examples` runs it, and the CLI before any
+    model loads."""
+    if targets not in TARGETS:
+        raise InvalidSteering(f"unknown targets {targets!r}; choose {', '.join(TARGETS)}")
+
+
 def training_examples(
     lm: LoadedModel,
     instruction: Instruction,
@@ -101,8 +108,7 @@ def training_examples(
     """Rule targets where a rule exists (`targets` "auto" or "rule"), else the model's own
     passing answers: one recipe for the build and for `ifsteer train`, so that a vector a user
     trains by hand learns from the same examples as the shipped one."""
-    if targets not in TARGETS:
-        raise InvalidSteering(f"unknown targets {targets!r}; choose {', '.join(TARGETS)}")
+    check_targets(targets)
     queries = extraction_queries()
     # Greedy answers keyed by their prompt: the plain queries' and, for distillation, the
     # queries' with the instruction appended share one file.

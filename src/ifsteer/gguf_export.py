@@ -17,8 +17,6 @@ difference). Exact for an average activation, weaker on outliers than projection
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,10 +77,11 @@ def to_gguf(
         )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-", suffix=".tmp")
-    os.close(fd)
+    # Not mkstemp: its file is owner-only, and llama.cpp may well run as another user.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
     try:
-        writer = gguf.GGUFWriter(tmp_name, ARCH)
+        writer = gguf.GGUFWriter(str(tmp), ARCH)
         writer.add_string(f"{ARCH}.model_hint", model_hint or chosen[0].model_id)
         writer.add_uint32(f"{ARCH}.layer_count", len(by_layer))
         writer.add_string("ifsteer.version", __version__)
@@ -93,9 +92,9 @@ def to_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        Path(tmp_name).replace(path)
+        tmp.replace(path)
     except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import gguf
 import numpy as np
 import pytest
@@ -38,6 +40,17 @@ def test_additive_vector_round_trips_as_weight_times_direction(tmp_path):
     # llama.cpp adds direction.N after decoder layer N (0-based), the layer our vector is at.
     assert list(tensors) == ["direction.2"]
     np.testing.assert_allclose(tensors["direction.2"], 7.5 * v.direction.numpy(), rtol=1e-6)
+
+
+def test_an_exported_file_gets_the_mode_of_any_new_file(tmp_path):
+    """llama.cpp may run as another user than the one who exported the vector."""
+    old = os.umask(0o022)
+    try:
+        path = to_gguf([make_vector(layer=2, mode="additive")], tmp_path / "v.gguf")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["v.gguf"]
 
 
 def test_projection_is_exported_as_its_additive_equivalent(tmp_path):

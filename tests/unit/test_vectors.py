@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -120,6 +121,25 @@ def test_round_trip_is_bit_exact(tmp_path):
         )
     assert load_vector(path).layer == 3
     assert load_vector(path, layer=1).layer == 1
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_a_vector_file_gets_the_mode_of_any_new_file(tmp_path, umask, mode):
+    """safetensors alone writes owner-only files: a server running as another user could not
+    read a vector a researcher wrote. Rewriting a file (a calibration) keeps the rule."""
+    path = tmp_path / "v.safetensors"
+    (tmp_path / ".v.safetensors.tmp").write_bytes(b"left by a crash")
+    os.chmod(tmp_path / ".v.safetensors.tmp", 0o600)
+    old = os.umask(umask)
+    try:
+        save_vectors(path, [make_vector(1)])
+        assert path.stat().st_mode & 0o777 == mode
+        update_defaults(path, weight=2.0)
+        assert path.stat().st_mode & 0o777 == mode
+    finally:
+        os.umask(old)
+    assert load_vector(path).weight == 2.0
+    assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]
 
 
 def test_missing_layer_names_the_stored_ones(tmp_path):

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ifsteer.errors import EvaluationError, InvalidSteering, MalformedVectorFile, VectorMismatch
 from ifsteer.instructions import Mode
@@ -104,7 +104,10 @@ def save_vectors(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"ifsteer": json.dumps(meta)})
+    tmp.unlink(missing_ok=True)  # a stale one would keep its own mode
+    # safetensors' save_file makes owner-only files whatever the umask; written here, the file
+    # gets the mode of any new file, so a server running as another user can read the vector.
+    tmp.write_bytes(save(tensors, metadata={"ifsteer": json.dumps(meta)}))
     tmp.replace(path)
     return path
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import sys
@@ -234,6 +235,22 @@ def test_training_options_are_checked_before_any_model_loads(monkeypatch, capsys
     code, _, err = run(monkeypatch, capsys, *args)
     assert code == 2 and "Traceback" not in err
     assert ("unknown loss 'hinge'" in err) or ("must be positive" in err)
+
+
+def test_a_layer_the_model_lacks_is_refused_before_any_answer_is_made(
+    monkeypatch, capsys, tmp_path, model_dir
+):
+    """On a new machine the unsteered answers take minutes; a typo in --layers must not."""
+    monkeypatch.setenv("IFSTEER_HOME", str(tmp_path / "home"))
+    # By import_module: as an attribute, `ifsteer.training.compete` is the package's function.
+    competing = importlib.import_module("ifsteer.training.compete")
+    monkeypatch.setattr(competing, "training_examples", pytest.fail)
+    args = ["--instruction-id", "change_case:english_lowercase", "--layers", "1,99"]
+    code, _, err = run(
+        monkeypatch, capsys, "train", "--model", str(model_dir), *args, "--out", "v.safetensors"
+    )
+    assert code == 2 and "Traceback" not in err
+    assert "layer 99 is out of range: the model has 0..3" in err
 
 
 def test_a_vector_trained_at_several_layers_is_applied_at_all_of_them(

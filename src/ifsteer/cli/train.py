@@ -81,7 +81,7 @@ def train(
     from ifsteer.training import TrainConfig, train_vectors
     from ifsteer.training.compete import check_targets, training_examples
     from ifsteer.training.objective import check_loss
-    from ifsteer.training.train import METHOD
+    from ifsteer.training.train import METHOD, check_layers
     from ifsteer.vectors import save_vectors
     from ifsteer.vectors.records import point_record, write_calibration
 
@@ -94,8 +94,6 @@ def train(
             "--steps, --batch-size, --lr, --max-target-tokens and --max-norm-ratio must be positive"
         )
     spec = get_instruction(instruction_id) if instruction_id else custom_instruction(instruction)
-    set_threads(threads)
-    lm = load(model, dtype)
     config = TrainConfig(
         layers=tuple(csv_ints(layers) or []),
         steps=steps,
@@ -108,6 +106,9 @@ def train(
     )
     if not config.layers:
         raise InvalidSteering("--layers needs at least one layer")
+    set_threads(threads)
+    lm = load(model, dtype)
+    check_layers(lm, config.layers)  # before the answers, which take minutes on a new machine
     examples = training_examples(
         lm, spec, build_home(lm.model_id), targets=targets, bars=progress_bar
     )

@@ -118,6 +118,14 @@ def residual_norm(lm: LoadedModel, layer: int, batch: tuple[torch.Tensor, ...]) 
     return float(seen[0].mean())
 
 
+def check_layers(lm: LoadedModel, layers: Sequence[int]) -> None:
+    for layer in layers:
+        if not 0 <= layer < lm.n_layers:
+            raise InvalidSteering(
+                f"layer {layer} is out of range: the model has 0..{lm.n_layers - 1}"
+            )
+
+
 def train_vectors(
     lm: LoadedModel,
     instruction: Instruction,
@@ -127,11 +135,7 @@ def train_vectors(
     progress: Progress | None = None,
 ) -> Trained:
     """Fit one additive vector per layer of `config.layers` jointly; see the module docstring."""
-    for layer in config.layers:
-        if not 0 <= layer < lm.n_layers:
-            raise InvalidSteering(
-                f"layer {layer} is out of range: the model has 0..{lm.n_layers - 1}"
-            )
+    check_layers(lm, config.layers)
     if len(examples) < MIN_EXAMPLES:
         raise NothingLearned(f"{len(examples)} training examples: need at least {MIN_EXAMPLES}")
     check_loss(config.loss)

@@ -282,7 +282,8 @@ def _no_model_may_load(*_args: object) -> None:
     raise AssertionError("a model loaded before the options were checked")
 
 
-def test_vectors_list_shows_the_shipped_vectors_and_their_scores(monkeypatch, capsys):
+def test_vectors_list_shows_the_shipped_vectors_and_their_scores(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("IFSTEER_HOME", str(tmp_path))  # no group point cached on this machine
     code, stdout, _ = run(monkeypatch, capsys, "vectors", "list", "--json")
     assert code == 0
     rows = {row["instruction_id"]: row for row in json.loads(stdout)}
@@ -350,6 +351,18 @@ def test_generate_refuses_an_instruction_that_ships_no_vector(monkeypatch, capsy
         monkeypatch, capsys, "generate", "-p", "Hi.", "--instruction-id", "free:nothing"
     )
     assert code == 2 and "no calibrated vector ships" in stderr and "Traceback" not in stderr
+
+
+def test_generate_refuses_options_it_would_not_honour_before_any_model_loads(monkeypatch, capsys):
+    """A shipped file holds its point's layers only: --layer with --instruction-id alone used
+    to be ignored without a word. No answer of zero tokens either."""
+    monkeypatch.setattr("ifsteer.cli.steer.load", _no_model_may_load)
+    args = ("-p", "Hi.", "--instruction-id", "change_case:english_lowercase", "--layer", "5")
+    code, _, err = run(monkeypatch, capsys, "generate", *args)
+    assert code == 2 and "Traceback" not in err
+    assert "--layer moves --vector files" in err
+    code, _, err = run(monkeypatch, capsys, "generate", *args[:4], "--max-new-tokens", "0")
+    assert code == 2 and "--max-new-tokens must be at least 1" in err
 
 
 def test_data_is_a_shipped_set_by_name_or_a_path(monkeypatch, capsys, tmp_path, model_dir):

@@ -149,7 +149,13 @@ def generate(
             "at its point, every layer of it, unless a mode, a weight or --layer is given.",
         ),
     ] = None,
-    layer: Annotated[int | None, typer.Option(help="Apply every vector at this layer.")] = None,
+    layer: Annotated[
+        int | None,
+        typer.Option(
+            help="Apply every --vector file at this layer (a shipped --instruction-id file "
+            "holds its point's layers only)."
+        ),
+    ] = None,
     instruction_id: Annotated[
         list[str] | None,
         typer.Option(
@@ -189,9 +195,15 @@ def generate(
     from ifsteer.steering import check_steering
 
     check_batch_size(batch_size)
+    if max_new_tokens < 1:  # before a group point is extracted for an id that ships none
+        raise InvalidSteering("--max-new-tokens must be at least 1")
     texts = list(prompt or []) + (load_queries(prompts_file) if prompts_file else [])
     if not texts:
         raise InvalidSteering("give at least one --prompt or a --prompts-file")
+    if layer is not None and not vector:
+        raise InvalidSteering(
+            "--layer moves --vector files; an --instruction-id steers at its calibrated point"
+        )
     steering = []
     for spec in [] if no_steer else vector or []:
         path, mode, weight = parse_vector_spec(spec)

@@ -365,6 +365,18 @@ def test_generate_refuses_options_it_would_not_honour_before_any_model_loads(mon
     assert code == 2 and "--max-new-tokens must be at least 1" in err
 
 
+@pytest.mark.parametrize("command", [["eval"], ["sweep", "vectors"]])
+def test_no_answer_of_zero_tokens_is_asked_for_before_a_run_directory_exists(
+    monkeypatch, capsys, tmp_path, command
+):
+    monkeypatch.chdir(tmp_path)
+    out_dir = tmp_path / "run"
+    args = ["--data", "format", "--out", str(out_dir), "--max-new-tokens", "0"]
+    code, _, err = run(monkeypatch, capsys, *command, *args)
+    assert code == 2 and "--max-new-tokens must be at least 1" in err and "Traceback" not in err
+    assert not out_dir.exists()
+
+
 def test_data_is_a_shipped_set_by_name_or_a_path(monkeypatch, capsys, tmp_path, model_dir):
     code, _, err = run(monkeypatch, capsys, "eval", "--data", "nope", "--out", str(tmp_path / "r"))
     assert code == 2 and "--data 'nope'" in err and "keywords-include" in err

@@ -64,6 +64,13 @@ def check_batch_size(batch_size: int | None) -> None:
         raise InvalidSteering("--batch-size must be at least 1")
 
 
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    """The engine refuses it too, but only once the model has loaded (and a run directory or a
+    group point may already exist)."""
+    if max_new_tokens < 1:
+        raise InvalidSteering("--max-new-tokens must be at least 1")
+
+
 def main() -> None:
     """Console-script entry point."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -21,6 +21,7 @@ from ifsteer.cli.app import (
     ThreadsOption,
     app,
     check_batch_size,
+    check_max_new_tokens,
     csv_floats,
     csv_ints,
     load,
@@ -162,6 +163,7 @@ def eval_command(
     `--backend vllm` generates on vLLM (the HF model on the side checks vectors and scores
     perplexity); the run directory is the same."""
     check_batch_size(batch_size)
+    check_max_new_tokens(max_new_tokens)
     check_backend(backend)
     set_threads(threads)
     import logging
@@ -292,6 +294,7 @@ def sweep_command(
 
     `--backend vllm` generates on vLLM; the choice and the files written are the same."""
     check_batch_size(batch_size)
+    check_max_new_tokens(max_new_tokens)
     check_backend(backend)
     set_threads(threads)
     from ifsteer.calibration import calibrate_groups, validation_groups

@@ -17,6 +17,7 @@ from ifsteer.cli.app import (
     ModelOption,
     app,
     check_batch_size,
+    check_max_new_tokens,
     check_mode,
     csv_ints,
     load,
@@ -195,8 +196,7 @@ def generate(
     from ifsteer.steering import check_steering
 
     check_batch_size(batch_size)
-    if max_new_tokens < 1:  # before a group point is extracted for an id that ships none
-        raise InvalidSteering("--max-new-tokens must be at least 1")
+    check_max_new_tokens(max_new_tokens)
     texts = list(prompt or []) + (load_queries(prompts_file) if prompts_file else [])
     if not texts:
         raise InvalidSteering("give at least one --prompt or a --prompts-file")

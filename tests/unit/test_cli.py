@@ -237,6 +237,23 @@ def test_training_options_are_checked_before_any_model_loads(monkeypatch, capsys
     assert ("unknown loss 'hinge'" in err) or ("must be positive" in err)
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--only", "detectable_format:titel"), "--only detectable_format:titel: not an id"),
+        (("--groups", "language", "--only", "detectable_format:title"), "of the groups language"),
+        (("--groups", "keywords", "--only", "keywords:existence:ocean"), "as one class"),
+    ],
+)
+def test_build_refuses_an_id_it_would_skip_before_any_model_loads(
+    monkeypatch, capsys, args, message
+):
+    """The build keeps the --only ids its groups hold: a typo used to build nothing, silently."""
+    monkeypatch.setattr("ifsteer.cli.train.runner_backend", _no_model_may_load)
+    code, _, err = run(monkeypatch, capsys, "vectors", "build", *args)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
 def test_a_layer_the_model_lacks_is_refused_before_any_answer_is_made(
     monkeypatch, capsys, tmp_path, model_dir
 ):

@@ -208,7 +208,7 @@ def vectors_build(
     from ifsteer.paths import build_home
     from ifsteer.progress import progress_bar
     from ifsteer.shipped import shipped_dir
-    from ifsteer.shipped.build import GROUPS, Builder
+    from ifsteer.shipped.build import GROUPS, Builder, check_only
     from ifsteer.training import TrainConfig
     from ifsteer.training.objective import check_loss
 
@@ -221,6 +221,8 @@ def vectors_build(
     unknown = [g for g in chosen if g not in GROUPS]
     if unknown:
         raise InvalidSteering(f"unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
+    ids = [i for i in only.split(",") if i]
+    check_only(chosen, ids)
     check_backend(backend)
     set_threads(threads)
     with runner_backend(
@@ -262,7 +264,6 @@ def vectors_build(
                 space, projection_scales=(), additive_scales=(), multi_layer=0, try_generated=False
             )
         builder.space = space
-        ids = [i for i in only.split(",") if i]
         builder.run(chosen, ids, quick=quick, pending_only=pending_only)
         if trained:
             config = TrainConfig(

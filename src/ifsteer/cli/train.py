@@ -4,6 +4,7 @@ calibrated vectors that ship: search, verify, and the paper's vector against a t
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -208,7 +209,7 @@ def vectors_build(
     from ifsteer.paths import build_home
     from ifsteer.progress import progress_bar
     from ifsteer.shipped import shipped_dir
-    from ifsteer.shipped.build import GROUPS, Builder, check_only
+    from ifsteer.shipped.build import GROUPS, Builder
     from ifsteer.training import TrainConfig
     from ifsteer.training.objective import check_loss
 
@@ -222,7 +223,7 @@ def vectors_build(
     if unknown:
         raise InvalidSteering(f"unknown group(s) {unknown}; choose from {', '.join(GROUPS)}")
     ids = [i for i in only.split(",") if i]
-    check_only(chosen, ids)
+    _check_only(chosen, ids)
     check_backend(backend)
     set_threads(threads)
     with runner_backend(
@@ -274,3 +275,20 @@ def vectors_build(
                 loss=train_loss,
             )
             builder.trained(chosen, ids, config)
+
+
+def _check_only(groups: Sequence[str], only: Sequence[str]) -> None:
+    """`Builder.run` keeps the ids of `only` that its groups hold and drops the rest: a
+    mistyped id would build nothing and say nothing, so it is refused before the model loads."""
+    from ifsteer.shipped.build import KEYWORD_CLASS, group_ids
+
+    known = {i for g in groups if g != "keywords" for i in group_ids(g)}
+    if "keywords" in groups:
+        known.add(KEYWORD_CLASS)
+    unknown = [i for i in only if i not in known]
+    if unknown:
+        words = any(i.startswith(f"{KEYWORD_CLASS}:") for i in unknown)
+        hint = f" (the keyword words build as one class: --only {KEYWORD_CLASS})" if words else ""
+        raise InvalidSteering(
+            f"--only {', '.join(unknown)}: not an id of the groups {', '.join(groups)}{hint}"
+        )

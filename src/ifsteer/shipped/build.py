@@ -37,7 +37,7 @@ from ifsteer.calibration.scoring import search_log
 from ifsteer.calibration.search import SearchResult, SearchSpace, run_search, verify_point
 from ifsteer.checks import check
 from ifsteer.datasets import keyword_words
-from ifsteer.errors import IfsteerError, InvalidSteering
+from ifsteer.errors import IfsteerError
 from ifsteer.generation import Sampling
 from ifsteer.instructions import (
     FORMAT_INSTRUCTION_IDS,
@@ -77,21 +77,6 @@ def group_ids(group: str) -> list[str]:
     if group == "length":
         return [f"length:{level}" for level in LENGTH_LEVELS]
     raise ValueError(group)
-
-
-def check_only(groups: Sequence[str], only: Sequence[str]) -> None:
-    """`run` keeps the ids of `only` that its groups hold and drops the rest; a mistyped id
-    would build nothing and say nothing, so it is refused before the model loads."""
-    known = {i for g in groups if g != "keywords" for i in group_ids(g)}
-    if "keywords" in groups:
-        known.add(KEYWORD_CLASS)
-    unknown = [i for i in only if i not in known]
-    if unknown:
-        words = any(i.startswith(f"{KEYWORD_CLASS}:") for i in unknown)
-        hint = f" (the keyword words build as one class: --only {KEYWORD_CLASS})" if words else ""
-        raise InvalidSteering(
-            f"--only {', '.join(unknown)}: not an id of the groups {', '.join(groups)}{hint}"
-        )
 
 
 class Builder:

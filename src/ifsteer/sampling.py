@@ -10,6 +10,24 @@ from dataclasses import dataclass
 
 import torch
 
+from ifsteer.errors import InvalidSteering
+
+# Temperatures this close to 0 are greedy in all but name, and float32 cannot honour them:
+# logits / 1e-40 overflow to inf. The upper bound is OpenAI's.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 2.0
+
+
+def check_temperature(temperature: float) -> None:
+    """`Sampling` decodes a negative or NaN temperature greedily, without a word; asked for, it
+    is a mistake to name."""
+    if temperature == 0.0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        return
+    raise InvalidSteering(
+        f"temperature must be 0 (greedy) or from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}, "
+        f"got {temperature:g}"
+    )
+
 
 @dataclass(frozen=True)
 class Sampling:

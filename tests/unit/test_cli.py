@@ -372,7 +372,8 @@ def test_generate_refuses_an_instruction_that_ships_no_vector(monkeypatch, capsy
 
 def test_generate_refuses_options_it_would_not_honour_before_any_model_loads(monkeypatch, capsys):
     """A shipped file holds its point's layers only: --layer with --instruction-id alone used
-    to be ignored without a word. No answer of zero tokens either."""
+    to be ignored without a word. No answer of zero tokens either, and no temperature that
+    would decode greedily in silence (negative, NaN) or overflow float32."""
     monkeypatch.setattr("ifsteer.cli.steer.load", _no_model_may_load)
     args = ("-p", "Hi.", "--instruction-id", "change_case:english_lowercase", "--layer", "5")
     code, _, err = run(monkeypatch, capsys, "generate", *args)
@@ -380,6 +381,9 @@ def test_generate_refuses_options_it_would_not_honour_before_any_model_loads(mon
     assert "--layer moves --vector files" in err
     code, _, err = run(monkeypatch, capsys, "generate", *args[:4], "--max-new-tokens", "0")
     assert code == 2 and "--max-new-tokens must be at least 1" in err
+    for temperature in ("-1", "nan", "1e-40", "3"):
+        code, _, err = run(monkeypatch, capsys, "generate", *args[:4], "--temperature", temperature)
+        assert code == 2 and "temperature must be 0 (greedy) or from 0.001 to 2" in err
 
 
 @pytest.mark.parametrize("command", [["eval"], ["sweep", "vectors"]])

@@ -192,11 +192,13 @@ def generate(
     from ifsteer.generation import generate as run
     from ifsteer.progress import progress_bar
     from ifsteer.prompts import load_queries
+    from ifsteer.sampling import check_temperature
     from ifsteer.shipped import file_steerings
     from ifsteer.steering import check_steering
 
     check_batch_size(batch_size)
     check_max_new_tokens(max_new_tokens)
+    check_temperature(temperature)
     texts = list(prompt or []) + (load_queries(prompts_file) if prompts_file else [])
     if not texts:
         raise InvalidSteering("give at least one --prompt or a --prompts-file")

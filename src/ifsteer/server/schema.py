@@ -20,6 +20,7 @@ from ifsteer.errors import (
     UnknownInstruction,
     VectorMismatch,
 )
+from ifsteer.sampling import MAX_TEMPERATURE, MIN_TEMPERATURE
 
 # --- errors -------------------------------------------------------------------------------
 
@@ -201,9 +202,8 @@ _NEUTRAL_OF: dict[str, tuple[Any, ...]] = {
     "tool_choice": (None, "none"),
     "modalities": (None, ["text"]),
 }
-# Temperatures and top_p this close to 0 are greedy in all but name, and float32 cannot honour
-# them: logits / 1e-40 overflow to inf, and top_p 1e-46 rounds to 0, which keeps no token.
-MIN_TEMPERATURE = 1e-3
+# top_p this close to 0 cannot be honoured in float32 (as MIN_TEMPERATURE, ifsteer.sampling):
+# 1e-46 rounds to 0, which keeps no token.
 MIN_TOP_P = 1e-6
 # The generator behind `seed` takes 32 bits: seeds 1 and 2**32 + 1 would give the same text.
 MAX_SEED = 2**32 - 1
@@ -220,7 +220,7 @@ class GenerationRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, strict=True)
     max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
     temperature: float | None = Field(
-        default=None, ge=0.0, le=2.0, allow_inf_nan=False, strict=True
+        default=None, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False, strict=True
     )
     top_p: float | None = Field(
         default=None, ge=MIN_TOP_P, le=1.0, allow_inf_nan=False, strict=True

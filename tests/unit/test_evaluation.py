@@ -731,6 +731,9 @@ def test_cli_eval_errors_are_one_line(monkeypatch, capsys, tmp_path):
         "oops",
     )
     assert code == 2 and "--weight takes ID=VALUE" in err
+    args = ["eval", "--data", "format", "--out", str(tmp_path / "r"), "--weight", "startend:x=nan"]
+    code, _, err = run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and "VALUE a finite number; got 'startend:x=nan'" in err
 
 
 def test_all_settings_share_one_engine_and_each_answer_reaches_disk_as_it_ends(

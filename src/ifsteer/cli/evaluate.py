@@ -45,9 +45,10 @@ T = TypeVar("T")
 
 
 def _eval_assignments(
-    values: list[str] | None, option: str, cast: Callable[[str], T]
+    values: list[str] | None, option: str, cast: Callable[[str], T], value: str
 ) -> dict[str, T]:
-    """`ID=VALUE` options (ID may be a glob such as `keywords:*`) into a dict."""
+    """`ID=VALUE` options (ID may be a glob such as `keywords:*`) into a dict; `value` says
+    what VALUE may be."""
     parsed: dict[str, T] = {}
     for item in values or []:
         key, sep, raw = item.rpartition("=")
@@ -56,7 +57,7 @@ def _eval_assignments(
                 raise ValueError
             parsed[key] = cast(raw)
         except ValueError:
-            raise InvalidSteering(f"{option} takes ID=VALUE, got {item!r}") from None
+            raise InvalidSteering(f"{option} takes ID=VALUE, VALUE {value}; got {item!r}") from None
     return parsed
 
 
@@ -181,8 +182,8 @@ def eval_command(
     if (judge_url is None) != (judge_model is None):
         raise InvalidSteering("give --judge-url and --judge-model together")
     judge = None if judge_url is None else Judge(judge_url, str(judge_model), judge_api_key)
-    weights = _eval_assignments(weight, "--weight", _eval_finite)
-    modes = _eval_assignments(mode, "--mode", _eval_mode)
+    weights = _eval_assignments(weight, "--weight", _eval_finite, "a finite number")
+    modes = _eval_assignments(mode, "--mode", _eval_mode, "projection or additive")
     rows = prepare_rows(load_rows(resolve_data(data), limit), experiment)
     if shipped and vectors is not None:
         raise InvalidSteering("give --vectors or --shipped, not both")
